@@ -1,0 +1,528 @@
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler and kwok (simulated nodes).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+use crate::process::{ManagedProcess, log_tail, stop_all};
+
+/// The upstream binaries a control plane is made of.
+pub const REQUIRED_BINARIES: [&str; 6] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+];
+
+/// Name of the simulated node every control plane gets.
+pub const FAKE_NODE_NAME: &str = "kwok-node-0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("control-plane binaries: {0}")]
+    Assets(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("certificates: {0}")]
+    Pki(#[from] rcgen::Error),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    ProcessExited(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where the binaries are: `KUBEBUILDER_ASSETS` if it holds all of them,
+/// otherwise the repository's install script builds them (once per machine)
+/// and prints the cache folder.
+pub fn find_assets() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from)
+        && has_all_binaries(&dir)
+    {
+        return Ok(dir);
+    }
+    let script = install_script();
+    if !script.exists() {
+        return Err(Error::Assets(format!(
+            "KUBEBUILDER_ASSETS does not name a folder with {REQUIRED_BINARIES:?}, and the install script {} is missing",
+            script.display()
+        )));
+    }
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !output.status.success() {
+        return Err(Error::Assets(format!(
+            "{} failed ({})",
+            script.display(),
+            output.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    if has_all_binaries(&dir) {
+        Ok(dir)
+    } else {
+        Err(Error::Assets(format!(
+            "{} printed {}, which lacks some of {REQUIRED_BINARIES:?}",
+            script.display(),
+            dir.display()
+        )))
+    }
+}
+
+fn install_script() -> PathBuf {
+    if let Some(path) = std::env::var_os("KAPSA_INSTALL_CONTROL_PLANE") {
+        return PathBuf::from(path);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/install-control-plane.sh")
+}
+
+fn has_all_binaries(dir: &Path) -> bool {
+    REQUIRED_BINARIES.iter().all(|b| dir.join(b).is_file())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// How to start a control plane.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneOptions {
+    /// Folder for data, certificates, logs and the kubeconfig. A fresh
+    /// temporary folder (removed on drop) when `None`; an existing folder is
+    /// emptied first and kept afterwards.
+    pub state_dir: Option<PathBuf>,
+    /// Folder with the binaries; found with [`find_assets`] when `None`.
+    pub assets_dir: Option<PathBuf>,
+}
+
+/// A running control plane. Dropping it stops every process it started.
+pub struct ControlPlane {
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    kubeconfig_path: PathBuf,
+    api_server_url: String,
+    assets_dir: PathBuf,
+    /// In start order; stopped in reverse.
+    processes: Vec<ManagedProcess>,
+}
+
+impl ControlPlane {
+    pub async fn start(options: ControlPlaneOptions) -> Result<Self> {
+        let assets_dir = match options.assets_dir {
+            Some(dir) => dir,
+            None => tokio::task::spawn_blocking(find_assets)
+                .await
+                .map_err(|e| Error::Assets(e.to_string()))??,
+        };
+        let (dir, temp) = match options.state_dir {
+            Some(dir) => {
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)?;
+                }
+                std::fs::create_dir_all(&dir)?;
+                (dir, None)
+            }
+            None => {
+                let root = std::env::temp_dir().join("kapsa-testenv");
+                std::fs::create_dir_all(&root)?;
+                remove_stale_dirs(&root);
+                let temp = tempfile::Builder::new()
+                    .prefix(&format!("cp-{}-", std::process::id()))
+                    .tempdir_in(&root)?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let dir = std::path::absolute(&dir)?;
+        let api_port = free_port()?;
+        let mut plane = Self {
+            kubeconfig_path: dir.join("kubeconfig"),
+            api_server_url: format!("https://127.0.0.1:{api_port}"),
+            dir,
+            _temp: temp,
+            assets_dir,
+            processes: Vec::new(),
+        };
+        let started = Instant::now();
+        plane.launch(api_port).await?;
+        tracing::info!(
+            url = plane.api_server_url,
+            kubeconfig = %plane.kubeconfig_path.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "control plane ready"
+        );
+        Ok(plane)
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig_path
+    }
+
+    pub fn api_server_url(&self) -> &str {
+        &self.api_server_url
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn assets_dir(&self) -> &Path {
+        &self.assets_dir
+    }
+
+    /// Process ids of every process this control plane started.
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(ManagedProcess::pid).collect()
+    }
+
+    /// A new client for the admin user. Make one per async runtime.
+    pub async fn client(&self) -> Result<Client> {
+        client_from_kubeconfig(&self.kubeconfig_path).await
+    }
+
+    /// Checks that every process is still alive.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        for p in &mut self.processes {
+            p.ensure_running().map_err(Error::ProcessExited)?;
+        }
+        Ok(())
+    }
+
+    /// Stops everything: node simulator and controllers first, then the API
+    /// server, then etcd.
+    pub fn stop(&mut self) {
+        let mut processes = std::mem::take(&mut self.processes);
+        let grace = Duration::from_secs(5);
+        while let Some(name) = processes.last().map(|p| p.name().to_string()) {
+            // Stop the processes that depend on the API server together.
+            let cut = if name == "etcd" || name == "kube-apiserver" {
+                processes.len() - 1
+            } else {
+                processes
+                    .iter()
+                    .position(|p| p.name() != "etcd" && p.name() != "kube-apiserver")
+                    .unwrap_or(processes.len() - 1)
+            };
+            let mut wave = processes.split_off(cut);
+            stop_all(&mut wave, grace);
+        }
+    }
+
+    async fn launch(&mut self, api_port: u16) -> Result<()> {
+        let pki = crate::pki::ControlPlanePki::generate()?;
+        let pki_dir = self.dir.join("pki");
+        std::fs::create_dir_all(&pki_dir)?;
+        let write = |name: &str, contents: &str| -> Result<PathBuf> {
+            let path = pki_dir.join(name);
+            std::fs::write(&path, contents)?;
+            Ok(path)
+        };
+        let ca_cert = write("ca.crt", &pki.ca_cert_pem)?;
+        let serving_cert = write("apiserver.crt", &pki.serving_cert_pem)?;
+        let serving_key = write("apiserver.key", &pki.serving_key_pem)?;
+        let admin_cert = write("admin.crt", &pki.admin_cert_pem)?;
+        let admin_key = write("admin.key", &pki.admin_key_pem)?;
+        let sa_key = write("service-account.key", &pki.service_account_key_pem)?;
+        let sa_public_key = write("service-account.pub", &pki.service_account_public_key_pem)?;
+        std::fs::write(
+            &self.kubeconfig_path,
+            kubeconfig_yaml(&self.api_server_url, &ca_cert, &admin_cert, &admin_key),
+        )?;
+        let logs = self.dir.join("logs");
+        let kubeconfig = self.kubeconfig_path.display().to_string();
+        let path = |p: &Path| p.display().to_string();
+
+        let etcd_port = free_port()?;
+        let etcd_peer_port = free_port()?;
+        self.spawn(
+            "etcd",
+            vec![
+                format!("--data-dir={}", path(&self.dir.join("etcd"))),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"),
+                // A throwaway store: durability buys nothing and fsync costs seconds.
+                "--unsafe-no-fsync=true".into(),
+                "--quota-backend-bytes=4294967296".into(),
+                "--log-level=warn".into(),
+            ],
+            &logs,
+        )?;
+
+        self.spawn(
+            "kube-apiserver",
+            vec![
+                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                format!("--secure-port={api_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--cert-dir={}", path(&self.dir.join("apiserver-certs"))),
+                format!("--tls-cert-file={}", path(&serving_cert)),
+                format!("--tls-private-key-file={}", path(&serving_key)),
+                format!("--client-ca-file={}", path(&ca_cert)),
+                format!("--service-account-key-file={}", path(&sa_public_key)),
+                format!("--service-account-signing-key-file={}", path(&sa_key)),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--authorization-mode=RBAC".into(),
+                "--allow-privileged=true".into(),
+                "--event-ttl=1h".into(),
+                // Benchmarks apply thousands of objects at once; the defaults
+                // (400/200) would measure the limiter, not Kapsa.
+                "--max-requests-inflight=2000".into(),
+                "--max-mutating-requests-inflight=1000".into(),
+                "--v=0".into(),
+            ],
+            &logs,
+        )?;
+        self.wait_for_api_server().await?;
+
+        let common = |extra: &[String]| -> Vec<String> {
+            let mut args = vec![format!("--kubeconfig={kubeconfig}")];
+            args.extend_from_slice(extra);
+            args
+        };
+        self.spawn(
+            "kube-controller-manager",
+            common(&[
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--controllers=*".into(),
+                format!("--root-ca-file={}", path(&ca_cert)),
+                format!("--service-account-private-key-file={}", path(&sa_key)),
+                "--use-service-account-credentials=false".into(),
+                // Lets the garbage collector and namespace controller see
+                // new resource types (CRDs installed later) quickly.
+                "--concurrent-gc-syncs=10".into(),
+                "--kube-api-qps=500".into(),
+                "--kube-api-burst=1000".into(),
+            ]),
+            &logs,
+        )?;
+        self.spawn(
+            "kube-scheduler",
+            common(&[
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--kube-api-qps=500".into(),
+                "--kube-api-burst=1000".into(),
+            ]),
+            &logs,
+        )?;
+        let kwok_stages = self.dir.join("kwok-stages.yaml");
+        std::fs::write(&kwok_stages, include_str!("../crds/kwok-stages.yaml"))?;
+        self.spawn(
+            "kwok",
+            common(&[
+                format!("--config={}", path(&kwok_stages)),
+                "--manage-all-nodes=false".into(),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom".into(),
+                "--cidr=10.244.0.0/16".into(),
+                "--node-ip=10.244.0.1".into(),
+                "--node-lease-duration-seconds=40".into(),
+                format!("--server-address=127.0.0.1:{}", free_port()?),
+            ]),
+            &logs,
+        )?;
+
+        let client = self.client().await?;
+        create_fake_node(&client).await?;
+        self.wait_until("the simulated node to be Ready", Duration::from_secs(60), || {
+            let client = client.clone();
+            async move {
+                let node = Api::<Node>::all(client).get_opt(FAKE_NODE_NAME).await?;
+                Ok(node.is_some_and(|n| condition_true(&n, "Ready")))
+            }
+        })
+        .await?;
+        self.wait_until(
+            "the controller manager to create the default ServiceAccount",
+            Duration::from_secs(60),
+            || {
+                let client = client.clone();
+                async move {
+                    let sa = Api::<ServiceAccount>::namespaced(client, "default")
+                        .get_opt("default")
+                        .await?;
+                    Ok(sa.is_some())
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, name: &str, args: Vec<String>, logs: &Path) -> Result<()> {
+        let program = self.assets_dir.join(name);
+        let process = ManagedProcess::spawn(name, &program, &args, logs)?;
+        self.processes.push(process);
+        Ok(())
+    }
+
+    async fn wait_for_api_server(&mut self) -> Result<()> {
+        let kubeconfig = self.kubeconfig_path.clone();
+        self.wait_until("kube-apiserver /readyz", Duration::from_secs(90), || {
+            let kubeconfig = kubeconfig.clone();
+            async move {
+                let client = client_from_kubeconfig(&kubeconfig).await?;
+                let request = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+                Ok(client.request_text(request).await.is_ok_and(|body| body.trim() == "ok"))
+            }
+        })
+        .await
+    }
+
+    /// Polls `check` until it returns true, failing fast if a process died.
+    async fn wait_until<F, Fut>(&mut self, what: &str, timeout: Duration, mut check: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let deadline = Instant::now() + timeout;
+        let mut last_error = String::new();
+        loop {
+            self.ensure_running()?;
+            match check().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_error = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                let mut detail = format!("{what} (last error: {last_error})");
+                if let Some(p) = self.processes.last() {
+                    detail.push_str(&format!(
+                        "\nlast lines of {}.log:\n{}",
+                        p.name(),
+                        log_tail(&self.dir.join("logs").join(format!("{}.log", p.name())), 20)
+                    ));
+                }
+                return Err(Error::Timeout(timeout, detail));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| Error::Kubeconfig(e.to_string()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+    Ok(Client::try_from(config)?)
+}
+
+fn kubeconfig_yaml(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: kapsa-local
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: kapsa-admin
+  user:
+    client-certificate: {cert}
+    client-key: {key}
+contexts:
+- name: kapsa-local
+  context:
+    cluster: kapsa-local
+    user: kapsa-admin
+current-context: kapsa-local
+",
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+async fn create_fake_node(client: &Client) -> Result<()> {
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": FAKE_NODE_NAME,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "type": "kwok",
+                "kubernetes.io/hostname": FAKE_NODE_NAME,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "kubernetes.io/role": "agent"
+            }
+        },
+        "status": {
+            "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "10000"},
+            "capacity": {"cpu": "64", "memory": "512Gi", "pods": "10000"}
+        }
+    }))
+    .map_err(|e| Error::Manifest(e.to_string()))?;
+    match Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn condition_true(node: &Node, type_: &str) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+/// Removes folders left by test processes that no longer run (a test binary
+/// exits without dropping its shared control plane).
+fn remove_stale_dirs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid = name
+            .strip_prefix("cp-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! A real, local Kubernetes control plane for Kapsa's tests and `kapsa dev`.
+//!
+//! - [`control_plane`]: etcd, kube-apiserver, kube-controller-manager,
+//!   kube-scheduler and kwok (simulated nodes, so pods get scheduled and
+//!   become Running/Ready) from the official upstream binaries, on free
+//!   loopback ports, torn down on drop.
+//! - [`simulators`]: kpack and cert-manager SIMULATORS for what needs a
+//!   container runtime or the internet.
+//! - [`shared`]: one control plane per test binary.
+
+pub mod control_plane;
+pub mod crds;
+pub mod pki;
+pub mod process;
+pub mod shared;
+pub mod simulators;
+
+pub use control_plane::{ControlPlane, ControlPlaneOptions, Error, Result, client_from_kubeconfig, find_assets};
+pub use shared::{TestEnv, shared};

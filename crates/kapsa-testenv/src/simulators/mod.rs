@@ -1,0 +1,61 @@
+//! SIMULATORS for the two systems Kapsa integrates with that need a container
+//! runtime, which these machines lack: kpack (image builds) and cert-manager
+//! (TLS certificates). They implement the same API objects with the same
+//! meaning, so Kapsa cannot tell the difference through the API, but they build
+//! nothing and talk to no certificate authority. Everything they write says
+//! "simulator" (field manager, condition messages, labels, logs).
+
+pub mod cert_manager;
+pub mod kpack;
+
+use kube::Client;
+use kube::api::PatchParams;
+
+use crate::control_plane::Result;
+use crate::crds::{install_crds, parse_crds};
+
+/// Field manager of every write the simulators make.
+pub const FIELD_MANAGER: &str = "kapsa-testenv-simulator";
+
+/// Installs both simulators' CRDs and their configuration namespace.
+pub async fn install(client: &Client) -> Result<()> {
+    let mut crds = parse_crds(include_str!("../../crds/kpack-simulator.yaml"))?;
+    crds.extend(parse_crds(include_str!(
+        "../../crds/cert-manager-simulator.yaml"
+    ))?);
+    install_crds(client, &crds, FIELD_MANAGER).await?;
+    kpack::install(client).await
+}
+
+/// Runs both simulators until the future is dropped.
+pub async fn run(client: Client) {
+    tracing::info!("starting the kpack and cert-manager simulators");
+    tokio::join!(
+        kpack::run(client.clone()),
+        cert_manager::run(client.clone())
+    );
+}
+
+/// The current time in the RFC 3339 form Kubernetes uses.
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A condition in the shape kpack and cert-manager use.
+pub(crate) fn condition(type_: &str, status: &str, reason: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now_rfc3339(),
+    })
+}
+
+/// Parameters of the simulators' merge patches.
+pub(crate) fn write_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    }
+}

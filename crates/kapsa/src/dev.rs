@@ -1,0 +1,204 @@
+//! `kapsa dev up|down`: a local control plane (real etcd, kube-apiserver,
+//! controller-manager and scheduler; kwok nodes; kpack and cert-manager
+//! simulators) with Kapsa's CRDs installed.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use kapsa_testenv::{ControlPlane, ControlPlaneOptions};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+
+/// What `kapsa dev up` prints once the API server answers; scripts rely on it.
+const EXPORT_PREFIX: &str = "export KUBECONFIG=";
+
+#[derive(Subcommand)]
+pub enum DevCommand {
+    /// Start the local control plane and print `export KUBECONFIG=<path>`.
+    /// Stays in the foreground until Ctrl-C or SIGTERM, then tears it all down.
+    Up(UpArgs),
+    /// Stop a control plane started with `kapsa dev up --detach`.
+    Down(StateDirArg),
+}
+
+#[derive(Args)]
+pub struct StateDirArg {
+    /// Folder for the control plane's data, logs and kubeconfig
+    /// [default: $XDG_STATE_HOME/kapsa/dev or ~/.local/state/kapsa/dev].
+    #[arg(long, env = "KAPSA_DEV_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    state: StateDirArg,
+    /// Leave it running in the background and return once it is ready.
+    #[arg(long)]
+    detach: bool,
+}
+
+pub fn run(command: DevCommand) -> anyhow::Result<()> {
+    match command {
+        DevCommand::Up(args) => {
+            let state_dir = state_dir(args.state.state_dir)?;
+            if args.detach {
+                up_detached(&state_dir)
+            } else {
+                init_logging();
+                tokio::runtime::Runtime::new()?.block_on(up_foreground(&state_dir))
+            }
+        }
+        DevCommand::Down(args) => down(&state_dir(args.state_dir)?),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn state_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = match given {
+        Some(dir) => dir,
+        None => match std::env::var_os("XDG_STATE_HOME") {
+            Some(state) => PathBuf::from(state).join("kapsa/dev"),
+            None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+                .join(".local/state/kapsa/dev"),
+        },
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(std::path::absolute(&dir)?)
+}
+
+fn pid_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("kapsa-dev.pid")
+}
+
+fn running_pid(state_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(state_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    kill(Pid::from_raw(pid), None).ok().map(|_| pid)
+}
+
+async fn up_foreground(state_dir: &Path) -> anyhow::Result<()> {
+    if let Some(pid) = running_pid(state_dir) {
+        bail!(
+            "a control plane already runs from {} (pid {pid}); stop it with `kapsa dev down --state-dir {}`",
+            state_dir.display(),
+            state_dir.display()
+        );
+    }
+    std::fs::write(pid_file(state_dir), std::process::id().to_string())?;
+    let result = serve(state_dir).await;
+    let _ = std::fs::remove_file(pid_file(state_dir));
+    result
+}
+
+async fn serve(state_dir: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let plane = ControlPlane::start(ControlPlaneOptions {
+        state_dir: Some(state_dir.join("control-plane")),
+        assets_dir: None,
+    })
+    .await
+    .context("starting the control plane")?;
+    println!("{EXPORT_PREFIX}{}", plane.kubeconfig_path().display());
+    let client = plane.client().await?;
+    kapsa_testenv::simulators::install(&client).await?;
+    let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml())?;
+    kapsa_testenv::crds::install_crds(&client, &crds, "kapsa").await?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "control plane ready with Kapsa's CRDs and the kpack and cert-manager simulators; Ctrl-C stops it"
+    );
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = kapsa_testenv::simulators::run(client) => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = terminate.recv() => tracing::info!("terminated"),
+    }
+    tracing::info!("stopping the control plane");
+    drop(plane);
+    Ok(())
+}
+
+fn up_detached(state_dir: &Path) -> anyhow::Result<()> {
+    if let Some(pid) = running_pid(state_dir) {
+        bail!("a control plane already runs from {} (pid {pid})", state_dir.display());
+    }
+    let log_path = state_dir.join("kapsa-dev.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["dev", "up", "--state-dir"])
+        .arg(state_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group, so the terminal's Ctrl-C does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("starting the background control plane")?;
+    eprintln!(
+        "starting in the background (log: {}); the first start builds the control-plane binaries",
+        log_path.display()
+    );
+    let mut reader = BufReader::new(std::fs::File::open(&log_path)?);
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(90 * 60);
+    loop {
+        line.clear();
+        let position = reader.stream_position()?;
+        if reader.read_line(&mut line)? > 0 && line.ends_with('\n') {
+            if line.starts_with(EXPORT_PREFIX) {
+                print!("{line}");
+                return Ok(());
+            }
+            eprint!("  {line}");
+            continue;
+        }
+        // A partial line: read it again once it is complete.
+        reader.seek(SeekFrom::Start(position))?;
+        if let Some(status) = child.try_wait()? {
+            bail!("the background control plane exited ({status}); see {}", log_path.display());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the control plane was not ready in time; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn down(state_dir: &Path) -> anyhow::Result<()> {
+    let Some(pid) = running_pid(state_dir) else {
+        eprintln!("no control plane runs from {}", state_dir.display());
+        return Ok(());
+    };
+    let pid = Pid::from_raw(pid);
+    kill(pid, Signal::SIGTERM)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kill(pid, None).is_ok() {
+        if Instant::now() > deadline {
+            kill(pid, Signal::SIGKILL)?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(pid_file(state_dir));
+    eprintln!("stopped the control plane in {}", state_dir.display());
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! `kapsa`: the one binary of Kapsa.
+
+mod dev;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kapsa", version, about = "Kapsa: a Kubernetes-native platform-as-a-service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print Kapsa's CustomResourceDefinitions as one YAML stream.
+    Crds,
+    /// A local control plane for trying Kapsa out and developing it.
+    Dev {
+        #[command(subcommand)]
+        command: dev::DevCommand,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => {
+            print!("{}", kapsa_api::crds_yaml());
+            Ok(())
+        }
+        Command::Dev { command } => dev::run(command),
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the integration tests
+# against a real local control plane. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "control-plane binaries (built from the official Go modules on first use, then cached)"
+KUBEBUILDER_ASSETS="$(./hack/install-control-plane.sh)"
+export KUBEBUILDER_ASSETS
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit and integration, against the real control plane)"
+cargo test --workspace --locked --no-fail-fast
