@@ -348,13 +348,17 @@ impl ControlPlane {
 
         let client = self.client().await?;
         create_fake_node(&client).await?;
-        self.wait_until("the simulated node to be Ready", Duration::from_secs(60), || {
-            let client = client.clone();
-            async move {
-                let node = Api::<Node>::all(client).get_opt(FAKE_NODE_NAME).await?;
-                Ok(node.is_some_and(|n| condition_true(&n, "Ready")))
-            }
-        })
+        self.wait_until(
+            "the simulated node to be Ready",
+            Duration::from_secs(60),
+            || {
+                let client = client.clone();
+                async move {
+                    let node = Api::<Node>::all(client).get_opt(FAKE_NODE_NAME).await?;
+                    Ok(node.is_some_and(|n| condition_true(&n, "Ready")))
+                }
+            },
+        )
         .await?;
         self.wait_until(
             "the controller manager to create the default ServiceAccount",
@@ -389,14 +393,22 @@ impl ControlPlane {
                 let request = http::Request::get("/readyz")
                     .body(Vec::new())
                     .map_err(|e| Error::Kubeconfig(e.to_string()))?;
-                Ok(client.request_text(request).await.is_ok_and(|body| body.trim() == "ok"))
+                Ok(client
+                    .request_text(request)
+                    .await
+                    .is_ok_and(|body| body.trim() == "ok"))
             }
         })
         .await
     }
 
     /// Polls `check` until it returns true, failing fast if a process died.
-    async fn wait_until<F, Fut>(&mut self, what: &str, timeout: Duration, mut check: F) -> Result<()>
+    async fn wait_until<F, Fut>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: F,
+    ) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<bool>>,

@@ -35,7 +35,8 @@ pub async fn install_crds(
         let mut crd = crd.clone();
         crd.metadata.managed_fields = None;
         crd.metadata.resource_version = None;
-        api.patch(&crd.name_any(), &params, &Patch::Apply(&crd)).await?;
+        api.patch(&crd.name_any(), &params, &Patch::Apply(&crd))
+            .await?;
     }
     let timeout = Duration::from_secs(60);
     let deadline = Instant::now() + timeout;
@@ -55,7 +56,10 @@ pub async fn install_crds(
                 break;
             }
             if Instant::now() > deadline {
-                return Err(Error::Timeout(timeout, format!("CRD {name} to be Established")));
+                return Err(Error::Timeout(
+                    timeout,
+                    format!("CRD {name} to be Established"),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -35,7 +35,9 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
     let object: K = serde_json::from_value(value).expect("valid object");
-    api.create(&PostParams::default(), &object).await.expect("object created")
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("object created")
 }
 
 /// Polls `check` until it returns `Some`, or fails the test after [`TIMEOUT`].
@@ -49,7 +51,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -78,16 +83,25 @@ async fn deployment_becomes_available_on_simulated_node() {
     let available = eventually("the Deployment to become Available", || async {
         let d = api.get("web").await.ok()?;
         let status = d.status?;
-        let available = status.conditions?.into_iter().any(|c| c.type_ == "Available" && c.status == "True");
+        let available = status
+            .conditions?
+            .into_iter()
+            .any(|c| c.type_ == "Available" && c.status == "True");
         (available && status.ready_replicas == Some(2)).then_some(status.available_replicas)
     })
     .await;
     assert_eq!(available, Some(2));
-    let pods = Api::<Pod>::namespaced(client, &ns).list(&ListParams::default()).await.unwrap();
+    let pods = Api::<Pod>::namespaced(client, &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     assert_eq!(pods.items.len(), 2);
     for pod in pods.items {
         let spec = pod.spec.unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some(kapsa_testenv::control_plane::FAKE_NODE_NAME));
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some(kapsa_testenv::control_plane::FAKE_NODE_NAME)
+        );
         assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Running"));
     }
 }
@@ -100,7 +114,10 @@ async fn deleting_a_namespace_finishes() {
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     create(&cms, json!({"metadata": {"name": "c"}, "data": {"k": "v"}})).await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces.delete(&ns, &DeleteParams::default()).await.unwrap();
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
     eventually("the namespace to be gone", || async {
         namespaces.get_opt(&ns).await.ok()?.is_none().then_some(())
     })
@@ -144,7 +161,10 @@ async fn job_pod_completes() {
     .await;
     let succeeded = eventually("the Job to complete", || async {
         let status = jobs.get("once").await.ok()?.status?;
-        let complete = status.conditions?.iter().any(|c| c.type_ == "Complete" && c.status == "True");
+        let complete = status
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Complete" && c.status == "True");
         complete.then_some(status.succeeded)
     })
     .await;
@@ -170,7 +190,10 @@ fn ready_status(object: &DynamicObject) -> Option<(String, Option<String>)> {
         .iter()
         .find(|c| c["type"] == "Ready")?
         .clone();
-    Some((cond["status"].as_str()?.to_string(), cond["reason"].as_str().map(str::to_string)))
+    Some((
+        cond["status"].as_str()?.to_string(),
+        cond["reason"].as_str().map(str::to_string),
+    ))
 }
 
 #[tokio::test]
@@ -180,7 +203,11 @@ async fn kpack_simulator_builds_and_fails_images() {
     namespace(&client, &ns).await;
     let images: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &image_resource());
     let commit = "3f2a9c1e3f2a9c1e3f2a9c1e3f2a9c1e3f2a9c1e";
-    images.create(&PostParams::default(), &serde_json::from_value(image("shop", commit)).unwrap())
+    images
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(image("shop", commit)).unwrap(),
+        )
         .await
         .unwrap();
     let latest = eventually("the simulated build", || async {
@@ -207,8 +234,11 @@ async fn kpack_simulator_builds_and_fails_images() {
         .await
         .unwrap();
     images
-        .patch("shop", &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"source": {"git": {"revision": bad}}}})))
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"source": {"git": {"revision": bad}}}})),
+        )
         .await
         .unwrap();
     let failed = eventually("the failed build", || async {
@@ -218,11 +248,19 @@ async fn kpack_simulator_builds_and_fails_images() {
     })
     .await;
     assert_eq!(failed.0.as_deref(), Some("BuildFailed"));
-    assert_eq!(failed.1, json!(expected), "a failed build keeps the last good image");
+    assert_eq!(
+        failed.1,
+        json!(expected),
+        "a failed build keeps the last good image"
+    );
 }
 
 async fn cluster_issuer(client: &Client, name: &str, dns01: bool) {
-    let solver = if dns01 { json!({"dns01": {"webhook": {}}}) } else { json!({"http01": {"ingress": {}}}) };
+    let solver = if dns01 {
+        json!({"dns01": {"webhook": {}}})
+    } else {
+        json!({"http01": {"ingress": {}}})
+    };
     let issuers: Api<DynamicObject> = Api::all_with(client.clone(), &cluster_issuer_resource());
     let issuer = serde_json::from_value(json!({
         "apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer",
@@ -230,7 +268,10 @@ async fn cluster_issuer(client: &Client, name: &str, dns01: bool) {
         "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [solver]}}
     }))
     .unwrap();
-    issuers.create(&PostParams::default(), &issuer).await.unwrap();
+    issuers
+        .create(&PostParams::default(), &issuer)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -255,20 +296,28 @@ async fn annotated_ingress_gets_ready_certificate_and_tls_secret() {
         }),
     )
     .await;
-    let certs: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &certificate_resource());
+    let certs: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &certificate_resource());
     eventually("a Ready Certificate", || async {
         let cert = certs.get_opt("shop-tls").await.ok()??;
         (ready_status(&cert)?.0 == "True").then_some(())
     })
     .await;
-    let secret = Api::<Secret>::namespaced(client.clone(), &ns).get("shop-tls").await.unwrap();
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get("shop-tls")
+        .await
+        .unwrap();
     assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
     let data: BTreeMap<_, _> = secret.data.unwrap();
     assert!(data.contains_key("tls.key"));
     let pem = &data["tls.crt"].0;
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).expect("PEM");
     let cert = pem.parse_x509().expect("an X.509 certificate");
-    let san = cert.subject_alternative_name().unwrap().expect("SANs").value;
+    let san = cert
+        .subject_alternative_name()
+        .unwrap()
+        .expect("SANs")
+        .value;
     let mut names: Vec<String> = san
         .general_names
         .iter()
@@ -290,7 +339,8 @@ async fn wildcard_certificate_needs_a_dns01_issuer() {
     namespace(&client, &ns).await;
     cluster_issuer(&client, &http01, false).await;
     cluster_issuer(&client, &dns01, true).await;
-    let certs: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &certificate_resource());
+    let certs: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &certificate_resource());
     for (name, issuer) in [("refused", &http01), ("issued", &dns01)] {
         let cert = serde_json::from_value(json!({
             "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
@@ -328,7 +378,11 @@ async fn dropping_a_control_plane_leaves_no_process() {
     .expect("a second control plane starts");
     let pids = plane.pids();
     let dir = plane.dir().to_path_buf();
-    assert_eq!(pids.len(), 5, "etcd, apiserver, controller-manager, scheduler, kwok");
+    assert_eq!(
+        pids.len(),
+        5,
+        "etcd, apiserver, controller-manager, scheduler, kwok"
+    );
     for pid in &pids {
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     }

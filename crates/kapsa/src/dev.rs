@@ -124,8 +124,7 @@ async fn serve(state_dir: &Path) -> anyhow::Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "control plane ready with Kapsa's CRDs and the kpack and cert-manager simulators; Ctrl-C stops it"
     );
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = kapsa_testenv::simulators::run(client) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
@@ -138,7 +137,10 @@ async fn serve(state_dir: &Path) -> anyhow::Result<()> {
 
 fn up_detached(state_dir: &Path) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(state_dir) {
-        bail!("a control plane already runs from {} (pid {pid})", state_dir.display());
+        bail!(
+            "a control plane already runs from {} (pid {pid})",
+            state_dir.display()
+        );
     }
     let log_path = state_dir.join("kapsa-dev.log");
     let log = std::fs::File::create(&log_path)?;
@@ -173,11 +175,17 @@ fn up_detached(state_dir: &Path) -> anyhow::Result<()> {
         // A partial line: read it again once it is complete.
         reader.seek(SeekFrom::Start(position))?;
         if let Some(status) = child.try_wait()? {
-            bail!("the background control plane exited ({status}); see {}", log_path.display());
+            bail!(
+                "the background control plane exited ({status}); see {}",
+                log_path.display()
+            );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("the control plane was not ready in time; see {}", log_path.display());
+            bail!(
+                "the control plane was not ready in time; see {}",
+                log_path.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

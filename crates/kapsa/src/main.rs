@@ -5,7 +5,11 @@ mod dev;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kapsa", version, about = "Kapsa: a Kubernetes-native platform-as-a-service")]
+#[command(
+    name = "kapsa",
+    version,
+    about = "Kapsa: a Kubernetes-native platform-as-a-service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

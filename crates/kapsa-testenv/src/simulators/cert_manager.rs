@@ -21,7 +21,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
+};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -126,7 +128,10 @@ pub fn issuer_supports_dns01(issuer: &DynamicObject) -> bool {
         .is_some_and(|solvers| solvers.iter().any(|s| s.get("dns01").is_some()))
 }
 
-async fn reconcile_certificate(cert: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
+async fn reconcile_certificate(
+    cert: Arc<DynamicObject>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, SimError> {
     let namespace = cert.namespace().unwrap_or_default();
     let name = cert.name_any();
     let certs: Api<DynamicObject> =
@@ -134,7 +139,11 @@ async fn reconcile_certificate(cert: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Resul
     let spec = &cert.data["spec"];
     let mut names: Vec<String> = spec["dnsNames"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     if let Some(cn) = spec["commonName"].as_str()
         && !names.iter().any(|n| n == cn)
@@ -147,7 +156,12 @@ async fn reconcile_certificate(cert: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Resul
     let generation = cert.metadata.generation.unwrap_or_default();
 
     let not_ready = |reason: &str, message: String| {
-        let mut c = condition("Ready", "False", reason, &format!("cert-manager simulator: {message}"));
+        let mut c = condition(
+            "Ready",
+            "False",
+            reason,
+            &format!("cert-manager simulator: {message}"),
+        );
         c["observedGeneration"] = json!(generation);
         json!({"status": {"conditions": [c]}})
     };
@@ -162,19 +176,31 @@ async fn reconcile_certificate(cert: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Resul
         _ if names.is_empty() => Some(("InvalidSpec", "no dnsNames or commonName".to_string())),
         None => Some((
             "IssuerNotFound",
-            format!("{issuer_kind} {issuer_name:?} not found (the simulator serves ClusterIssuers only)"),
+            format!(
+                "{issuer_kind} {issuer_name:?} not found (the simulator serves ClusterIssuers only)"
+            ),
         )),
-        Some(issuer) if names.iter().any(|n| n.starts_with("*.")) && !issuer_supports_dns01(issuer) => Some((
-            "WildcardRequiresDNS01",
-            format!("wildcard names need a DNS-01 solver, and ClusterIssuer {issuer_name:?} has none"),
-        )),
+        Some(issuer)
+            if names.iter().any(|n| n.starts_with("*.")) && !issuer_supports_dns01(issuer) =>
+        {
+            Some((
+                "WildcardRequiresDNS01",
+                format!(
+                    "wildcard names need a DNS-01 solver, and ClusterIssuer {issuer_name:?} has none"
+                ),
+            ))
+        }
         Some(_) => None,
     };
     if let Some((reason, message)) = problem {
         let current = cert.data["status"]["conditions"][0]["reason"].as_str();
         if current != Some(reason) {
             certs
-                .patch_status(&name, &write_params(), &Patch::Merge(&not_ready(reason, message)))
+                .patch_status(
+                    &name,
+                    &write_params(),
+                    &Patch::Merge(&not_ready(reason, message)),
+                )
                 .await?;
         }
         return Ok(Action::requeue(Duration::from_secs(5)));
@@ -212,19 +238,31 @@ async fn reconcile_certificate(cert: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Resul
             },
             type_: Some("kubernetes.io/tls".into()),
             data: Some(BTreeMap::from([
-                ("tls.crt".to_string(), ByteString(cert_pem.clone().into_bytes())),
+                (
+                    "tls.crt".to_string(),
+                    ByteString(cert_pem.clone().into_bytes()),
+                ),
                 ("tls.key".to_string(), ByteString(key_pem.into_bytes())),
                 ("ca.crt".to_string(), ByteString(cert_pem.into_bytes())),
             ])),
             ..Secret::default()
         };
         secrets
-            .patch(&secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+            .patch(
+                &secret_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
             .await?;
         tracing::info!(certificate = %name, %namespace, ?names, "cert-manager simulator: issued");
     }
     let revision = cert.data["status"]["revision"].as_i64().unwrap_or(0) + i64::from(!up_to_date);
-    let mut ready = condition("Ready", "True", "Ready", "cert-manager simulator: certificate issued (self-signed)");
+    let mut ready = condition(
+        "Ready",
+        "True",
+        "Ready",
+        "cert-manager simulator: certificate issued (self-signed)",
+    );
     ready["observedGeneration"] = json!(generation);
     let not_after = chrono::Utc::now() + chrono::Duration::days(90);
     let patch = json!({"status": {
@@ -233,14 +271,19 @@ async fn reconcile_certificate(cert: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Resul
         "notAfter": not_after.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "revision": revision.max(1),
     }});
-    certs.patch_status(&name, &write_params(), &Patch::Merge(&patch)).await?;
+    certs
+        .patch_status(&name, &write_params(), &Patch::Merge(&patch))
+        .await?;
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 async fn reconcile_issuer(issuer: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
     let ready = issuer.data["status"]["conditions"]
         .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
     if !ready {
         let patch = json!({"status": {"conditions": [condition("Ready", "True", "Simulated",
             "cert-manager simulator: issuer ready")]}});
@@ -257,15 +300,20 @@ fn error_policy<K>(_: Arc<K>, error: &SimError, _: Arc<Ctx>) -> Action {
 }
 
 pub async fn run(client: Client) {
-    let ctx = Arc::new(Ctx { client: client.clone() });
-    let ingresses = Controller::new(Api::<Ingress>::all(client.clone()), watcher::Config::default())
-        .owns_with(
-            Api::<DynamicObject>::all_with(client.clone(), &certificate_resource()),
-            certificate_resource(),
-            watcher::Config::default(),
-        )
-        .run(reconcile_ingress, error_policy, ctx.clone())
-        .for_each(|_| async {});
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+    });
+    let ingresses = Controller::new(
+        Api::<Ingress>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns_with(
+        Api::<DynamicObject>::all_with(client.clone(), &certificate_resource()),
+        certificate_resource(),
+        watcher::Config::default(),
+    )
+    .run(reconcile_ingress, error_policy, ctx.clone())
+    .for_each(|_| async {});
     let certificates = Controller::new_with(
         Api::<DynamicObject>::all_with(client.clone(), &certificate_resource()),
         watcher::Config::default(),
@@ -282,7 +330,6 @@ pub async fn run(client: Client) {
     .for_each(|_| async {});
     tokio::join!(ingresses, certificates, issuers);
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -312,13 +359,18 @@ spec:
         assert_eq!(certs.len(), 2);
         assert_eq!(certs[0].name_any(), "shop-tls");
         assert_eq!(certs[0].data["spec"]["issuerRef"]["name"], "letsencrypt");
-        assert_eq!(certs[1].data["spec"]["dnsNames"][1], "b.shop.apps.example.com");
+        assert_eq!(
+            certs[1].data["spec"]["dnsNames"][1],
+            "b.shop.apps.example.com"
+        );
         assert_eq!(certs[1].owner_references()[0].name, "web");
     }
 
     #[test]
     fn unannotated_ingress_gets_none() {
-        let ing = ingress("metadata: {name: web}\nspec: {tls: [{hosts: [a.example.com], secretName: s}]}");
+        let ing = ingress(
+            "metadata: {name: web}\nspec: {tls: [{hosts: [a.example.com], secretName: s}]}",
+        );
         assert!(certificates_for_ingress(&ing).is_empty());
     }
 
@@ -327,7 +379,8 @@ spec:
         let mut issuer = DynamicObject::new("le", &cluster_issuer_resource());
         issuer.data = json!({"spec": {"acme": {"solvers": [{"http01": {}}]}}});
         assert!(!issuer_supports_dns01(&issuer));
-        issuer.data = json!({"spec": {"acme": {"solvers": [{"http01": {}}, {"dns01": {"webhook": {}}}]}}});
+        issuer.data =
+            json!({"spec": {"acme": {"solvers": [{"http01": {}}, {"dns01": {"webhook": {}}}]}}});
         assert!(issuer_supports_dns01(&issuer));
     }
 }

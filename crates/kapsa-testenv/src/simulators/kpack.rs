@@ -42,7 +42,10 @@ pub fn image_resource() -> ApiResource {
 
 fn builder_resource(kind: &str) -> ApiResource {
     let plural = format!("{}s", kind.to_lowercase());
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kpack.io", "v1alpha2", kind), &plural)
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kpack.io", "v1alpha2", kind),
+        &plural,
+    )
 }
 
 /// The digest the simulator gives a build of `revision` from `url`.
@@ -115,14 +118,22 @@ async fn reconcile_image(image: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Act
     if observed == Some(generation) && ready != "Unknown" {
         return Ok(Action::await_change());
     }
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &image.namespace().unwrap_or_default(), &image_resource());
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &image.namespace().unwrap_or_default(),
+        &image_resource(),
+    );
     let name = image.name_any();
     let spec = image.data.get("spec").cloned().unwrap_or(Value::Null);
     let tag = spec["tag"].as_str().unwrap_or_default();
     let url = spec["source"]["git"]["url"].as_str().unwrap_or_default();
-    let revision = spec["source"]["git"]["revision"].as_str().unwrap_or_default();
-    let counter = status.get("buildCounter").and_then(Value::as_i64).unwrap_or(0);
+    let revision = spec["source"]["git"]["revision"]
+        .as_str()
+        .unwrap_or_default();
+    let counter = status
+        .get("buildCounter")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
 
     if observed != Some(generation) {
         // Step 1, as kpack: a build for this generation is now running.
@@ -162,12 +173,17 @@ async fn reconcile_image(image: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Act
             ],
         }})
     };
-    api.patch_status(&name, &write_params(), &Patch::Merge(&patch)).await?;
+    api.patch_status(&name, &write_params(), &Patch::Merge(&patch))
+        .await?;
     Ok(Action::await_change())
 }
 
 async fn reconcile_builder(builder: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
-    let kind = builder.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
+    let kind = builder
+        .types
+        .as_ref()
+        .map(|t| t.kind.clone())
+        .unwrap_or_default();
     let resource = builder_resource(&kind);
     let api: Api<DynamicObject> = match builder.namespace() {
         Some(ns) => Api::namespaced_with(ctx.client.clone(), &ns, &resource),
@@ -178,7 +194,9 @@ async fn reconcile_builder(builder: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result
     if status.get("observedGeneration").and_then(Value::as_i64) == Some(generation) {
         return Ok(Action::await_change());
     }
-    let tag = builder.data["spec"]["tag"].as_str().unwrap_or("kpack-simulator/builder");
+    let tag = builder.data["spec"]["tag"]
+        .as_str()
+        .unwrap_or("kpack-simulator/builder");
     let patch = json!({"status": {
         "observedGeneration": generation,
         "latestImage": format!("{tag}@{}", simulated_digest(tag, &generation.to_string())),
@@ -195,7 +213,9 @@ fn error_policy(_: Arc<DynamicObject>, error: &SimError, _: Arc<Ctx>) -> Action 
 }
 
 pub async fn run(client: Client) {
-    let ctx = Arc::new(Ctx { client: client.clone() });
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+    });
     let images = Controller::new_with(
         Api::<DynamicObject>::all_with(client.clone(), &image_resource()),
         watcher::Config::default(),

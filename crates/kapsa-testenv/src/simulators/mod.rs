@@ -42,7 +42,12 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 /// A condition in the shape kpack and cert-manager use.
-pub(crate) fn condition(type_: &str, status: &str, reason: &str, message: &str) -> serde_json::Value {
+pub(crate) fn condition(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "type": type_,
         "status": status,

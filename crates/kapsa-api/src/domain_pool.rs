@@ -1,0 +1,170 @@
+//! `DomainPool`: base domains that Projects get hosts from.
+
+// kube `printcolumn(...)` attributes repeat `type_ = "string"`, which
+// clippy misreads as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::ClusterIssuerReference;
+use crate::conditions::Condition;
+use crate::naming::MAX_BASE_DOMAIN_LEN;
+use crate::validation::{DNS_NAME, DNS_SUBDOMAIN, MAX_CONDITIONS, MAX_POOL_DOMAINS, matches_rule};
+
+/// How cert-manager proves control of a host. Values: `HTTP01` (one
+/// certificate per host, solved through the Ingress) or `DNS01` (one
+/// wildcard certificate `*.<project>.<base>` per Project, solved through
+/// DNS; the ClusterIssuer needs a DNS01 solver).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum Challenge {
+    /// One certificate per host, ACME HTTP-01 challenge.
+    #[default]
+    HTTP01,
+    /// One wildcard certificate per Project, ACME DNS-01 challenge.
+    DNS01,
+}
+
+/// Base domains that Kapsa allocates application hosts from, with the TLS
+/// issuer and Ingress class used for them. Written by a platform admin.
+///
+/// A Project gets the host `<project>.<base>`, where `<base>` is the pool
+/// domain with the fewest Projects at first allocation; the choice then
+/// sticks (it is recorded in the Project's status). Preview environments
+/// get `<branch-slug>.<project>.<base>`.
+///
+/// `spec.challenge` may be changed on a pool that is in use: the operator
+/// converges to the new scheme (per-host certificates or one wildcard
+/// certificate per Project) and keeps serving with the old certificates
+/// until the new ones are ready.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kapsa.dev",
+    version = "v1alpha1",
+    kind = "DomainPool",
+    plural = "domainpools",
+    shortname = "dp",
+    category = "kapsa",
+    status = "DomainPoolStatus",
+    derive = "PartialEq",
+    label("app.kubernetes.io/part-of", "kapsa"),
+    doc = "DomainPool: base domains that Kapsa allocates application hosts from (`<project>.<base>`, previews `<branch>.<project>.<base>`), with the cert-manager ClusterIssuer and Ingress class used for them. Cluster-scoped; written by a platform admin.",
+    printcolumn(
+        name = "Domains",
+        type_ = "string",
+        json_path = ".spec.domains",
+        description = "Base domains of the pool"
+    ),
+    printcolumn(
+        name = "Default",
+        type_ = "boolean",
+        json_path = ".spec.default",
+        description = "Used by Projects that name no pool",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Issuer",
+        type_ = "string",
+        json_path = ".spec.clusterIssuerRef.name",
+        description = "cert-manager ClusterIssuer"
+    ),
+    printcolumn(
+        name = "Challenge",
+        type_ = "string",
+        json_path = ".spec.challenge",
+        description = "ACME challenge: HTTP01 or DNS01"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("self.challenge != 'DNS01' || has(self.clusterIssuerRef)")
+    .message("spec.clusterIssuerRef is required when spec.challenge is DNS01")
+    .field_path(".clusterIssuerRef")
+    .reason(Reason::FieldValueRequired))]
+#[serde(rename_all = "camelCase")]
+pub struct DomainPoolSpec {
+    /// Base domains of the pool, e.g. `[apps.example.com, apps2.example.com]`.
+    /// One to 32 unique lower-case DNS names with at least two labels, each
+    /// at most 148 characters (253 for a host, minus a 63-character branch
+    /// label, a 40-character project name and two dots). No domain may be a
+    /// subdomain of another in the pool, because their hosts could collide.
+    /// Wildcard DNS records `*.<base>` (and, for previews, `*.*.<base>` or
+    /// per-project records) must point at the Ingress controller.
+    #[schemars(length(min = 1, max = MAX_POOL_DOMAINS), inner(length(min = 1, max = MAX_BASE_DOMAIN_LEN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[x_kube(
+        validation = Rule::new(format!("self.all(d, {})", matches_rule("d", DNS_NAME)))
+            .message("spec.domains: every domain must be a lower-case DNS name with at least two labels (e.g. apps.example.com); each label 1-63 characters of [a-z0-9-], not starting or ending with '-'"),
+        validation = Rule::new("self.all(a, self.all(b, a == b || !b.endsWith('.' + a)))")
+            .message("spec.domains: a domain must not be a subdomain of another domain of the pool (their hosts could collide)")
+    )]
+    pub domains: Vec<String>,
+
+    /// Whether this pool serves Projects that set no `spec.domainPoolRef`.
+    /// Default `false`. Exactly one pool should be the default; if several
+    /// are, the operator reports it in a condition rather than guess.
+    #[serde(default)]
+    pub default: bool,
+
+    /// The cert-manager ClusterIssuer that issues TLS certificates for hosts
+    /// of this pool, e.g. `{name: letsencrypt}`. Optional: without it, hosts
+    /// are served over plain HTTP (useful for local development). Required
+    /// with `challenge: DNS01`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_issuer_ref: Option<ClusterIssuerReference>,
+
+    /// ACME challenge type: `HTTP01` (default; one certificate per host) or
+    /// `DNS01` (one wildcard certificate per Project; the ClusterIssuer must
+    /// have a DNS01 solver for the pool's domains). May be changed while in
+    /// use: certificates are re-issued and the old ones keep serving until
+    /// the new ones are ready.
+    #[serde(default)]
+    pub challenge: Challenge,
+
+    /// IngressClass for the Ingresses of hosts of this pool. Default `nginx`.
+    /// A DNS subdomain of at most 253 characters.
+    #[serde(default = "default_ingress_class_name")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub ingress_class_name: String,
+}
+
+fn default_ingress_class_name() -> String {
+    "nginx".to_owned()
+}
+
+/// Observed state of a DomainPool, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainPoolStatus {
+    /// The `metadata.generation` the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// How many Projects have a host under each base domain; the operator
+    /// allocates new Projects to the domain with the fewest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_POOL_DOMAINS))]
+    pub allocations: Vec<DomainAllocation>,
+
+    /// Current state of the pool. Condition types: `Ready` (the pool is
+    /// usable: its ClusterIssuer exists and it is the only default pool, if
+    /// default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONDITIONS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The number of Projects allocated to one base domain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainAllocation {
+    /// The base domain, one of `spec.domains`.
+    pub domain: String,
+    /// Number of Projects whose host is under this domain.
+    pub projects: i32,
+}

@@ -1,0 +1,603 @@
+//! `Project`: a git repository that Kapsa builds, deploys and previews.
+
+// kube `printcolumn(...)` attributes repeat `type_ = "string"`, which
+// clippy misreads as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::LocalObjectReference;
+use crate::conditions::Condition;
+use crate::environment::EnvironmentType;
+use crate::naming::{MAX_BRANCH_NAME_LEN, MAX_PROJECT_NAME_LEN};
+use crate::validation::{
+    BRANCH_GLOB, DNS_LABEL, DNS_SUBDOMAIN, DURATION, GIT_URL, GIT_URL_INSECURE, GIT_URL_LOOPBACK,
+    HTTP_PATH, MAX_BRANCH_GLOBS, MAX_CONDITIONS, MAX_DURATION_LEN, MAX_ENV_FROM_REFS,
+    MAX_GIT_URL_LEN, MAX_PATH_LEN, MAX_STATUS_ENVIRONMENTS, RESERVED_NAMESPACES,
+    RUNTIME_RESOURCE_NAMES, cel_list, git_branch_rule, matches_rule, min_duration_rule,
+    relative_path_rule,
+};
+
+/// Default `spec.source.pollInterval`.
+pub const DEFAULT_POLL_INTERVAL: &str = "60s";
+/// Default `spec.source.git.branch`.
+pub const DEFAULT_BRANCH: &str = "main";
+/// Default `spec.runtime.port`.
+pub const DEFAULT_PORT: i32 = 8080;
+/// Default `spec.runtime.replicas`.
+pub const DEFAULT_REPLICAS: i32 = 1;
+/// Default `spec.previewEnvironments.ttl`.
+pub const DEFAULT_PREVIEW_TTL: &str = "72h";
+/// Default `spec.previewEnvironments.maxEnvironments`.
+pub const DEFAULT_MAX_PREVIEW_ENVIRONMENTS: i32 = 10;
+/// Default `spec.runtime.metrics.path`.
+pub const DEFAULT_METRICS_PATH: &str = "/metrics";
+/// Dockerfile path used when `spec.build.dockerfile` is not set.
+pub const DEFAULT_DOCKERFILE: &str = "Dockerfile";
+/// Builder used when `spec.build.builderRef` is not set: the ClusterBuilder `default`.
+pub const DEFAULT_BUILDER_NAME: &str = "default";
+
+/// A git repository that Kapsa builds and runs. The Project owns one
+/// namespace; Kapsa creates the production Environment from the production
+/// branch and, if enabled, a preview Environment per matching branch.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kapsa.dev",
+    version = "v1alpha1",
+    kind = "Project",
+    plural = "projects",
+    shortname = "proj",
+    category = "kapsa",
+    status = "ProjectStatus",
+    derive = "PartialEq",
+    label("app.kubernetes.io/part-of", "kapsa"),
+    doc = "Project: a git repository that Kapsa builds (kpack buildpacks or a Dockerfile), deploys and gives a host with TLS (`<project>.<base>` from a DomainPool), plus a preview Environment per matching branch. Cluster-scoped; owns one namespace (spec.namespace, default metadata.name). metadata.name must be a DNS label of at most 40 characters because it appears in hosts and namespace names.",
+    printcolumn(name = "Host", type_ = "string", json_path = ".status.host", description = "Production host"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Ready condition"),
+    printcolumn(name = "Commit", type_ = "string", json_path = ".status.latestCommit", description = "Head of the production branch"),
+    printcolumn(name = "Namespace", type_ = "string", json_path = ".status.namespace", description = "Namespace owned by the project", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(format!("size(self.metadata.name) <= {MAX_PROJECT_NAME_LEN}"))
+        .message(Message::Message(format!("metadata.name of a Project must be at most {MAX_PROJECT_NAME_LEN} characters: it is the first label of <project>.<base> hosts, the default namespace, and a prefix of derived names"))),
+    validation = Rule::new(matches_rule("self.metadata.name", DNS_LABEL))
+        .message("metadata.name of a Project must be a DNS label (lower-case [a-z0-9-], no dots, not starting or ending with '-'): it is a label of every host of the project"),
+    validation = Rule::new(format!(
+        "has(self.spec.__namespace__) || !(self.metadata.name in {} || self.metadata.name.startsWith('kube-'))",
+        cel_list(&RESERVED_NAMESPACES)
+    ))
+    .message("metadata.name of a Project without spec.namespace is its namespace, which must not be kube-system, kube-public, kube-node-lease, default, kapsa-system or start with kube-; set spec.namespace")
+)]
+#[x_kube(validation = Rule::new("has(self.__namespace__) == has(oldSelf.__namespace__)")
+    .message("spec.namespace cannot be added or removed after the Project is created")
+    .field_path(".namespace"))]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectSpec {
+    /// Namespace the Project owns; Kapsa creates it and puts every
+    /// Environment, build and runtime object of the project in it. Optional,
+    /// default `metadata.name`. A DNS label of at most 63 characters, never
+    /// `kube-system`, `kube-public`, `kube-node-lease`, `default`,
+    /// `kapsa-system` or any `kube-*` name. Immutable: it can be neither
+    /// changed nor added or removed after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(
+        validation = Rule::new(matches_rule("self", DNS_LABEL))
+            .message("spec.namespace must be a DNS label: lower-case [a-z0-9-], not starting or ending with '-'"),
+        validation = Rule::new(format!("!(self in {} || self.startsWith('kube-'))", cel_list(&RESERVED_NAMESPACES)))
+            .message("spec.namespace must not be kube-system, kube-public, kube-node-lease, default, kapsa-system or start with kube-")
+            .reason(Reason::FieldValueForbidden),
+        validation = Rule::new("self == oldSelf").message("spec.namespace is immutable")
+    )]
+    pub namespace: Option<String>,
+
+    /// Where the code comes from: a git repository, its production branch
+    /// and how often to poll it.
+    pub source: ProjectSource,
+
+    /// How images are built: with Cloud Native Buildpacks (kpack, default)
+    /// or a Dockerfile.
+    #[serde(default)]
+    pub build: BuildSpec,
+
+    /// The registry that built images are pushed to: a ClusterRegistry, or a
+    /// Registry in the project's namespace. Images go to
+    /// `<server>/<repository>/<project>`.
+    pub registry_ref: RegistryReference,
+
+    /// The DomainPool the project's host comes from, e.g. `{name: default}`.
+    /// Optional: without it, the pool with `spec.default: true`. The base
+    /// domain chosen at first allocation sticks (see `status.baseDomain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_pool_ref: Option<LocalObjectReference>,
+
+    /// How the app runs: port, replicas, resources, health check,
+    /// configuration and metrics. Applies to every Environment of the
+    /// project.
+    #[serde(default)]
+    pub runtime: RuntimeSpec,
+
+    /// Preview environments: one Environment per matching branch, at
+    /// `<branch-slug>.<project>.<base>`. Disabled by default.
+    #[serde(default)]
+    pub preview_environments: PreviewEnvironmentsSpec,
+
+    /// Optional ResourceQuota Kapsa creates in the project's namespace, e.g.
+    /// `{hard: {requests.cpu: "4", requests.memory: 8Gi, pods: "20"}}`.
+    /// Cluster admins write Projects, so this is how they cap a project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_quota: Option<ResourceQuotaSpec>,
+}
+
+/// Where the code comes from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectSource {
+    /// The git repository.
+    pub git: GitSource,
+
+    /// How often Kapsa polls the repository for new commits and branches
+    /// (refs only, no clone), as a Go duration such as `30s`, `5m` or
+    /// `1h30m`. Default `60s`; at least `10s`. Failed polls back off.
+    #[serde(default = "default_poll_interval")]
+    #[schemars(length(min = 1, max = MAX_DURATION_LEN))]
+    #[x_kube(
+        validation = Rule::new(matches_rule("self", DURATION))
+            .message("spec.source.pollInterval must be a duration such as 30s, 5m or 1h30m (units ns, us, ms, s, m, h)"),
+        validation = Rule::new(min_duration_rule("self", "10s")).message("spec.source.pollInterval must be at least 10s")
+    )]
+    pub poll_interval: String,
+
+    /// Subdirectory of the repository to build, e.g. `services/api`.
+    /// Optional; empty or absent means the repository root. A relative path
+    /// without `..` components, at most 1024 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(format!("self == '' || ({})", relative_path_rule("self")))
+        .message("spec.source.contextDir must be a relative path inside the repository ([A-Za-z0-9._+@-] and '/', not starting with '/', no '..' components)"))]
+    pub context_dir: Option<String>,
+}
+
+fn default_poll_interval() -> String {
+    DEFAULT_POLL_INTERVAL.to_owned()
+}
+
+/// A git repository and its production branch.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(format!(
+    "!{} || self.allowInsecureHttp || {}",
+    matches_rule("self.url", GIT_URL_INSECURE),
+    matches_rule("self.url", GIT_URL_LOOPBACK)
+))
+.message("spec.source.git.url: plain http:// and git:// URLs are only allowed for a loopback host (localhost, 127.x.x.x, [::1]) unless spec.source.git.allowInsecureHttp is true; use https:// or ssh")
+.field_path(".url")
+.reason(Reason::FieldValueForbidden))]
+#[serde(rename_all = "camelCase")]
+pub struct GitSource {
+    /// URL of the repository. Accepted forms: `https://host[:port]/path`,
+    /// `ssh://[user@]host[:port]/path` and scp-like `user@host:path` (e.g.
+    /// `git@github.com:acme/shop.git`). `http://` and `git://` only for a
+    /// loopback host (`localhost`, `127.x.x.x`, `[::1]`) or with
+    /// `allowInsecureHttp: true`. Credentials never go in the URL; use
+    /// `secretRef`. At most 2048 characters.
+    #[schemars(length(min = 1, max = MAX_GIT_URL_LEN))]
+    #[x_kube(validation = Rule::new(matches_rule("self", GIT_URL))
+        .message("spec.source.git.url must be https://host/path, ssh://[user@]host[:port]/path or user@host:path (scp-like), without credentials or spaces, e.g. https://github.com/acme/shop.git or git@github.com:acme/shop.git"))]
+    pub url: String,
+
+    /// The production branch: the production Environment is built from its
+    /// head. Default `main`. A valid git branch name (no spaces, `..`,
+    /// `~^:?*[\`, leading `-`, `/` or `.`, trailing `/`, `.` or `.lock`), at
+    /// most 255 characters.
+    #[serde(default = "default_branch")]
+    #[schemars(length(min = 1, max = MAX_BRANCH_NAME_LEN))]
+    #[x_kube(validation = Rule::new(git_branch_rule("self"))
+        .message("spec.source.git.branch must be a valid git branch name: no spaces, control characters, '..', '//', '@{', or any of ~^:?*[\\; must not start with '-', '/' or '.', nor end with '/', '.' or '.lock'"))]
+    pub branch: String,
+
+    /// Secret with credentials for the repository, in the project's
+    /// namespace: type `kubernetes.io/basic-auth` (https; e.g. a token as
+    /// password) or `kubernetes.io/ssh-auth` (ssh; optionally with a
+    /// `known_hosts` key). Optional for public repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+
+    /// Allow a plain `http://` or `git://` URL to a host that is not
+    /// loopback. Default `false`. Traffic, including credentials, is then
+    /// unencrypted; only for trusted networks.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+fn default_branch() -> String {
+    DEFAULT_BRANCH.to_owned()
+}
+
+/// How images are built. Values: `Buildpacks` (Cloud Native Buildpacks
+/// through kpack) or `Dockerfile` (a Dockerfile in the repository).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum BuildStrategy {
+    /// Cloud Native Buildpacks, built by kpack.
+    #[default]
+    Buildpacks,
+    /// A Dockerfile in the repository.
+    Dockerfile,
+}
+
+/// How images are built.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("!has(self.dockerfile) || self.strategy == 'Dockerfile'")
+        .message("spec.build.dockerfile is only allowed with spec.build.strategy Dockerfile")
+        .field_path(".dockerfile")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(self.builderRef) || self.strategy == 'Buildpacks'")
+        .message("spec.build.builderRef is only allowed with spec.build.strategy Buildpacks")
+        .field_path(".builderRef")
+        .reason(Reason::FieldValueForbidden)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildSpec {
+    /// Build strategy: `Buildpacks` (default; Cloud Native Buildpacks via
+    /// kpack, no Dockerfile needed) or `Dockerfile`.
+    #[serde(default)]
+    pub strategy: BuildStrategy,
+
+    /// Path of the Dockerfile, relative to `spec.source.contextDir`. Only
+    /// with strategy `Dockerfile`; default `Dockerfile`. A relative path
+    /// without `..` components, at most 1024 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(relative_path_rule("self"))
+        .message("spec.build.dockerfile must be a relative path inside the repository ([A-Za-z0-9._+@-] and '/', not starting with '/', no '..' components)"))]
+    pub dockerfile: Option<String>,
+
+    /// The kpack builder, e.g. `{kind: ClusterBuilder, name: default}`. Only
+    /// with strategy `Buildpacks`; default the ClusterBuilder `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_ref: Option<BuilderReference>,
+}
+
+/// Kind of kpack builder: `ClusterBuilder` (cluster-scoped) or `Builder`
+/// (in the project's namespace).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum BuilderKind {
+    /// A kpack `ClusterBuilder`.
+    #[default]
+    ClusterBuilder,
+    /// A kpack `Builder` in the project's namespace.
+    Builder,
+}
+
+/// A reference to a kpack builder.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuilderReference {
+    /// `ClusterBuilder` (default) or `Builder` (in the project's namespace).
+    #[serde(default)]
+    pub kind: BuilderKind,
+    /// Name of the builder, a DNS subdomain, e.g. `default`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub name: String,
+}
+
+/// Kind of registry a Project pushes to: `ClusterRegistry` or `Registry`
+/// (in the project's namespace).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum RegistryKind {
+    /// A cluster-scoped ClusterRegistry.
+    #[default]
+    ClusterRegistry,
+    /// A Registry in the project's namespace.
+    Registry,
+}
+
+/// A reference to a ClusterRegistry or to a Registry in the project's
+/// namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryReference {
+    /// `ClusterRegistry` (default) or `Registry` (in the project's namespace).
+    #[serde(default)]
+    pub kind: RegistryKind,
+    /// Name of the registry object, a DNS subdomain, e.g. `harbor`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub name: String,
+}
+
+/// How the app runs. Applies to every Environment of the project.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    /// TCP port the app listens on (HTTP), e.g. `8080`. Default `8080`;
+    /// 1–65535.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Pods per Environment. Default `1`; 0–100 (0 stops the app without
+    /// deleting anything).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+
+    /// CPU, memory and ephemeral-storage requests and limits of the app
+    /// container, e.g. `{requests: {cpu: 100m, memory: 128Mi}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// HTTP health check, used for the readiness and liveness probes, e.g.
+    /// `{path: /healthz}`. Optional: without it, a TCP check on the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+
+    /// ConfigMaps in the project's namespace whose keys become environment
+    /// variables of the app, e.g. `[{name: shop-config}]`. At most 16,
+    /// unique names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ENV_FROM_REFS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub config_map_refs: Vec<LocalObjectReference>,
+
+    /// Secrets in the project's namespace whose keys become environment
+    /// variables of the app, by reference only (create them with External
+    /// Secrets, Vault, Sealed Secrets or kubectl), e.g.
+    /// `[{name: shop-secrets}]`. At most 16, unique names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ENV_FROM_REFS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub secret_refs: Vec<LocalObjectReference>,
+
+    /// Prometheus metrics endpoint of the app, e.g. `{port: 9090, path:
+    /// /metrics}`. When set, Kapsa creates a ServiceMonitor if the
+    /// Prometheus Operator is installed (otherwise a condition says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsSpec>,
+}
+
+impl Default for RuntimeSpec {
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_PORT,
+            replicas: DEFAULT_REPLICAS,
+            resources: None,
+            health_check: None,
+            config_map_refs: Vec::new(),
+            secret_refs: Vec::new(),
+            metrics: None,
+        }
+    }
+}
+
+fn default_port() -> i32 {
+    DEFAULT_PORT
+}
+
+fn default_replicas() -> i32 {
+    DEFAULT_REPLICAS
+}
+
+/// Compute resources of the app container.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRequirements {
+    /// Resources the scheduler reserves, e.g. `{cpu: 100m, memory: 128Mi}`.
+    /// Keys: `cpu`, `memory`, `ephemeral-storage`; values are Kubernetes
+    /// quantities.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 3))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, k in {})", cel_list(&RUNTIME_RESOURCE_NAMES)))
+        .message("spec.runtime.resources.requests: keys must be cpu, memory or ephemeral-storage"))]
+    pub requests: BTreeMap<String, Quantity>,
+
+    /// Upper bounds for the container, e.g. `{memory: 256Mi}`. Keys: `cpu`,
+    /// `memory`, `ephemeral-storage`; values are Kubernetes quantities.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 3))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, k in {})", cel_list(&RUNTIME_RESOURCE_NAMES)))
+        .message("spec.runtime.resources.limits: keys must be cpu, memory or ephemeral-storage"))]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+/// An HTTP health check of the app.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// HTTP path that answers 2xx or 3xx when the app is healthy, e.g.
+    /// `/healthz`. Starts with `/`, printable ASCII without spaces, at most
+    /// 1024 characters.
+    #[schemars(length(min = 1, max = MAX_PATH_LEN), regex(pattern = HTTP_PATH))]
+    pub path: String,
+
+    /// Port of the check. Optional, default `spec.runtime.port`; 1–65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+
+    /// Seconds after the container starts before the first check. Optional
+    /// (Kubernetes default 0); 0–3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub initial_delay_seconds: Option<i32>,
+
+    /// Seconds between checks. Optional (Kubernetes default 10); 1–3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub period_seconds: Option<i32>,
+
+    /// Consecutive failures before the pod is marked unready (and, for
+    /// liveness, restarted). Optional (Kubernetes default 3); 1–100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: Option<i32>,
+}
+
+/// The Prometheus metrics endpoint of the app.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// Port that serves metrics, e.g. `9090`; 1–65535. May equal
+    /// `spec.runtime.port`.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// HTTP path of the metrics. Default `/metrics`. Starts with `/`,
+    /// printable ASCII without spaces, at most 1024 characters.
+    #[serde(default = "default_metrics_path")]
+    #[schemars(length(min = 1, max = MAX_PATH_LEN), regex(pattern = HTTP_PATH))]
+    pub path: String,
+}
+
+fn default_metrics_path() -> String {
+    DEFAULT_METRICS_PATH.to_owned()
+}
+
+/// Preview environments: one Environment per matching branch.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewEnvironmentsSpec {
+    /// Whether Kapsa creates preview environments. Default `false`.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Branch globs that get a preview, e.g. `["feature/*", "fix-*"]`: `*`
+    /// matches within one path segment, `?` one character. Optional:
+    /// without it, every branch except the production branch. At most 32
+    /// globs of at most 255 characters of `[A-Za-z0-9._/*?-]`, not starting
+    /// with `/` or `-`, without `..`. The production branch never gets a
+    /// preview.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_BRANCH_GLOBS), inner(length(min = 1, max = MAX_BRANCH_NAME_LEN)))]
+    #[x_kube(validation = Rule::new(format!("self.all(g, {} && !g.contains('..'))", matches_rule("g", BRANCH_GLOB)))
+        .message("spec.previewEnvironments.branches: every glob must use only A-Z a-z 0-9 . _ / * ? -, must not start with '/' or '-' and must not contain '..'"))]
+    pub branches: Vec<String>,
+
+    /// How long a preview lives after the last commit on its branch, as a Go
+    /// duration such as `72h` or `30m`. Default `72h`; at least `1m`. A
+    /// preview is also deleted when its branch is deleted or merged.
+    #[serde(default = "default_ttl")]
+    #[schemars(length(min = 1, max = MAX_DURATION_LEN))]
+    #[x_kube(
+        validation = Rule::new(matches_rule("self", DURATION))
+            .message("spec.previewEnvironments.ttl must be a duration such as 72h, 90m or 1h30m (units ns, us, ms, s, m, h)"),
+        validation = Rule::new(min_duration_rule("self", "1m")).message("spec.previewEnvironments.ttl must be at least 1m")
+    )]
+    pub ttl: String,
+
+    /// Maximum number of preview environments of the project at a time;
+    /// further branches wait (a condition says so). Default `10`; 1–100.
+    #[serde(default = "default_max_environments")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_environments: i32,
+}
+
+impl Default for PreviewEnvironmentsSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            branches: Vec::new(),
+            ttl: default_ttl(),
+            max_environments: DEFAULT_MAX_PREVIEW_ENVIRONMENTS,
+        }
+    }
+}
+
+fn default_ttl() -> String {
+    DEFAULT_PREVIEW_TTL.to_owned()
+}
+
+fn default_max_environments() -> i32 {
+    DEFAULT_MAX_PREVIEW_ENVIRONMENTS
+}
+
+/// A ResourceQuota for the project's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceQuotaSpec {
+    /// Hard limits, as in a Kubernetes ResourceQuota's `spec.hard`, e.g.
+    /// `{requests.cpu: "4", limits.memory: 16Gi, pods: "50"}`. One to 32
+    /// entries.
+    #[schemars(extend("minProperties" = 1, "maxProperties" = 32))]
+    pub hard: BTreeMap<String, Quantity>,
+}
+
+/// Observed state of a Project, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectStatus {
+    /// The `metadata.generation` the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The namespace the project owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+
+    /// The DomainPool the host was allocated from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_pool: Option<String>,
+
+    /// The base domain chosen at first allocation, e.g. `apps.example.com`.
+    /// Sticky: it does not change when the pool's allocation counts do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_domain: Option<String>,
+
+    /// Production host, `<project>.<baseDomain>`, e.g. `shop.apps.example.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+
+    /// Head commit of the production branch at the last successful poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_commit: Option<String>,
+
+    /// When the repository was last polled (successfully or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll_time: Option<Time>,
+
+    /// Summary of the project's Environments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_STATUS_ENVIRONMENTS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub environments: Vec<EnvironmentSummary>,
+
+    /// Current state of the project. Condition types: `Ready` (the production
+    /// environment serves the latest commit), `SourceReachable` (the last
+    /// poll succeeded), `DomainAllocated` (a host was allocated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONDITIONS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One Environment of a project, as summarised in the project's status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentSummary {
+    /// Name of the Environment, e.g. `production` or `preview-fix-login`.
+    pub name: String,
+
+    /// `Production` or `Preview`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_: Option<EnvironmentType>,
+
+    /// Branch the Environment is built from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+
+    /// Commit currently deployed, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+
+    /// URL of the Environment, e.g. `https://shop.apps.example.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+
+    /// Whether the Environment's Ready condition is True.
+    #[serde(default)]
+    pub ready: bool,
+}
