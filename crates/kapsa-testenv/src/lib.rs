@@ -10,10 +10,13 @@
 
 pub mod control_plane;
 pub mod crds;
+pub mod git_server;
 pub mod pki;
 pub mod process;
 pub mod shared;
 pub mod simulators;
 
-pub use control_plane::{ControlPlane, ControlPlaneOptions, Error, Result, client_from_kubeconfig, find_assets};
+pub use control_plane::{
+    ControlPlane, ControlPlaneOptions, Error, Result, client_from_kubeconfig, find_assets,
+};
 pub use shared::{TestEnv, shared};

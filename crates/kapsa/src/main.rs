@@ -1,6 +1,7 @@
 //! `kapsa`: the one binary of Kapsa.
 
 mod dev;
+mod operator;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Print Kapsa's CustomResourceDefinitions as one YAML stream.
     Crds,
+    /// Run the operator (in a cluster, or against any kubeconfig).
+    Operator(operator::OperatorArgs),
     /// A local control plane for trying Kapsa out and developing it.
     Dev {
         #[command(subcommand)]
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", kapsa_api::crds_yaml());
             Ok(())
         }
+        Command::Operator(args) => operator::run(args),
         Command::Dev { command } => dev::run(command),
     }
 }

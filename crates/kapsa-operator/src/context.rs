@@ -1,0 +1,191 @@
+//! What every reconcile shares: the client, caches, metrics, Events and the
+//! latest git poll results.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ResourceQuota, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kapsa_api::{DomainPool, Environment, Project};
+use kube::Client;
+use kube::api::DynamicObject;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+
+use crate::metrics::Metrics;
+
+/// Caches of everything the reconcilers read, filled by the controllers'
+/// watches (managed fields pruned). Reads come from here, not the API server.
+#[derive(Clone)]
+pub struct Stores {
+    pub projects: Store<Project>,
+    pub environments: Store<Environment>,
+    pub pools: Store<DomainPool>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub roles: Store<Role>,
+    pub role_bindings: Store<RoleBinding>,
+    pub secrets: Store<Secret>,
+    pub quotas: Store<ResourceQuota>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub ingresses: Store<Ingress>,
+    pub images: Store<DynamicObject>,
+    pub certificates: Store<DynamicObject>,
+}
+
+impl Stores {
+    /// Whether the caches have had their first full listing. Until then a
+    /// reconcile must not run: it would take "not cached yet" for "absent"
+    /// and re-create or blank what exists. Checked without waiting, so a
+    /// reconcile can requeue instead of holding a worker the caches'
+    /// watches may need. (kpack's and cert-manager's caches are left out:
+    /// they never fill where those are not installed.)
+    pub fn ready(&self) -> bool {
+        use futures::FutureExt;
+        fn filled<K>(store: &Store<K>) -> bool
+        where
+            K: Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            store.wait_until_ready().now_or_never().is_some()
+        }
+        filled(&self.projects)
+            && filled(&self.environments)
+            && filled(&self.pools)
+            && filled(&self.service_accounts)
+            && filled(&self.roles)
+            && filled(&self.role_bindings)
+            && filled(&self.secrets)
+            && filled(&self.quotas)
+            && filled(&self.deployments)
+            && filled(&self.services)
+            && filled(&self.ingresses)
+    }
+}
+
+/// Looks an object up in a cache by name and namespace.
+pub fn cached<K>(store: &Store<K>, name: &str, namespace: Option<&str>) -> Option<Arc<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    cached_with(store, name, namespace, Default::default())
+}
+
+/// [`cached`] for kinds without a Rust type (kpack, cert-manager).
+pub fn cached_with<K>(
+    store: &Store<K>,
+    name: &str,
+    namespace: Option<&str>,
+    dyntype: K::DynamicType,
+) -> Option<Arc<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut key = ObjectRef::<K>::new_with(name, dyntype);
+    if let Some(ns) = namespace {
+        key = key.within(ns);
+    }
+    store.get(&key)
+}
+
+/// The latest result of polling a Project's repository.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PollResult {
+    /// Branch name to commit id, from the last successful poll.
+    pub branches: Option<std::collections::BTreeMap<String, String>>,
+    /// Why the last poll failed (no secret values in here).
+    pub error: Option<String>,
+    /// Failed polls since the last success.
+    pub consecutive_failures: u32,
+    pub last_success: Option<Time>,
+}
+
+/// Poll results by Project name. A cache of the remote, not a source of
+/// truth: after a restart the first poll fills it again, and until then the
+/// Environments keep the commits recorded in their specs.
+#[derive(Default)]
+pub struct GitState {
+    results: RwLock<HashMap<String, PollResult>>,
+}
+
+impl GitState {
+    pub fn get(&self, project: &str) -> Option<PollResult> {
+        self.results.read().ok()?.get(project).cloned()
+    }
+
+    /// Records a result; returns whether it differs from the previous one in
+    /// a way a reconcile cares about (heads or reachability).
+    pub fn record(&self, project: &str, result: PollResult) -> bool {
+        let Ok(mut results) = self.results.write() else {
+            return false;
+        };
+        let previous = results.get(project);
+        let changed = previous.is_none_or(|p| {
+            p.branches != result.branches || p.error.is_some() != result.error.is_some()
+        });
+        results.insert(project.to_string(), result);
+        changed
+    }
+
+    pub fn forget(&self, project: &str) {
+        if let Ok(mut results) = self.results.write() {
+            results.remove(project);
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    pub git: Arc<GitState>,
+    recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client, stores: Stores, metrics: Arc<Metrics>, git: Arc<GitState>) -> Self {
+        let reporter = Reporter {
+            controller: "kapsa".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            stores,
+            metrics,
+            git,
+        }
+    }
+
+    /// Publishes a Kubernetes Event about `object`. Failing to publish is
+    /// logged, never fatal. Notes must never hold secret values.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note),
+            action: reason.to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, object = %object.name_any(), reason, "publishing an Event failed");
+        }
+        self.metrics.record_write("Event");
+    }
+}

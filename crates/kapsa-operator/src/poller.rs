@@ -1,0 +1,273 @@
+//! Git polling: one schedule per Project, refs only (ls-remote), at the
+//! Project's `pollInterval` with jitter, backing off exponentially while the
+//! repository fails. A poll that changes a Project's heads or reachability
+//! triggers a reconcile of that Project (`reconcile_on`); nothing else does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kapsa_api::Project;
+use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::context::{GitState, PollResult};
+use crate::git::{GitCredentials, backoff_delay, list_branches};
+use crate::metrics::Metrics;
+use crate::resources::project::namespace_name;
+
+/// At most this many ls-remote calls run at once.
+const MAX_CONCURRENT_POLLS: usize = 16;
+/// How long one ls-remote may take.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the schedule is checked for due polls.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Parses a Go-style duration such as `60s`, `5m` or `1h30m`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut number = String::new();
+    let mut chars = text.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        if c == 'm' && chars.peek() == Some(&'s') {
+            unit.push(chars.next()?);
+        }
+        let value: f64 = number.parse().ok()?;
+        number.clear();
+        total += value
+            * match unit.as_str() {
+                "h" => 3600.0,
+                "m" => 60.0,
+                "s" => 1.0,
+                "ms" => 0.001,
+                _ => return None,
+            };
+        any = true;
+    }
+    (any && number.is_empty()).then(|| Duration::from_secs_f64(total))
+}
+
+/// How soon a Project whose git secret is missing or unusable is polled again.
+const CREDENTIALS_RETRY: Duration = Duration::from_secs(3);
+
+enum Outcome {
+    Polled,
+    RemoteFailed,
+    NoCredentials,
+}
+
+struct Schedule {
+    next: Instant,
+    failures: u32,
+    running: bool,
+}
+
+/// Runs the poller until the process ends. `trigger` feeds the Project
+/// controller's `reconcile_on`.
+pub async fn run(
+    client: Client,
+    projects: Store<Project>,
+    state: Arc<GitState>,
+    metrics: Arc<Metrics>,
+    trigger: mpsc::Sender<ObjectRef<Project>>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_POLLS));
+    let (done_tx, mut done_rx) = mpsc::channel::<(String, Outcome)>(256);
+    let mut schedules: HashMap<String, Schedule> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    let mut seed: u64 = 0x5eed;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some((name, outcome)) = done_rx.recv() => {
+                if let Some(s) = schedules.get_mut(&name) {
+                    s.running = false;
+                    let interval = projects
+                        .get(&ObjectRef::new(&name))
+                        .and_then(|p| parse_duration(&p.spec.source.poll_interval))
+                        .unwrap_or(Duration::from_secs(60));
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let delay = match outcome {
+                        Outcome::Polled => {
+                            s.failures = 0;
+                            backoff_delay(interval, 0, seed)
+                        }
+                        Outcome::RemoteFailed => {
+                            s.failures = s.failures.saturating_add(1);
+                            backoff_delay(interval, s.failures, seed)
+                        }
+                        // A missing secret is usually being created right now
+                        // (it lives in the namespace Kapsa just made): look again soon.
+                        Outcome::NoCredentials => CREDENTIALS_RETRY.min(interval),
+                    };
+                    s.next = Instant::now() + delay;
+                }
+                continue;
+            }
+        }
+        let current = projects.state();
+        let names: std::collections::HashSet<String> =
+            current.iter().map(|p| p.name_any()).collect();
+        schedules.retain(|name, _| {
+            let keep = names.contains(name);
+            if !keep {
+                state.forget(name);
+            }
+            keep
+        });
+        let now = Instant::now();
+        for project in current {
+            if project.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let name = project.name_any();
+            let schedule = schedules.entry(name.clone()).or_insert(Schedule {
+                next: now,
+                failures: 0,
+                running: false,
+            });
+            if schedule.running || schedule.next > now {
+                continue;
+            }
+            schedule.running = true;
+            let (client, state, metrics, trigger, done, permits) = (
+                client.clone(),
+                state.clone(),
+                metrics.clone(),
+                trigger.clone(),
+                done_tx.clone(),
+                permits.clone(),
+            );
+            tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let outcome = poll_once(&client, &project, &state, &metrics, &trigger).await;
+                let _ = done.send((name, outcome)).await;
+            });
+        }
+    }
+}
+
+async fn poll_once(
+    client: &Client,
+    project: &Project,
+    state: &GitState,
+    metrics: &Metrics,
+    trigger: &mpsc::Sender<ObjectRef<Project>>,
+) -> Outcome {
+    let name = project.name_any();
+    let previous = state.get(&name).unwrap_or_default();
+    let credentials = match credentials(client, project).await {
+        Ok(c) => c,
+        Err(message) => {
+            record(
+                state,
+                trigger,
+                &name,
+                PollResult {
+                    error: Some(message),
+                    consecutive_failures: previous.consecutive_failures + 1,
+                    ..previous
+                },
+            )
+            .await;
+            metrics.record_git_poll("credentials_error");
+            return Outcome::NoCredentials;
+        }
+    };
+    match list_branches(
+        &project.spec.source.git.url,
+        credentials.as_ref(),
+        POLL_TIMEOUT,
+    )
+    .await
+    {
+        Ok(heads) => {
+            metrics.record_git_poll("success");
+            let result = PollResult {
+                branches: Some(heads.branches),
+                error: None,
+                consecutive_failures: 0,
+                last_success: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+            };
+            record(state, trigger, &name, result).await;
+            Outcome::Polled
+        }
+        Err(error) => {
+            metrics.record_git_poll("failure");
+            tracing::info!(project = %name, %error, "git poll failed");
+            // Keep the last known heads: an unreachable repository never
+            // changes or deletes what runs.
+            let result = PollResult {
+                error: Some(error.to_string()),
+                consecutive_failures: previous.consecutive_failures + 1,
+                ..previous
+            };
+            record(state, trigger, &name, result).await;
+            Outcome::RemoteFailed
+        }
+    }
+}
+
+async fn record(
+    state: &GitState,
+    trigger: &mpsc::Sender<ObjectRef<Project>>,
+    name: &str,
+    result: PollResult,
+) {
+    let changed = state.record(name, result);
+    tracing::debug!(project = name, changed, "polled");
+    if changed {
+        let _ = trigger.send(ObjectRef::new(name)).await;
+    }
+}
+
+/// The git credentials a Project names, read from its namespace.
+async fn credentials(client: &Client, project: &Project) -> Result<Option<GitCredentials>, String> {
+    let Some(reference) = &project.spec.source.git.secret_ref else {
+        return Ok(None);
+    };
+    let namespace = namespace_name(project);
+    let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+        .get_opt(&reference.name)
+        .await
+        .map_err(|e| format!("reading Secret {namespace}/{}: {e}", reference.name))?
+        .ok_or_else(|| {
+            format!(
+                "Secret {namespace}/{} (spec.source.git.secretRef) does not exist",
+                reference.name
+            )
+        })?;
+    GitCredentials::from_secret(&secret)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("3d"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+}

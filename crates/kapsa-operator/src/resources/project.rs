@@ -1,0 +1,333 @@
+//! A Project's children: its namespace, service accounts, RBAC, registry
+//! credentials, quota and production Environment.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    LocalObjectReference, Namespace, ObjectReference, ResourceQuota, ResourceQuotaSpec, Secret,
+    ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
+use kapsa_api::{Environment, EnvironmentSpec, EnvironmentType, Project};
+use kube::ResourceExt;
+
+use super::environment::{BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT};
+use super::{controller_reference, project_labels};
+
+/// The copy of the registry's dockerconfigjson Secret in the project namespace.
+pub const REGISTRY_SECRET: &str = "kapsa-registry";
+/// Role and RoleBinding of the builder service account.
+pub const BUILDER_ROLE: &str = "kapsa-builder";
+/// The project's optional ResourceQuota.
+pub const RESOURCE_QUOTA: &str = "kapsa-quota";
+/// Annotation on the namespace naming the Project that owns it; an existing
+/// namespace is adopted only when it names this Project.
+pub const OWNER_ANNOTATION: &str = "kapsa.dev/owner-project";
+
+/// The namespace a Project uses: `spec.namespace`, else its name.
+pub fn namespace_name(project: &Project) -> String {
+    project
+        .spec
+        .namespace
+        .clone()
+        .unwrap_or_else(|| project.name_any())
+}
+
+fn meta(project: &Project, name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: namespace.map(str::to_string),
+        labels: Some(project_labels(&project.name_any())),
+        owner_references: Some(vec![controller_reference(project)]),
+        ..ObjectMeta::default()
+    }
+}
+
+pub fn namespace(project: &Project) -> Namespace {
+    let mut metadata = meta(project, &namespace_name(project), None);
+    metadata.annotations = Some(BTreeMap::from([(
+        OWNER_ANNOTATION.to_string(),
+        project.name_any(),
+    )]));
+    Namespace {
+        metadata,
+        ..Namespace::default()
+    }
+}
+
+/// Whether an existing namespace may be used by `project`: only if it is
+/// already this Project's (by owner reference or owner annotation).
+pub fn namespace_belongs_to(ns: &Namespace, project: &Project) -> bool {
+    let by_owner = ns.owner_references().iter().any(|o| {
+        o.kind == "Project"
+            && o.name == project.name_any()
+            && Some(&o.uid) == project.uid().as_ref()
+    });
+    by_owner || ns.annotations().get(OWNER_ANNOTATION) == Some(&project.name_any())
+}
+
+/// The builder's service account: kpack pushes with the registry secret and
+/// clones with the git secret, both attached here.
+pub fn builder_service_account(project: &Project, has_registry_secret: bool) -> ServiceAccount {
+    let ns = namespace_name(project);
+    let mut secrets = Vec::new();
+    if has_registry_secret {
+        secrets.push(REGISTRY_SECRET.to_string());
+    }
+    if let Some(git) = &project.spec.source.git.secret_ref {
+        secrets.push(git.name.clone());
+    }
+    ServiceAccount {
+        metadata: meta(project, BUILDER_SERVICE_ACCOUNT, Some(&ns)),
+        secrets: Some(
+            secrets
+                .iter()
+                .map(|name| ObjectReference {
+                    name: Some(name.clone()),
+                    ..ObjectReference::default()
+                })
+                .collect(),
+        ),
+        image_pull_secrets: has_registry_secret.then(|| {
+            vec![LocalObjectReference {
+                name: REGISTRY_SECRET.to_string(),
+            }]
+        }),
+        automount_service_account_token: Some(false),
+    }
+}
+
+/// The app's service account: pulls with the registry secret, holds no API
+/// permissions and mounts no token.
+pub fn runtime_service_account(project: &Project, has_registry_secret: bool) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(
+            project,
+            RUNTIME_SERVICE_ACCOUNT,
+            Some(&namespace_name(project)),
+        ),
+        image_pull_secrets: has_registry_secret.then(|| {
+            vec![LocalObjectReference {
+                name: REGISTRY_SECRET.to_string(),
+            }]
+        }),
+        automount_service_account_token: Some(false),
+        secrets: None,
+    }
+}
+
+/// The builder may read exactly the secrets it needs, nothing else.
+pub fn builder_role(project: &Project, has_registry_secret: bool) -> Role {
+    let mut names = Vec::new();
+    if has_registry_secret {
+        names.push(REGISTRY_SECRET.to_string());
+    }
+    if let Some(git) = &project.spec.source.git.secret_ref {
+        names.push(git.name.clone());
+    }
+    let rules = (!names.is_empty()).then(|| {
+        vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_string()]),
+            resource_names: Some(names),
+            verbs: vec!["get".to_string()],
+            ..PolicyRule::default()
+        }]
+    });
+    Role {
+        metadata: meta(project, BUILDER_ROLE, Some(&namespace_name(project))),
+        rules: Some(rules.unwrap_or_default()),
+    }
+}
+
+pub fn builder_role_binding(project: &Project) -> RoleBinding {
+    let ns = namespace_name(project);
+    RoleBinding {
+        metadata: meta(project, BUILDER_ROLE, Some(&ns)),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_string()),
+            kind: "Role".to_string(),
+            name: BUILDER_ROLE.to_string(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_string(),
+            name: BUILDER_SERVICE_ACCOUNT.to_string(),
+            namespace: Some(ns),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// A copy of the registry's dockerconfigjson Secret, kept in sync. Only the
+/// data is copied: labels and annotations of the source are not trusted.
+pub fn registry_secret(project: &Project, source: &Secret) -> Secret {
+    Secret {
+        metadata: meta(project, REGISTRY_SECRET, Some(&namespace_name(project))),
+        type_: Some("kubernetes.io/dockerconfigjson".to_string()),
+        data: source.data.clone(),
+        ..Secret::default()
+    }
+}
+
+pub fn resource_quota(project: &Project) -> Option<ResourceQuota> {
+    let quota = project.spec.resource_quota.as_ref()?;
+    Some(ResourceQuota {
+        metadata: meta(project, RESOURCE_QUOTA, Some(&namespace_name(project))),
+        spec: Some(ResourceQuotaSpec {
+            hard: Some(quota.hard.clone()),
+            ..ResourceQuotaSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The production Environment: the production branch at `commit` (unknown
+/// until the first poll succeeds), served at `host`.
+pub fn production_environment(
+    project: &Project,
+    commit: Option<&str>,
+    host: Option<&str>,
+) -> Environment {
+    let mut env = Environment::new(
+        PRODUCTION_ENVIRONMENT_NAME,
+        EnvironmentSpec {
+            project: project.name_any(),
+            type_: EnvironmentType::Production,
+            branch: Some(project.spec.source.git.branch.clone()),
+            commit: commit.map(str::to_string),
+            image: None,
+            host: host.map(str::to_string),
+            expires_at: None,
+        },
+    );
+    env.metadata = meta(
+        project,
+        PRODUCTION_ENVIRONMENT_NAME,
+        Some(&namespace_name(project)),
+    );
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project() -> Project {
+        serde_yaml_ng::from_str(include_str!("../../tests/fixtures/project/project.yaml"))
+            .expect("fixture")
+    }
+
+    #[test]
+    fn namespace_defaults_to_the_project_name_and_is_owned() {
+        let mut p = project();
+        p.spec.namespace = None;
+        let ns = namespace(&p);
+        assert_eq!(ns.name_any(), "shop");
+        assert_eq!(ns.owner_references()[0].kind, "Project");
+        assert_eq!(ns.owner_references()[0].controller, Some(true));
+        assert!(namespace_belongs_to(&ns, &p));
+    }
+
+    #[test]
+    fn a_foreign_namespace_is_not_adopted() {
+        let p = project();
+        let foreign = Namespace {
+            metadata: ObjectMeta {
+                name: Some("shop-prod".into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        assert!(!namespace_belongs_to(&foreign, &p));
+        let mut other = namespace(&p);
+        other
+            .annotations_mut()
+            .insert(OWNER_ANNOTATION.into(), "other".into());
+        other.metadata.owner_references = None;
+        assert!(!namespace_belongs_to(&other, &p));
+    }
+
+    #[test]
+    fn service_accounts_carry_registry_and_git_secrets_only_where_needed() {
+        let p = project();
+        let builder = builder_service_account(&p, true);
+        let names: Vec<_> = builder
+            .secrets
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.name)
+            .collect();
+        assert_eq!(
+            names,
+            vec![REGISTRY_SECRET.to_string(), "shop-git".to_string()]
+        );
+        let runtime = runtime_service_account(&p, true);
+        assert!(runtime.secrets.is_none(), "the runtime SA holds no secrets");
+        assert_eq!(runtime.image_pull_secrets.unwrap()[0].name, REGISTRY_SECRET);
+        assert_eq!(runtime.automount_service_account_token, Some(false));
+        assert!(
+            runtime_service_account(&p, false)
+                .image_pull_secrets
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn builder_role_reads_only_named_secrets() {
+        let role = builder_role(&project(), true);
+        let rules = role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].verbs, vec!["get"]);
+        assert_eq!(
+            rules[0].resource_names.as_ref().unwrap(),
+            &vec![REGISTRY_SECRET.to_string(), "shop-git".to_string()]
+        );
+        let binding = builder_role_binding(&project());
+        assert_eq!(binding.subjects.unwrap()[0].name, BUILDER_SERVICE_ACCOUNT);
+    }
+
+    #[test]
+    fn registry_secret_copies_data_but_not_metadata() {
+        let source = Secret {
+            metadata: ObjectMeta {
+                name: Some("harbor-push".into()),
+                annotations: Some(BTreeMap::from([("evil".into(), "x".into())])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                ".dockerconfigjson".into(),
+                k8s_openapi::ByteString(b"{}".to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let copy = registry_secret(&project(), &source);
+        assert_eq!(
+            copy.type_.as_deref(),
+            Some("kubernetes.io/dockerconfigjson")
+        );
+        assert_eq!(copy.data, source.data);
+        assert!(copy.metadata.annotations.is_none());
+        assert_eq!(copy.namespace().as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn quota_only_when_asked() {
+        let mut p = project();
+        assert!(resource_quota(&p).is_some());
+        p.spec.resource_quota = None;
+        assert!(resource_quota(&p).is_none());
+    }
+
+    #[test]
+    fn production_environment_follows_the_production_branch() {
+        let env = production_environment(&project(), Some("abc"), Some("shop.apps.example.com"));
+        assert_eq!(env.name_any(), "production");
+        assert_eq!(env.namespace().as_deref(), Some("shop"));
+        assert_eq!(env.spec.branch.as_deref(), Some("main"));
+        assert_eq!(env.spec.commit.as_deref(), Some("abc"));
+        assert_eq!(env.spec.type_, EnvironmentType::Production);
+        assert_eq!(env.owner_references()[0].name, "shop");
+    }
+}

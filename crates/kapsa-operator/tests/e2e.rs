@@ -1,0 +1,506 @@
+//! End to end against the real control plane, with real git repositories on
+//! loopback and the kpack and cert-manager simulators: a Project goes live,
+//! new commits roll out, failures keep the release serving.
+
+mod support;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::networking::v1::Ingress;
+use kapsa_api::{Environment, EnvironmentPhase, Project};
+use kapsa_testenv::git_server::GitServer;
+use kapsa_testenv::simulators::cert_manager::certificate_resource;
+use kapsa_testenv::simulators::kpack::simulated_digest;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use support::*;
+
+fn condition(conditions: &[kapsa_api::Condition], type_: &str) -> Option<(String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+}
+
+async fn environment(client: &Client, namespace: &str) -> Option<Environment> {
+    Api::<Environment>::namespaced(client.clone(), namespace)
+        .get_opt("production")
+        .await
+        .ok()
+        .flatten()
+}
+
+fn app_image(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .image
+        .clone()
+        .unwrap()
+}
+
+/// Waits until the production Environment has rolled out `commit`.
+async fn rolled_out(client: &Client, namespace: &str, commit: &str) -> Environment {
+    eventually(&format!("commit {commit} to be live"), || async {
+        let env = environment(client, namespace).await?;
+        let status = env.status.clone()?;
+        (status.commit.as_deref() == Some(commit) && status.phase == Some(EnvironmentPhase::Ready))
+            .then_some(env)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
+    let (_, client) = cluster().await;
+    let metrics = shared_operator().await;
+    let platform = platform(&client, "live", "HTTP01", false).await;
+    let git = GitServer::start(Some(("deploy".into(), "s3cret-token".into())))
+        .await
+        .unwrap();
+    let repo = git.create_repo("shop").unwrap();
+    let first = repo.commit("main", "app.txt", "v1", "first").unwrap();
+
+    let name = "shop";
+    let projects: Api<Project> = Api::all(client.clone());
+    create(
+        &projects,
+        project_manifest(name, repo.url(), &platform, Some("shop-git")),
+    )
+    .await;
+
+    // The developer adds the git credentials to the namespace Kapsa made.
+    eventually("the project namespace", || async {
+        Api::<Namespace>::all(client.clone())
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    create(
+        &Api::<Secret>::namespaced(client.clone(), name),
+        json!({"metadata": {"name": "shop-git"}, "type": "kubernetes.io/basic-auth",
+            "stringData": {"username": "deploy", "password": "s3cret-token"}}),
+    )
+    .await;
+
+    let env = rolled_out(&client, name, &first).await;
+    let host = format!("{name}.{}", platform.base);
+    let tag = format!("registry.example/kapsa/{name}:production");
+    let first_image = format!("{tag}@{}", simulated_digest(repo.url(), &first));
+    let status = env.status.clone().unwrap();
+    assert_eq!(status.image.as_deref(), Some(first_image.as_str()));
+    assert_eq!(
+        status.url.as_deref(),
+        Some(format!("https://{host}").as_str())
+    );
+    assert_eq!(env.spec.host.as_deref(), Some(host.as_str()));
+    assert_eq!(
+        condition(&status.conditions, "TLSReady"),
+        Some(("True".into(), "CertificateReady".into()))
+    );
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
+    let deployment = deployments.get("production").await.unwrap();
+    assert_eq!(app_image(&deployment), first_image);
+    let spec = deployment.spec.clone().unwrap();
+    let rolling = spec.strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(
+        format!("{:?}", rolling.max_unavailable),
+        format!(
+            "{:?}",
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+        )
+    );
+    let pod = spec.template.spec.unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(
+        container
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert!(container.liveness_probe.is_some());
+    let env_from: Vec<String> = container
+        .env_from
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            e.config_map_ref
+                .map(|c| c.name)
+                .or(e.secret_ref.map(|s| s.name))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(env_from, vec!["shop-config", "shop-secrets"]);
+    assert_eq!(pod.service_account_name.as_deref(), Some("kapsa-runtime"));
+
+    let ingress = Api::<Ingress>::namespaced(client.clone(), name)
+        .get("production")
+        .await
+        .unwrap();
+    assert_eq!(
+        ingress.spec.as_ref().unwrap().ingress_class_name.as_deref(),
+        Some("nginx")
+    );
+    assert_eq!(
+        ingress.annotations().get("cert-manager.io/cluster-issuer"),
+        Some(&platform.issuer)
+    );
+    assert_eq!(
+        ingress.spec.as_ref().unwrap().rules.as_ref().unwrap()[0]
+            .host
+            .as_deref(),
+        Some(host.as_str())
+    );
+
+    let project = projects.get(name).await.unwrap();
+    let pstatus = project.status.clone().unwrap();
+    assert_eq!(pstatus.host.as_deref(), Some(host.as_str()));
+    assert_eq!(pstatus.latest_commit.as_deref(), Some(first.as_str()));
+    assert_eq!(
+        condition(&pstatus.conditions, "Ready"),
+        Some(("True".into(), "ProductionReady".into()))
+    );
+    assert_eq!(
+        condition(&pstatus.conditions, "SourceReachable").map(|c| c.0),
+        Some("True".into())
+    );
+    // The registry credentials are copied into the namespace for the builder and the app.
+    let copied = Api::<Secret>::namespaced(client.clone(), name)
+        .get("kapsa-registry")
+        .await
+        .unwrap();
+    assert_eq!(
+        copied.type_.as_deref(),
+        Some("kubernetes.io/dockerconfigjson")
+    );
+    // No secret value reaches the status.
+    assert!(
+        !serde_json::to_string(&project)
+            .unwrap()
+            .contains("s3cret-token")
+    );
+
+    // A new commit: a new image, rolled out; the old ReplicaSet is kept.
+    let second = repo.commit("main", "app.txt", "v2", "second").unwrap();
+    let env = rolled_out(&client, name, &second).await;
+    let second_image = format!("{tag}@{}", simulated_digest(repo.url(), &second));
+    assert_eq!(
+        app_image(&deployments.get("production").await.unwrap()),
+        second_image
+    );
+    let history: Vec<_> = env
+        .status
+        .unwrap()
+        .history
+        .into_iter()
+        .map(|r| r.commit.unwrap())
+        .collect();
+    assert_eq!(history, vec![second.clone(), first.clone()]);
+    let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let images: Vec<String> = replica_sets
+        .items
+        .iter()
+        .map(|rs| {
+            rs.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .as_ref()
+                .unwrap()
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0]
+                .image
+                .clone()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        images.contains(&first_image) && images.contains(&second_image),
+        "both ReplicaSets remain: {images:?}"
+    );
+
+    // A failed build: the release keeps serving, and the condition says why.
+    // (The commit is made on a side branch, the simulator told to fail it,
+    // and only then does main move to it: no race with the poller.)
+    let third = repo
+        .commit("broken", "app.txt", "v3-broken", "third")
+        .unwrap();
+    fail_revisions(&client, &[&third]).await;
+    let moved = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(repo.bare_path())
+        .args(["update-ref", "refs/heads/main", &third])
+        .status()
+        .unwrap();
+    assert!(moved.success());
+    let failed = eventually("the build of the third commit to fail", || async {
+        let env = environment(&client, name).await?;
+        let status = env.status.clone()?;
+        (condition(&status.conditions, "Built") == Some(("False".into(), "BuildFailed".into())))
+            .then_some(status)
+    })
+    .await;
+    assert_eq!(failed.commit.as_deref(), Some(second.as_str()));
+    assert_eq!(failed.phase, Some(EnvironmentPhase::Ready));
+    assert_eq!(
+        condition(&failed.conditions, "Ready").map(|c| c.0),
+        Some("True".into())
+    );
+    assert_eq!(
+        app_image(&deployments.get("production").await.unwrap()),
+        second_image
+    );
+
+    // A person edits the image: Kapsa puts it back.
+    deployments
+        .patch(
+            "production",
+            &PatchParams { field_manager: Some("kubectl-edit".into()), ..PatchParams::default() },
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "evil.example/app:latest"}]}}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the manual edit to be reverted", || async {
+        let d = deployments.get("production").await.ok()?;
+        (app_image(&d) == second_image).then_some(())
+    })
+    .await;
+    assert!(metrics.total_writes() > 0);
+
+    // Deleting the Project removes its namespace and everything in it.
+    projects
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the namespace to be gone", || async {
+        Api::<Namespace>::all(client.clone())
+            .get_opt(name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dns01_pool_gets_one_wildcard_certificate_per_project() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let platform = platform(&client, "wild", "DNS01", true).await;
+    let git = GitServer::start(None).await.unwrap();
+    let repo = git.create_repo("api").unwrap();
+    let commit = repo.commit("main", "app.txt", "v1", "first").unwrap();
+    let name = "wildapi";
+    create(
+        &Api::<Project>::all(client.clone()),
+        project_manifest(name, repo.url(), &platform, None),
+    )
+    .await;
+    rolled_out(&client, name, &commit).await;
+    let cert = Api::<DynamicObject>::namespaced_with(client.clone(), name, &certificate_resource())
+        .get(&format!("{name}-wildcard"))
+        .await
+        .unwrap();
+    let apex = format!("{name}.{}", platform.base);
+    assert_eq!(
+        cert.data["spec"]["dnsNames"],
+        json!([format!("*.{apex}"), apex])
+    );
+    let ingress = Api::<Ingress>::namespaced(client.clone(), name)
+        .get("production")
+        .await
+        .unwrap();
+    assert!(
+        ingress
+            .annotations()
+            .get("cert-manager.io/cluster-issuer")
+            .is_none(),
+        "DNS01 needs no ingress-shim"
+    );
+    let tls = &ingress.spec.unwrap().tls.unwrap()[0];
+    assert_eq!(
+        tls.secret_name.as_deref(),
+        Some(format!("{name}-wildcard-tls").as_str())
+    );
+}
+
+async fn project_condition(
+    client: &Client,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let project = Api::<Project>::all(client.clone()).get(name).await.ok()?;
+    let c = project
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)?;
+    Some((format!("{:?}", c.status), c.reason, c.message))
+}
+
+#[tokio::test]
+async fn overlapping_host_is_refused_to_the_second_project() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let outer = platform(&client, "outer", "HTTP01", false).await;
+    // A second pool whose base lies under the first Project's host.
+    let inner_base = format!("taken.{}", outer.base);
+    create(
+        &Api::<kapsa_api::DomainPool>::all(client.clone()),
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": "inner-pool"},
+            "spec": {"domains": [inner_base]}}),
+    )
+    .await;
+    let git = GitServer::start(None).await.unwrap();
+    let repo = git.create_repo("app").unwrap();
+    repo.commit("main", "a", "1", "one").unwrap();
+    let projects: Api<Project> = Api::all(client.clone());
+    create(
+        &projects,
+        project_manifest("taken", repo.url(), &outer, None),
+    )
+    .await;
+    eventually("the first project's host", || async {
+        let p = projects.get("taken").await.ok()?;
+        p.status?
+            .host
+            .filter(|h| *h == format!("taken.{}", outer.base))
+    })
+    .await;
+    let mut second = project_manifest("web", repo.url(), &outer, None);
+    second["spec"]["domainPoolRef"] = json!({"name": "inner-pool"});
+    create(&projects, second).await;
+    let (status, reason, message) = eventually("the conflict condition", || async {
+        project_condition(&client, "web", "DomainAllocated")
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(status, "False");
+    assert_eq!(reason, "HostConflict");
+    assert!(message.contains("taken"), "{message}");
+    let web = projects.get("web").await.unwrap();
+    assert!(
+        web.status.unwrap().host.is_none(),
+        "the second project gets no host"
+    );
+    // The holder keeps its host.
+    let taken = projects.get("taken").await.unwrap();
+    assert_eq!(
+        taken.status.unwrap().host,
+        Some(format!("taken.{}", outer.base))
+    );
+}
+
+#[tokio::test]
+async fn another_projects_or_a_foreign_namespace_is_refused() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let p = platform(&client, "ns", "HTTP01", false).await;
+    let git = GitServer::start(None).await.unwrap();
+    let repo = git.create_repo("app").unwrap();
+    repo.commit("main", "a", "1", "one").unwrap();
+    let projects: Api<Project> = Api::all(client.clone());
+    create(&projects, project_manifest("owner", repo.url(), &p, None)).await;
+    eventually("the owner's namespace", || async {
+        Api::<Namespace>::all(client.clone())
+            .get_opt("owner")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let mut intruder = project_manifest("intruder", repo.url(), &p, None);
+    intruder["spec"]["namespace"] = json!("owner");
+    create(&projects, intruder).await;
+    // A namespace that exists and belongs to no Project is never adopted.
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "legacy"}}),
+    )
+    .await;
+    let mut squatter = project_manifest("squatter", repo.url(), &p, None);
+    squatter["spec"]["namespace"] = json!("legacy");
+    create(&projects, squatter).await;
+    for name in ["intruder", "squatter"] {
+        let (_, reason, _) = eventually(&format!("{name} to be refused"), || async {
+            project_condition(&client, name, "Ready")
+                .await
+                .filter(|c| c.1 == "NamespaceConflict")
+        })
+        .await;
+        assert_eq!(reason, "NamespaceConflict");
+    }
+    let legacy = Api::<Namespace>::all(client.clone())
+        .get("legacy")
+        .await
+        .unwrap();
+    assert!(
+        legacy.owner_references().is_empty(),
+        "the foreign namespace is untouched"
+    );
+    let owner_ns = Api::<Namespace>::all(client.clone())
+        .get("owner")
+        .await
+        .unwrap();
+    assert_eq!(owner_ns.owner_references()[0].name, "owner");
+    // kube-system is refused before it reaches the operator.
+    let mut system = project_manifest("system", repo.url(), &p, None);
+    system["spec"]["namespace"] = json!("kube-system");
+    let err = projects
+        .create(
+            &Default::default(),
+            &serde_json::from_value(system).unwrap(),
+        )
+        .await
+        .expect_err("kube-system is refused at admission");
+    assert!(err.to_string().contains("spec.namespace"), "{err}");
+}
+
+#[tokio::test]
+async fn unreachable_repository_keeps_the_environment_and_says_so() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let p = platform(&client, "gone", "HTTP01", false).await;
+    let git = GitServer::start(None).await.unwrap();
+    let repo = git.create_repo("app").unwrap();
+    let commit = repo.commit("main", "a", "1", "one").unwrap();
+    let url = repo.url().to_string();
+    let projects: Api<Project> = Api::all(client.clone());
+    create(&projects, project_manifest("flaky", &url, &p, None)).await;
+    rolled_out(&client, "flaky", &commit).await;
+    drop(repo);
+    drop(git);
+    let (_, reason, _) = eventually("SourceReachable=False", || async {
+        project_condition(&client, "flaky", "SourceReachable")
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "Unreachable");
+    let env = environment(&client, "flaky").await.unwrap();
+    assert_eq!(env.spec.commit.as_deref(), Some(commit.as_str()));
+    assert_eq!(env.status.unwrap().phase, Some(EnvironmentPhase::Ready));
+}
