@@ -5,6 +5,10 @@
 //! to write. Fields others set (defaults, other controllers) do not count, and
 //! a person's edit of a field Kapsa sets does: it is reverted.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -43,70 +47,130 @@ fn is_zero(value: &Value) -> bool {
     }
 }
 
-fn up_to_date<K: Serialize>(desired: &K, cached: Option<&K>) -> Result<bool> {
-    let Some(cached) = cached else {
-        return Ok(false);
-    };
-    let mut desired = serde_json::to_value(desired)?;
-    // Status is never applied, and metadata bookkeeping is the server's.
-    if let Some(map) = desired.as_object_mut() {
-        map.remove("status");
+fn resource_version(value: &Value) -> Option<u64> {
+    value["metadata"]["resourceVersion"].as_str()?.parse().ok()
+}
+
+/// Applies objects, skipping writes that would change nothing.
+///
+/// The caches lag behind writes by a watch event; a reconcile in that window
+/// would see the old object and apply the same thing again. So the applier
+/// remembers, per object, a digest of what it last applied and the
+/// resourceVersion the API server answered; while the cache is older than
+/// that answer, the same desired object is not applied again. (A digest, not
+/// the object: this must stay small at thousands of objects.)
+pub struct Applier {
+    client: Client,
+    metrics: Arc<Metrics>,
+    answered: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+/// Entries kept at most; past that the memory is dropped (it only saves writes).
+const MAX_REMEMBERED: usize = 50_000;
+
+fn digest(value: &Value) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Applier {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            metrics,
+            answered: Mutex::new(HashMap::new()),
+        }
     }
-    Ok(is_subset(&desired, &serde_json::to_value(cached)?))
+
+    fn key(resource: &ApiResource, object: &DynamicObject) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            resource.group,
+            resource.kind,
+            object.namespace().unwrap_or_default(),
+            object.name_any()
+        )
+    }
+
+    /// Whether `wanted` needs no write, given the cache and our last answer.
+    fn unchanged(&self, key: &str, wanted: &Value, cached: Option<&Value>) -> bool {
+        let cache_rv = cached.and_then(resource_version);
+        if let Ok(mut answered) = self.answered.lock()
+            && let Some(&(answer_rv, applied)) = answered.get(key)
+        {
+            if cache_rv.is_none_or(|rv| rv < answer_rv) {
+                return applied == digest(wanted);
+            }
+            answered.remove(key);
+        }
+        cached.is_some_and(|current| is_subset(wanted, current))
+    }
+
+    /// Applies `desired` unless it would change nothing; returns whether it wrote.
+    pub async fn apply<K>(&self, desired: &K, cached: Option<&K>) -> Result<bool>
+    where
+        K: Resource<DynamicType = ()> + Serialize,
+    {
+        let resource = ApiResource::erase::<K>(&());
+        let object: DynamicObject = serde_json::from_value(serde_json::to_value(desired)?)?;
+        let cached = cached.map(serde_json::to_value).transpose()?;
+        self.apply_value(&resource, &object, cached).await
+    }
+
+    /// [`Applier::apply`] for kinds Kapsa has no Rust type for (kpack, cert-manager).
+    pub async fn apply_dynamic(
+        &self,
+        resource: &ApiResource,
+        desired: &DynamicObject,
+        cached: Option<&DynamicObject>,
+    ) -> Result<bool> {
+        let cached = cached.map(serde_json::to_value).transpose()?;
+        self.apply_value(resource, desired, cached).await
+    }
+
+    async fn apply_value(
+        &self,
+        resource: &ApiResource,
+        desired: &DynamicObject,
+        cached: Option<Value>,
+    ) -> Result<bool> {
+        let key = Self::key(resource, desired);
+        let mut wanted = serde_json::to_value(desired)?;
+        // Status is never applied.
+        if let Some(map) = wanted.as_object_mut() {
+            map.remove("status");
+        }
+        if self.unchanged(&key, &wanted, cached.as_ref()) {
+            return Ok(false);
+        }
+        let api: Api<DynamicObject> = match desired.namespace() {
+            Some(ns) => Api::namespaced_with(self.client.clone(), &ns, resource),
+            None => Api::all_with(self.client.clone(), resource),
+        };
+        let answer = api
+            .patch(&desired.name_any(), &params(), &Patch::Apply(desired))
+            .await?;
+        self.metrics.record_write(&resource.kind);
+        if let (Ok(mut answered), Some(rv)) = (
+            self.answered.lock(),
+            answer
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse().ok()),
+        ) {
+            if answered.len() >= MAX_REMEMBERED {
+                answered.clear();
+            }
+            answered.insert(key, (rv, digest(&wanted)));
+        }
+        Ok(true)
+    }
 }
 
 fn params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
-}
-
-/// Applies `desired` unless `cached` already matches it; returns whether it wrote.
-pub async fn apply<K>(
-    client: &Client,
-    metrics: &Metrics,
-    desired: &K,
-    cached: Option<&K>,
-) -> Result<bool>
-where
-    K: Resource<DynamicType = ()> + Serialize,
-{
-    if up_to_date(desired, cached)? {
-        return Ok(false);
-    }
-    let resource = ApiResource::erase::<K>(&());
-    let object: DynamicObject = serde_json::from_value(serde_json::to_value(desired)?)?;
-    patch(client, metrics, &resource, &object).await?;
-    Ok(true)
-}
-
-async fn patch(
-    client: &Client,
-    metrics: &Metrics,
-    resource: &ApiResource,
-    desired: &DynamicObject,
-) -> Result<()> {
-    let api: Api<DynamicObject> = match desired.namespace() {
-        Some(ns) => Api::namespaced_with(client.clone(), &ns, resource),
-        None => Api::all_with(client.clone(), resource),
-    };
-    api.patch(&desired.name_any(), &params(), &Patch::Apply(desired))
-        .await?;
-    metrics.record_write(&resource.kind);
-    Ok(())
-}
-
-/// [`apply`] for objects of kinds Kapsa has no Rust type for (kpack, cert-manager).
-pub async fn apply_dynamic(
-    client: &Client,
-    metrics: &Metrics,
-    resource: &ApiResource,
-    desired: &DynamicObject,
-    cached: Option<&DynamicObject>,
-) -> Result<bool> {
-    if up_to_date(desired, cached)? {
-        return Ok(false);
-    }
-    patch(client, metrics, resource, desired).await?;
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use kube::api::DynamicObject;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
 
 use crate::metrics::Metrics;
 
@@ -142,6 +143,7 @@ impl GitState {
 
 pub struct Context {
     pub client: Client,
+    pub applier: crate::apply::Applier,
     pub stores: Stores,
     pub metrics: Arc<Metrics>,
     pub git: Arc<GitState>,
@@ -156,6 +158,7 @@ impl Context {
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
+            applier: crate::apply::Applier::new(client.clone(), metrics.clone()),
             client,
             stores,
             metrics,
@@ -172,6 +175,14 @@ impl Context {
         reason: &str,
         note: String,
     ) {
+        // Events with the same action are one series whose note never
+        // changes; a digest of the note in the action keeps "built commit A"
+        // and "built commit B" apart while repeats still aggregate.
+        let digest = Sha256::digest(note.as_bytes());
+        let action = format!(
+            "{reason}-{:02x}{:02x}{:02x}{:02x}",
+            digest[0], digest[1], digest[2], digest[3]
+        );
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -180,7 +191,7 @@ impl Context {
             },
             reason: reason.to_string(),
             note: Some(note),
-            action: reason.to_string(),
+            action,
             secondary: None,
         };
         if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use kapsa_testenv::{ControlPlane, ControlPlaneOptions};
+
+use crate::demo;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
@@ -41,17 +43,29 @@ pub struct UpArgs {
     /// Leave it running in the background and return once it is ready.
     #[arg(long)]
     detach: bool,
+    /// Do not run Kapsa's operator (to run your own build of it against the
+    /// printed KUBECONFIG instead).
+    #[arg(long)]
+    no_operator: bool,
+    /// Also set up a platform and a git repository, and show a Project going
+    /// live and a new commit rolling out.
+    #[arg(long, conflicts_with = "no_operator")]
+    demo: bool,
 }
 
 pub fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
         DevCommand::Up(args) => {
             let state_dir = state_dir(args.state.state_dir)?;
+            let options = UpOptions {
+                operator: !args.no_operator,
+                demo: args.demo,
+            };
             if args.detach {
-                up_detached(&state_dir)
+                up_detached(&state_dir, options)
             } else {
                 init_logging();
-                tokio::runtime::Runtime::new()?.block_on(up_foreground(&state_dir))
+                tokio::runtime::Runtime::new()?.block_on(up_foreground(&state_dir, options))
             }
         }
         DevCommand::Down(args) => down(&state_dir(args.state_dir)?),
@@ -93,7 +107,13 @@ fn running_pid(state_dir: &Path) -> Option<i32> {
     kill(Pid::from_raw(pid), None).ok().map(|_| pid)
 }
 
-async fn up_foreground(state_dir: &Path) -> anyhow::Result<()> {
+#[derive(Clone, Copy)]
+struct UpOptions {
+    operator: bool,
+    demo: bool,
+}
+
+async fn up_foreground(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(state_dir) {
         bail!(
             "a control plane already runs from {} (pid {pid}); stop it with `kapsa dev down --state-dir {}`",
@@ -102,12 +122,12 @@ async fn up_foreground(state_dir: &Path) -> anyhow::Result<()> {
         );
     }
     std::fs::write(pid_file(state_dir), std::process::id().to_string())?;
-    let result = serve(state_dir).await;
+    let result = serve(state_dir, options).await;
     let _ = std::fs::remove_file(pid_file(state_dir));
     result
 }
 
-async fn serve(state_dir: &Path) -> anyhow::Result<()> {
+async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     let plane = ControlPlane::start(ControlPlaneOptions {
         state_dir: Some(state_dir.join("control-plane")),
@@ -125,17 +145,51 @@ async fn serve(state_dir: &Path) -> anyhow::Result<()> {
         "control plane ready with Kapsa's CRDs and the kpack and cert-manager simulators; Ctrl-C stops it"
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let operator = {
+        let client = client.clone();
+        async move {
+            if !options.operator {
+                return futures::future::pending().await;
+            }
+            let config = kapsa_operator::OperatorConfig::default();
+            let metrics = std::sync::Arc::new(kapsa_operator::metrics::Metrics::default());
+            let stop = async move {
+                let _ = stop_rx.await;
+            };
+            if let Err(error) = kapsa_operator::run(client, config, metrics, stop).await {
+                tracing::error!(%error, "the operator stopped");
+            }
+        }
+    };
+    let demo = async {
+        if !options.demo {
+            return futures::future::pending().await;
+        }
+        match demo::run(&client).await {
+            // Keep the repository served so that polling goes on.
+            Ok(served) => {
+                futures::future::pending::<()>().await;
+                drop(served);
+            }
+            Err(error) => tracing::error!("the demo failed: {error:#}"),
+        }
+        futures::future::pending().await
+    };
     tokio::select! {
-        _ = kapsa_testenv::simulators::run(client) => {}
+        _ = kapsa_testenv::simulators::run(client.clone()) => {}
+        _ = operator => {}
+        _ = demo => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = terminate.recv() => tracing::info!("terminated"),
     }
+    let _ = stop_tx.send(());
     tracing::info!("stopping the control plane");
     drop(plane);
     Ok(())
 }
 
-fn up_detached(state_dir: &Path) -> anyhow::Result<()> {
+fn up_detached(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(state_dir) {
         bail!(
             "a control plane already runs from {} (pid {pid})",
@@ -144,9 +198,15 @@ fn up_detached(state_dir: &Path) -> anyhow::Result<()> {
     }
     let log_path = state_dir.join("kapsa-dev.log");
     let log = std::fs::File::create(&log_path)?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["dev", "up", "--state-dir"])
-        .arg(state_dir)
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.args(["dev", "up", "--state-dir"]).arg(state_dir);
+    if !options.operator {
+        command.arg("--no-operator");
+    }
+    if options.demo {
+        command.arg("--demo");
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

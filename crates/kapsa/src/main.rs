@@ -1,5 +1,6 @@
 //! `kapsa`: the one binary of Kapsa.
 
+mod demo;
 mod dev;
 mod operator;
 

@@ -17,7 +17,6 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
 use super::{condition, now, transition};
-use crate::apply::{apply, apply_dynamic};
 use crate::context::{Context, cached, cached_with};
 use crate::error::{Error, Result};
 use crate::references::resolve_registry;
@@ -158,23 +157,21 @@ async fn reconcile_environment(env: &Environment, ctx: &Context) -> Result<Actio
             base_domain: base_domain.as_deref(),
         };
         let desired = deployment(&inputs, image);
-        apply(&ctx.client, &ctx.metrics, &desired, current.as_deref()).await?;
+        ctx.applier.apply(&desired, current.as_deref()).await?;
         let svc = service(&inputs);
-        apply(
-            &ctx.client,
-            &ctx.metrics,
-            &svc,
-            cached(&ctx.stores.services, &svc.name_any(), Some(&namespace)).as_deref(),
-        )
-        .await?;
-        if let Some(ing) = ingress(&inputs) {
-            apply(
-                &ctx.client,
-                &ctx.metrics,
-                &ing,
-                cached(&ctx.stores.ingresses, &ing.name_any(), Some(&namespace)).as_deref(),
+        ctx.applier
+            .apply(
+                &svc,
+                cached(&ctx.stores.services, &svc.name_any(), Some(&namespace)).as_deref(),
             )
             .await?;
+        if let Some(ing) = ingress(&inputs) {
+            ctx.applier
+                .apply(
+                    &ing,
+                    cached(&ctx.stores.ingresses, &ing.name_any(), Some(&namespace)).as_deref(),
+                )
+                .await?;
         }
         deployed_condition = match current.as_deref() {
             Some(d) if rollout_complete(d, image) => {
@@ -425,14 +422,10 @@ async fn build(
         Some(namespace),
         kpack_image_api_resource(),
     );
-    let wrote = apply_dynamic(
-        &ctx.client,
-        &ctx.metrics,
-        &kpack_image_api_resource(),
-        &desired,
-        current.as_deref(),
-    )
-    .await?;
+    let wrote = ctx
+        .applier
+        .apply_dynamic(&kpack_image_api_resource(), &desired, current.as_deref())
+        .await?;
     if wrote {
         ctx.event(
             env,

@@ -23,6 +23,19 @@ pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
+/// Reasons of conditions that are False on the way to True (a new object,
+/// a build or rollout under way): normal, and not worth an Event.
+const PASSING_REASONS: [&str; 8] = [
+    "NothingToDeploy",
+    "NoDomain",
+    "NoHost",
+    "NotServing",
+    "CertificatePending",
+    "ProductionNotReady",
+    "WaitingForCommit",
+    "Building",
+];
+
 /// The condition of `type_` in `after` if its status or reason differs from
 /// `before`: the transitions worth an Event.
 pub(crate) fn transition<'a>(
@@ -31,6 +44,9 @@ pub(crate) fn transition<'a>(
     type_: &str,
 ) -> Option<&'a Condition> {
     let new = after.iter().find(|c| c.type_ == type_)?;
+    if PASSING_REASONS.contains(&new.reason.as_str()) {
+        return None;
+    }
     let old = before.iter().find(|c| c.type_ == type_);
     match old {
         Some(old) if old.status == new.status && old.reason == new.reason => None,

@@ -15,7 +15,6 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
 use super::{condition, transition};
-use crate::apply::{apply, apply_dynamic};
 use crate::context::{Context, cached, cached_with};
 use crate::domains::{allocate_host, choose_base_domain, select_pool};
 use crate::error::{Error, Result};
@@ -80,13 +79,9 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
     let existing_ns = Api::<Namespace>::all(ctx.client.clone())
         .get_opt(&namespace)
         .await?;
-    apply(
-        &ctx.client,
-        &ctx.metrics,
-        &build::namespace(project),
-        existing_ns.as_ref(),
-    )
-    .await?;
+    ctx.applier
+        .apply(&build::namespace(project), existing_ns.as_ref())
+        .await?;
 
     let registry = resolve_registry(&ctx.client, project, &namespace).await?;
     let registry_secret = match &registry {
@@ -110,7 +105,7 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
             build::REGISTRY_SECRET,
             Some(&namespace),
         );
-        apply(&ctx.client, &ctx.metrics, secret, current.as_deref()).await?;
+        ctx.applier.apply(secret, current.as_deref()).await?;
     }
     let builder_sa = build::builder_service_account(project, has_registry_secret);
     let runtime_sa = build::runtime_service_account(project, has_registry_secret);
@@ -120,33 +115,31 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
             &sa.name_any(),
             Some(&namespace),
         );
-        apply(&ctx.client, &ctx.metrics, sa, current.as_deref()).await?;
+        ctx.applier.apply(sa, current.as_deref()).await?;
     }
     let role = build::builder_role(project, has_registry_secret);
-    apply(
-        &ctx.client,
-        &ctx.metrics,
-        &role,
-        cached(&ctx.stores.roles, build::BUILDER_ROLE, Some(&namespace)).as_deref(),
-    )
-    .await?;
-    let binding = build::builder_role_binding(project);
-    apply(
-        &ctx.client,
-        &ctx.metrics,
-        &binding,
-        cached(
-            &ctx.stores.role_bindings,
-            build::BUILDER_ROLE,
-            Some(&namespace),
+    ctx.applier
+        .apply(
+            &role,
+            cached(&ctx.stores.roles, build::BUILDER_ROLE, Some(&namespace)).as_deref(),
         )
-        .as_deref(),
-    )
-    .await?;
+        .await?;
+    let binding = build::builder_role_binding(project);
+    ctx.applier
+        .apply(
+            &binding,
+            cached(
+                &ctx.stores.role_bindings,
+                build::BUILDER_ROLE,
+                Some(&namespace),
+            )
+            .as_deref(),
+        )
+        .await?;
     let current_quota = cached(&ctx.stores.quotas, build::RESOURCE_QUOTA, Some(&namespace));
     match (build::resource_quota(project), current_quota) {
         (Some(quota), current) => {
-            apply(&ctx.client, &ctx.metrics, &quota, current.as_deref()).await?;
+            ctx.applier.apply(&quota, current.as_deref()).await?;
         }
         (None, Some(_)) => {
             Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(
@@ -272,7 +265,7 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
     status.latest_commit = commit.clone().or(status.latest_commit);
 
     let env = build::production_environment(project, commit.as_deref(), host.as_deref());
-    apply(&ctx.client, &ctx.metrics, &env, production.as_deref()).await?;
+    ctx.applier.apply(&env, production.as_deref()).await?;
 
     // DNS01 pools: one wildcard certificate per project, shared by its environments.
     if let Ok((pool, base, _)) = &allocation
@@ -284,14 +277,9 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
             Some(&namespace),
             certificate_api_resource(),
         );
-        apply_dynamic(
-            &ctx.client,
-            &ctx.metrics,
-            &certificate_api_resource(),
-            &cert,
-            current.as_deref(),
-        )
-        .await?;
+        ctx.applier
+            .apply_dynamic(&certificate_api_resource(), &cert, current.as_deref())
+            .await?;
     }
 
     // Aggregate the environments.

@@ -1,0 +1,202 @@
+//! `kapsa dev up --demo`: a platform (pool, registry, builder, issuer), a git
+//! repository on loopback and a Project, to watch Kapsa take it live and
+//! roll out a second commit.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use kapsa_api::{Environment, EnvironmentPhase};
+use kapsa_testenv::git_server::{GitServer, TestRepo};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::Value;
+
+/// The platform a cluster admin would set up, for the local control plane.
+const PLATFORM: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: kapsa-system}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: local-registry-push, namespace: kapsa-system}
+type: kubernetes.io/dockerconfigjson
+stringData:
+  .dockerconfigjson: '{"auths":{"registry.kapsa.localhost":{"auth":"ZGVtbzpkZW1v"}}}'
+---
+apiVersion: kapsa.dev/v1alpha1
+kind: ClusterRegistry
+metadata: {name: local}
+spec:
+  provider: Generic
+  server: registry.kapsa.localhost
+  repository: demo
+  credentialsSecretRef: {name: local-registry-push, namespace: kapsa-system}
+---
+apiVersion: kpack.io/v1alpha2
+kind: ClusterBuilder
+metadata: {name: default}
+spec: {tag: registry.kapsa.localhost/builders/default}
+---
+apiVersion: cert-manager.io/v1
+kind: ClusterIssuer
+metadata: {name: local-issuer}
+spec:
+  acme:
+    server: https://acme.kapsa.localhost/directory
+    solvers: [{http01: {ingress: {}}}]
+---
+apiVersion: kapsa.dev/v1alpha1
+kind: DomainPool
+metadata: {name: default}
+spec:
+  domains: [apps.kapsa.localhost]
+  default: true
+  clusterIssuerRef: {name: local-issuer}
+  challenge: HTTP01
+  ingressClassName: nginx
+"#;
+
+fn resource_of(object: &DynamicObject) -> anyhow::Result<ApiResource> {
+    let types = object.types.as_ref().context("apiVersion and kind")?;
+    let (group, version) = types
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", &types.api_version));
+    Ok(ApiResource::from_gvk(&GroupVersionKind::gvk(
+        group,
+        version,
+        &types.kind,
+    )))
+}
+
+/// Server-side applies every document of a YAML stream.
+pub async fn apply_yaml(client: &Client, yaml: &str) -> anyhow::Result<()> {
+    for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value: Value = serde::Deserialize::deserialize(document)?;
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject = serde_json::from_value(value)?;
+        let resource = resource_of(&object)?;
+        let api: Api<DynamicObject> = match object.namespace() {
+            Some(ns) => Api::namespaced_with(client.clone(), &ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(
+            &object.name_any(),
+            &PatchParams::apply("kapsa-demo").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .with_context(|| format!("applying {} {}", resource.kind, object.name_any()))?;
+    }
+    Ok(())
+}
+
+fn project_yaml(url: &str) -> String {
+    format!(
+        r#"
+apiVersion: kapsa.dev/v1alpha1
+kind: Project
+metadata: {{name: hello}}
+spec:
+  source:
+    git: {{url: "{url}", branch: main}}
+    pollInterval: 10s
+  registryRef: {{kind: ClusterRegistry, name: local}}
+  runtime:
+    port: 8080
+    replicas: 2
+    healthCheck: {{path: /healthz}}
+"#
+    )
+}
+
+async fn wait_live(client: &Client, commit: &str) -> anyhow::Result<Environment> {
+    let envs: Api<Environment> = Api::namespaced(client.clone(), "hello");
+    let started = Instant::now();
+    let mut last_phase = None;
+    loop {
+        if let Some(env) = envs.get_opt("production").await? {
+            let status = env.status.clone().unwrap_or_default();
+            if status.phase != last_phase {
+                println!(
+                    "  production: {:?}",
+                    status.phase.unwrap_or(EnvironmentPhase::Pending)
+                );
+                last_phase = status.phase;
+            }
+            if status.commit.as_deref() == Some(commit)
+                && status.phase == Some(EnvironmentPhase::Ready)
+            {
+                return Ok(env);
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "commit {commit} did not go live in 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn show(client: &Client, env: &Environment, took: Duration) -> anyhow::Result<()> {
+    let status = env.status.clone().unwrap_or_default();
+    let deployment = Api::<Deployment>::namespaced(client.clone(), "hello")
+        .get("production")
+        .await?;
+    let ready = deployment
+        .status
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    println!(
+        "  live after {:.1}s at {} — commit {}, image {}, {ready} pods ready",
+        took.as_secs_f64(),
+        status.url.unwrap_or_default(),
+        status.commit.unwrap_or_default(),
+        status.image.unwrap_or_default(),
+    );
+    Ok(())
+}
+
+/// Sets up the demo and shows a Project going live; returns the git server
+/// and repository, which must outlive the demo for polling to work.
+pub async fn run(client: &Client) -> anyhow::Result<(GitServer, TestRepo)> {
+    println!(
+        "demo: a platform (DomainPool apps.kapsa.localhost, ClusterRegistry, kpack and cert-manager simulators)"
+    );
+    apply_yaml(client, PLATFORM).await?;
+    let git = GitServer::start(None).await?;
+    let repo = git.create_repo("hello")?;
+    let first = repo.commit(
+        "main",
+        "index.html",
+        "<h1>Hello from Kapsa</h1>\n",
+        "first version",
+    )?;
+    println!("demo: git repository {} (main at {first})", repo.url());
+    apply_yaml(client, &project_yaml(repo.url())).await?;
+    println!("demo: Project hello applied; building and deploying main …");
+    let started = Instant::now();
+    let env = wait_live(client, &first).await?;
+    show(client, &env, started.elapsed()).await?;
+
+    let second = repo.commit(
+        "main",
+        "index.html",
+        "<h1>Hello again</h1>\n",
+        "second version",
+    )?;
+    println!("demo: pushed {second} to main; Kapsa polls, rebuilds and rolls out …");
+    let started = Instant::now();
+    let env = wait_live(client, &second).await?;
+    show(client, &env, started.elapsed()).await?;
+    println!(
+        "demo: done. Try `kubectl get kapsa -A` and `kubectl describe project hello`; \
+         push to the repository with `git clone {} && …` to roll out more",
+        repo.bare_path().display()
+    );
+    Ok((git, repo))
+}
