@@ -11,7 +11,7 @@ assets:
 	@./hack/install-control-plane.sh >/dev/null
 
 dev: assets
-	$(CARGO) run --release --bin kapsa -- dev up --demo
+	$(CARGO) run --bin kapsa -- dev up --demo
 
 test:
 	./hack/test.sh
