@@ -504,3 +504,38 @@ async fn unreachable_repository_keeps_the_environment_and_says_so() {
     assert_eq!(env.spec.commit.as_deref(), Some(commit.as_str()));
     assert_eq!(env.status.unwrap().phase, Some(EnvironmentPhase::Ready));
 }
+
+#[tokio::test]
+async fn a_missing_registry_is_reported_then_picked_up() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let p = platform(&client, "noreg", "HTTP01", false).await;
+    let git = GitServer::start(None).await.unwrap();
+    let repo = git.create_repo("app").unwrap();
+    let commit = repo.commit("main", "a", "1", "one").unwrap();
+    let mut manifest = project_manifest("noreg", repo.url(), &p, None);
+    manifest["spec"]["registryRef"] = json!({"kind": "ClusterRegistry", "name": "not-yet"});
+    create(&Api::<Project>::all(client.clone()), manifest).await;
+    let (_, reason, message) = eventually("RegistryNotFound", || async {
+        project_condition(&client, "noreg", "Ready")
+            .await
+            .filter(|c| c.1 == "RegistryNotFound")
+    })
+    .await;
+    assert!(message.contains("not-yet"), "{message}");
+    let built = eventually("the environment to say why it cannot build", || async {
+        let status = environment(&client, "noreg").await?.status?;
+        condition(&status.conditions, "Built").filter(|c| c.1 == "RegistryNotFound")
+    })
+    .await;
+    assert_eq!(built.0, "False");
+    // The platform team creates it: the Project picks it up without a nudge.
+    create(
+        &Api::<kapsa_api::ClusterRegistry>::all(client.clone()),
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "ClusterRegistry", "metadata": {"name": "not-yet"},
+            "spec": {"server": "registry.example", "repository": "late"}}),
+    )
+    .await;
+    assert_eq!(reason, "RegistryNotFound");
+    rolled_out(&client, "noreg", &commit).await;
+}
