@@ -98,3 +98,52 @@ fn dev_up_detach_then_down() {
         "no control-plane process outlives `kapsa dev down`"
     );
 }
+
+/// Killing `kapsa dev up` outright (SIGKILL: no chance to clean up) still
+/// leaves no control-plane process behind: each child dies with its parent.
+#[test]
+fn killed_dev_up_leaves_no_process() {
+    use std::io::{BufRead, BufReader};
+    let assets = kapsa_testenv::find_assets().expect("control-plane binaries");
+    let state = tempfile::tempdir().unwrap();
+    let mut child = kapsa()
+        .args(["dev", "up", "--no-operator", "--state-dir"])
+        .arg(state.path())
+        .env("KUBEBUILDER_ASSETS", &assets)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kapsa dev up starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("export KUBECONFIG="), "{line}");
+    let pattern = state.path().display().to_string();
+    let running = |pattern: &str| {
+        let out = Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert!(
+        running(&pattern) >= 5,
+        "etcd, apiserver, controller-manager, scheduler and kwok run"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut left = running(&pattern);
+    for _ in 0..50 {
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = running(&pattern);
+    }
+    assert_eq!(
+        left, 0,
+        "control-plane processes outlived a killed `kapsa dev up`"
+    );
+}
