@@ -168,7 +168,13 @@ async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
         Some(host.as_str())
     );
 
-    let project = projects.get(name).await.unwrap();
+    // The Project aggregates its Environments a moment later.
+    let project = eventually("the Project to be Ready", || async {
+        let p = projects.get(name).await.ok()?;
+        let ready = condition(&p.status.clone()?.conditions, "Ready")?;
+        (ready.0 == "True").then_some(p)
+    })
+    .await;
     let pstatus = project.status.clone().unwrap();
     assert_eq!(pstatus.host.as_deref(), Some(host.as_str()));
     assert_eq!(pstatus.latest_commit.as_deref(), Some(first.as_str()));

@@ -217,19 +217,19 @@ async fn reconcile_environment(env: &Environment, ctx: &Context) -> Result<Actio
     let serving = deployed_condition.status == ConditionStatus::True;
     let tls_ok =
         tls_condition.status == ConditionStatus::True || tls_condition.reason == "NoClusterIssuer";
-    let building =
-        matches!(build, Build::Pending { failed: false, .. }) && env.spec.commit.is_some();
-    status.phase = Some(match &build {
-        Build::Pending { failed: true, .. } if !serving => EnvironmentPhase::Failed,
-        _ if serving && tls_ok && !building => EnvironmentPhase::Ready,
-        _ if serving && building => EnvironmentPhase::Ready,
-        _ if building || to_deploy.is_none() => EnvironmentPhase::Building,
-        _ => EnvironmentPhase::Deploying,
-    });
-    if serving && !tls_ok {
-        status.phase = Some(EnvironmentPhase::Deploying);
-    }
-    let ready = if status.phase == Some(EnvironmentPhase::Ready) {
+    let build_failed = matches!(build, Build::Pending { failed: true, .. });
+    status.phase = Some(phase(
+        serving,
+        tls_ok,
+        to_deploy.is_some(),
+        build_failed,
+        env.spec.commit.is_some() || env.spec.image.is_some(),
+    ));
+    // Ready means "serves": during a rolling update the previous release
+    // keeps serving (maxUnavailable 0), so Ready stays True while the phase
+    // says Deploying.
+    let previous_serves = status.image.is_some() && current.as_deref().is_some_and(available);
+    let ready = if tls_ok && (serving || previous_serves) {
         condition(
             READY,
             ConditionStatus::True,
@@ -259,6 +259,26 @@ async fn reconcile_environment(env: &Environment, ctx: &Context) -> Result<Actio
     );
     finish(env, ctx, &before, status).await?;
     Ok(Action::requeue(Duration::from_secs(600)))
+}
+
+/// The phase, from what serves and what is under way. A build or a failed
+/// build behind a release that serves does not change it: the conditions
+/// tell that story.
+fn phase(
+    serving: bool,
+    tls_ok: bool,
+    deploying: bool,
+    build_failed: bool,
+    source_known: bool,
+) -> EnvironmentPhase {
+    match (serving, tls_ok, deploying, build_failed, source_known) {
+        (true, true, ..) => EnvironmentPhase::Ready,
+        (true, false, ..) => EnvironmentPhase::Deploying,
+        (false, _, true, ..) => EnvironmentPhase::Deploying,
+        (false, _, false, true, _) => EnvironmentPhase::Failed,
+        (false, _, false, false, true) => EnvironmentPhase::Building,
+        (false, _, false, false, false) => EnvironmentPhase::Pending,
+    }
 }
 
 /// The image and commit the cached Deployment runs.
@@ -306,6 +326,16 @@ fn last_good_build(
                 .and_then(|(_, c)| c)
         });
     Some((image, commit))
+}
+
+/// Whether the Deployment has as many available replicas as it wants.
+fn available(d: &Deployment) -> bool {
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    d.status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+        >= wanted
 }
 
 /// Whether the Deployment has fully rolled out `image`: observed, updated and available.
@@ -636,6 +666,34 @@ mod tests {
         }));
         img.metadata.generation = Some(generation);
         img
+    }
+
+    #[test]
+    fn phase_follows_what_serves() {
+        use EnvironmentPhase::*;
+        assert_eq!(phase(true, true, true, false, true), Ready);
+        assert_eq!(
+            phase(true, true, false, true, true),
+            Ready,
+            "a failed build behind a serving release"
+        );
+        assert_eq!(
+            phase(true, false, true, false, true),
+            Deploying,
+            "waiting for TLS"
+        );
+        assert_eq!(
+            phase(false, true, true, false, true),
+            Deploying,
+            "rolling out"
+        );
+        assert_eq!(
+            phase(false, true, false, true, true),
+            Failed,
+            "nothing serves and the build failed"
+        );
+        assert_eq!(phase(false, true, false, false, true), Building);
+        assert_eq!(phase(false, true, false, false, false), Pending);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use kapsa_api::conditions::{DOMAIN_ALLOCATED, READY, SOURCE_REACHABLE, merge_con
 use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
 use kapsa_api::project::{EnvironmentSummary, ProjectStatus};
 use kapsa_api::validation::RESERVED_NAMESPACES;
-use kapsa_api::{ConditionStatus, DomainPool, EnvironmentPhase, Project};
+use kapsa_api::{ConditionStatus, DomainPool, Project};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -297,7 +297,7 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
                 branch: e.spec.branch.clone(),
                 commit: st.commit.clone(),
                 url: st.url.clone(),
-                ready: st.phase == Some(EnvironmentPhase::Ready),
+                ready: kapsa_api::conditions::is_condition_true(&st.conditions, READY),
             }
         })
         .collect();
