@@ -103,8 +103,18 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
         2,
         "exactly one build per commit"
     );
-    // Converged: no further writes while nothing changes.
-    let settled = metrics_c.total_writes();
+    // Converged (the Project's status follows its Environment's a moment
+    // later): once writes stop, none come while nothing changes, across
+    // more than two poll intervals.
+    let mut settled = metrics_c.total_writes();
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = metrics_c.total_writes();
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
     tokio::time::sleep(Duration::from_secs(25)).await;
     assert_eq!(
         metrics_c.total_writes(),
