@@ -107,12 +107,13 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
     // later): once writes stop, none come while nothing changes, across
     // more than two poll intervals.
     let mut settled = metrics_c.total_writes();
-    loop {
+    for round in 0.. {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let now = metrics_c.total_writes();
         if now == settled {
             break;
         }
+        assert!(round < 20, "writes never stopped:\n{}", metrics_c.encode());
         settled = now;
     }
     tokio::time::sleep(Duration::from_secs(25)).await;
