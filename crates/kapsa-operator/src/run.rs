@@ -233,7 +233,7 @@ pub async fn run(
             controllers::project::error_policy,
             ctx.clone(),
         )
-        .for_each(|_| async {});
+        .for_each(|result| log_failure("project", result));
 
     let environment_controller =
         Controller::for_shared_stream(environments_for_environments, environments.clone())
@@ -257,7 +257,7 @@ pub async fn run(
                 controllers::environment::error_policy,
                 ctx.clone(),
             )
-            .for_each(|_| async {});
+            .for_each(|result| log_failure("environment", result));
 
     let poller = poller::run(client.clone(), projects, git, metrics, poll_tx);
     tracing::info!("Kapsa operator running");
@@ -269,6 +269,21 @@ pub async fn run(
     }
     tracing::info!("Kapsa operator stopped");
     Ok(())
+}
+
+/// Logs what the controller machinery reports besides reconcile errors
+/// (those are logged by the error policies): watches that fail, e.g. on a
+/// missing permission or a CRD that is not installed, would otherwise retry
+/// in silence.
+fn log_failure<T, E: std::error::Error>(
+    controller: &str,
+    result: Result<T, controller::Error<E, watcher::Error>>,
+) -> futures::future::Ready<()> {
+    match result {
+        Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
+        Err(error) => tracing::warn!(controller, %error, "controller error"),
+    }
+    futures::future::ready(())
 }
 
 /// Maps a Certificate to the Environments whose TLS it serves: the one
