@@ -24,7 +24,7 @@ use crate::resources::FIELD_MANAGER;
 use crate::resources::environment::{
     APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, certificate_api_resource, deployment,
     environment_url, image_repository, ingress, kpack_image, kpack_image_api_resource, service,
-    tls_secret_name, wildcard_certificate_name,
+    tls_certificate_name,
 };
 
 /// How many releases `status.history` keeps (the CRD allows at most 10).
@@ -196,7 +196,14 @@ async fn reconcile_environment(env: &Environment, ctx: &Context) -> Result<Actio
     }
 
     // TLS.
-    let tls_condition = tls_condition(env, &project, pool.as_deref(), ctx, generation);
+    let tls_condition = tls_condition(
+        env,
+        &project,
+        pool.as_deref(),
+        base_domain.as_deref(),
+        ctx,
+        generation,
+    );
 
     // Status.
     if let Some((image, commit)) = rolled_out
@@ -530,6 +537,7 @@ fn tls_condition(
     env: &Environment,
     project: &Project,
     pool: Option<&DomainPool>,
+    base_domain: Option<&str>,
     ctx: &Context,
     generation: Option<i64>,
 ) -> kapsa_api::Condition {
@@ -556,22 +564,17 @@ fn tls_condition(
         project,
         environment: env,
         pool: Some(pool),
-        base_domain: None,
+        base_domain,
     };
-    let certificate_name = match pool.spec.challenge {
-        kapsa_api::Challenge::DNS01 => wildcard_certificate_name(&project.name_any()),
-        kapsa_api::Challenge::HTTP01 => match tls_secret_name(&inputs) {
-            Some(secret) => secret,
-            None => {
-                return condition(
-                    TLS_READY,
-                    ConditionStatus::False,
-                    "NoHost",
-                    "the environment has no host",
-                    generation,
-                );
-            }
-        },
+    // The same decision that shaped the Ingress names the Certificate.
+    let Some(certificate_name) = tls_certificate_name(&inputs) else {
+        return condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "NoHost",
+            "the environment has no valid host",
+            generation,
+        );
     };
     let cert = cached_with(
         &ctx.stores.certificates,
