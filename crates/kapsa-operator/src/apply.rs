@@ -107,6 +107,60 @@ impl Applier {
         cached.is_some_and(|current| is_subset(wanted, current))
     }
 
+    /// Writes `status` to the status subresource of `object` (a cached copy)
+    /// unless Kapsa wrote this very status already and the cache has not
+    /// caught up yet. The caller compares with the cached status first.
+    pub async fn apply_status<K>(&self, object: &K, status: &Value) -> Result<bool>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let resource = ApiResource::erase::<K>(&());
+        let name = object.meta().name.clone().unwrap_or_default();
+        let namespace = object.meta().namespace.clone();
+        let key = format!(
+            "status/{}/{}/{}/{name}",
+            resource.group,
+            resource.kind,
+            namespace.clone().unwrap_or_default()
+        );
+        let cache_rv: Option<u64> = object
+            .meta()
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok());
+        if let Ok(answered) = self.answered.lock()
+            && let Some(&(answer_rv, written)) = answered.get(&key)
+            && cache_rv.is_none_or(|rv| rv < answer_rv)
+            && written == digest(status)
+        {
+            return Ok(false);
+        }
+        let api: Api<DynamicObject> = match &namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            None => Api::all_with(self.client.clone(), &resource),
+        };
+        let patch = serde_json::json!({"apiVersion": resource.api_version, "kind": resource.kind, "status": status});
+        let answer = api
+            .patch_status(&name, &params(), &Patch::Apply(&patch))
+            .await?;
+        self.metrics
+            .record_write(&format!("{}/status", resource.kind));
+        self.remember(key, answer.metadata.resource_version.as_deref(), status);
+        Ok(true)
+    }
+
+    fn remember(&self, key: String, resource_version: Option<&str>, written: &Value) {
+        if let (Ok(mut answered), Some(rv)) = (
+            self.answered.lock(),
+            resource_version.and_then(|v| v.parse().ok()),
+        ) {
+            if answered.len() >= MAX_REMEMBERED {
+                answered.clear();
+            }
+            answered.insert(key, (rv, digest(written)));
+        }
+    }
+
     /// Applies `desired` unless it would change nothing; returns whether it wrote.
     pub async fn apply<K>(&self, desired: &K, cached: Option<&K>) -> Result<bool>
     where

@@ -11,7 +11,7 @@ use kapsa_api::conditions::{BUILT, DEPLOYED, READY, TLS_READY, merge_conditions}
 use kapsa_api::environment::{EnvironmentStatus, Release};
 use kapsa_api::project::{BuildStrategy, BuilderKind};
 use kapsa_api::{ConditionStatus, DomainPool, Environment, EnvironmentPhase, Project};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
@@ -20,7 +20,6 @@ use super::{condition, now, transition};
 use crate::context::{Context, cached, cached_with};
 use crate::error::{Error, Result};
 use crate::references::resolve_registry;
-use crate::resources::FIELD_MANAGER;
 use crate::resources::environment::{
     APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, certificate_api_resource, deployment,
     environment_url, image_repository, ingress, kpack_image, kpack_image_api_resource, service,
@@ -640,19 +639,9 @@ async fn finish(
             .await;
         }
     }
-    let patch = serde_json::json!({
-        "apiVersion": kapsa_api::API_VERSION,
-        "kind": "Environment",
-        "status": after,
-    });
-    Api::<Environment>::namespaced(ctx.client.clone(), &env.namespace().unwrap_or_default())
-        .patch_status(
-            &env.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+    ctx.applier
+        .apply_status(env, &serde_json::to_value(&after)?)
         .await?;
-    ctx.metrics.record_write("Environment/status");
     Ok(())
 }
 

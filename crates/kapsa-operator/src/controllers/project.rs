@@ -10,7 +10,7 @@ use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
 use kapsa_api::project::{EnvironmentSummary, ProjectStatus};
 use kapsa_api::validation::RESERVED_NAMESPACES;
 use kapsa_api::{ConditionStatus, DomainPool, Project};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
@@ -19,7 +19,6 @@ use crate::context::{Context, cached, cached_with};
 use crate::domains::{allocate_host, choose_base_domain, select_pool};
 use crate::error::{Error, Result};
 use crate::references::resolve_registry;
-use crate::resources::FIELD_MANAGER;
 use crate::resources::environment::{certificate_api_resource, wildcard_certificate};
 use crate::resources::project as build;
 
@@ -417,18 +416,8 @@ async fn finish(
         )
         .await;
     }
-    let patch = serde_json::json!({
-        "apiVersion": kapsa_api::API_VERSION,
-        "kind": "Project",
-        "status": after,
-    });
-    Api::<Project>::all(ctx.client.clone())
-        .patch_status(
-            &project.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+    ctx.applier
+        .apply_status(project, &serde_json::to_value(&after)?)
         .await?;
-    ctx.metrics.record_write("Project/status");
     Ok(())
 }
