@@ -625,23 +625,18 @@ async fn finish(
     if *before == after {
         return Ok(());
     }
+    if !ctx
+        .applier
+        .apply_status(env, &serde_json::to_value(&after)?)
+        .await?
+    {
+        return Ok(());
+    }
     for type_ in [BUILT, DEPLOYED, TLS_READY, READY] {
-        if let Some(c) = transition(&before.conditions, &after.conditions, type_)
-            && c.status != ConditionStatus::Unknown
-            && c.reason != "BuildSucceeded"
-        {
-            ctx.event(
-                env,
-                c.status == ConditionStatus::False && c.reason != "RollingOut",
-                &c.reason,
-                c.message.clone(),
-            )
-            .await;
+        if let Some((warning, c)) = transition(&before.conditions, &after.conditions, type_) {
+            ctx.event(env, warning, &c.reason, c.message.clone()).await;
         }
     }
-    ctx.applier
-        .apply_status(env, &serde_json::to_value(&after)?)
-        .await?;
     Ok(())
 }
 

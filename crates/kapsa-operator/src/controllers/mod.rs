@@ -23,9 +23,13 @@ pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
+/// Transitions announced with a Normal Event: the milestones a person
+/// follows. Every other transition to True is routine and only in the status.
+const MILESTONES: [&str; 3] = ["ProductionReady", "RolledOut", "Allocated"];
+
 /// Reasons of conditions that are False on the way to True (a new object,
 /// a build or rollout under way): normal, and not worth an Event.
-const PASSING_REASONS: [&str; 8] = [
+const PASSING_REASONS: [&str; 9] = [
     "NothingToDeploy",
     "NoDomain",
     "NoHost",
@@ -34,22 +38,27 @@ const PASSING_REASONS: [&str; 8] = [
     "ProductionNotReady",
     "WaitingForCommit",
     "Building",
+    "RollingOut",
 ];
 
-/// The condition of `type_` in `after` if its status or reason differs from
-/// `before`: the transitions worth an Event.
+/// The condition of `type_` in `after`, if its change from `before` is
+/// worth an Event, and whether that Event is a warning: problems (False
+/// with a reason that is not a passing state) and milestones.
 pub(crate) fn transition<'a>(
     before: &[Condition],
     after: &'a [Condition],
     type_: &str,
-) -> Option<&'a Condition> {
+) -> Option<(bool, &'a Condition)> {
     let new = after.iter().find(|c| c.type_ == type_)?;
-    if PASSING_REASONS.contains(&new.reason.as_str()) {
+    let old = before.iter().find(|c| c.type_ == type_);
+    if old.is_some_and(|old| old.status == new.status && old.reason == new.reason) {
         return None;
     }
-    let old = before.iter().find(|c| c.type_ == type_);
-    match old {
-        Some(old) if old.status == new.status && old.reason == new.reason => None,
-        _ => Some(new),
+    match new.status {
+        ConditionStatus::False if !PASSING_REASONS.contains(&new.reason.as_str()) => {
+            Some((true, new))
+        }
+        ConditionStatus::True if MILESTONES.contains(&new.reason.as_str()) => Some((false, new)),
+        _ => None,
     }
 }

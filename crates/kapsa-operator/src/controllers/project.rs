@@ -57,7 +57,10 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
     };
 
     // Validate: the namespace must be free or already this Project's.
-    if let Some(problem) = namespace_problem(project, &namespace, ctx).await? {
+    let existing_ns = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(&namespace)
+        .await?;
+    if let Some(problem) = namespace_problem(project, &namespace, existing_ns.as_ref(), ctx) {
         merge_conditions(
             &mut status.conditions,
             [condition(
@@ -75,9 +78,6 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
     status.namespace = Some(namespace.clone());
 
     // Apply the namespace and its access objects.
-    let existing_ns = Api::<Namespace>::all(ctx.client.clone())
-        .get_opt(&namespace)
-        .await?;
     ctx.applier
         .apply(&build::namespace(project), existing_ns.as_ref())
         .await?;
@@ -345,16 +345,17 @@ async fn reconcile_project(project: &Project, ctx: &Context) -> Result<Action> {
 }
 
 /// Why the Project may not use its namespace, if it may not.
-async fn namespace_problem(
+fn namespace_problem(
     project: &Project,
     namespace: &str,
+    existing: Option<&Namespace>,
     ctx: &Context,
-) -> Result<Option<(&'static str, String)>> {
+) -> Option<(&'static str, String)> {
     if RESERVED_NAMESPACES.contains(&namespace) || namespace.starts_with("kube-") {
-        return Ok(Some((
+        return Some((
             "NamespaceForbidden",
             format!("namespace {namespace:?} is reserved for the system"),
-        )));
+        ));
     }
     // Another Project that names the same namespace and came first keeps it.
     let rival = ctx.stores.projects.state().into_iter().find(|other| {
@@ -364,26 +365,23 @@ async fn namespace_problem(
                 < (project.creation_timestamp(), project.name_any())
     });
     if let Some(rival) = rival {
-        return Ok(Some((
+        return Some((
             "NamespaceConflict",
             format!(
                 "namespace {namespace:?} belongs to Project {:?}",
                 rival.name_any()
             ),
-        )));
+        ));
     }
-    let existing = Api::<Namespace>::all(ctx.client.clone())
-        .get_opt(namespace)
-        .await?;
-    Ok(match existing {
-        Some(ns) if !build::namespace_belongs_to(&ns, project) => Some((
+    match existing {
+        Some(ns) if !build::namespace_belongs_to(ns, project) => Some((
             "NamespaceConflict",
             format!(
                 "namespace {namespace:?} exists and does not belong to this Project; Kapsa never takes over a namespace"
             ),
         )),
         _ => None,
-    })
+    }
 }
 
 /// Writes the status if it changed, with Events for the transitions.
@@ -396,11 +394,17 @@ async fn finish(
     if *before == after {
         return Ok(());
     }
+    // Events only for what was written: a reconcile on a cache that has not
+    // seen Kapsa's last status yet must not announce the same thing again.
+    if !ctx
+        .applier
+        .apply_status(project, &serde_json::to_value(&after)?)
+        .await?
+    {
+        return Ok(());
+    }
     for type_ in [READY, DOMAIN_ALLOCATED, SOURCE_REACHABLE] {
-        if let Some(c) = transition(&before.conditions, &after.conditions, type_)
-            && c.status != ConditionStatus::Unknown
-        {
-            let warning = c.status == ConditionStatus::False;
+        if let Some((warning, c)) = transition(&before.conditions, &after.conditions, type_) {
             ctx.event(project, warning, &c.reason, c.message.clone())
                 .await;
         }
@@ -416,8 +420,5 @@ async fn finish(
         )
         .await;
     }
-    ctx.applier
-        .apply_status(project, &serde_json::to_value(&after)?)
-        .await?;
     Ok(())
 }
