@@ -56,6 +56,7 @@ fn cache<K>(
     api: Api<K>,
     config: watcher::Config,
     dyntype: K::DynamicType,
+    trim: fn(&mut K),
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -68,10 +69,34 @@ where
     let reader = writer.as_reader();
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .modify(move |o: &mut K| {
+            o.managed_fields_mut().clear();
+            trim(o);
+        })
         .reflect(writer)
         .applied_objects();
     (reader, stream)
+}
+
+/// Keeps a cached object whole.
+fn keep_all<K>(_: &mut K) {}
+
+/// Certificates are cached unfiltered (cert-manager makes the per-host ones),
+/// so of those Kapsa does not manage only the name, owners and Ready
+/// condition are kept: memory stays flat however many other Certificates
+/// the cluster holds.
+fn trim_certificate(certificate: &mut DynamicObject) {
+    let managed = certificate
+        .labels()
+        .get(MANAGED_BY_LABEL)
+        .is_some_and(|v| v == MANAGED_BY_VALUE);
+    if managed {
+        return;
+    }
+    let conditions = certificate.data["status"]["conditions"].take();
+    certificate.data = serde_json::json!({"status": {"conditions": conditions}});
+    certificate.metadata.annotations = None;
+    certificate.metadata.labels = None;
 }
 
 /// Runs the operator until `shutdown` completes (or leadership is lost).
@@ -142,23 +167,45 @@ pub async fn run(
         Api::<DomainPool>::all(client.clone()),
         watcher::Config::default(),
         (),
+        keep_all,
     );
-    let (service_accounts, sa_stream) =
-        cache(Api::<ServiceAccount>::all(client.clone()), managed(), ());
-    let (roles, role_stream) = cache(Api::<Role>::all(client.clone()), managed(), ());
-    let (role_bindings, binding_stream) =
-        cache(Api::<RoleBinding>::all(client.clone()), managed(), ());
-    let (secrets, secret_stream) = cache(Api::<Secret>::all(client.clone()), managed(), ());
-    let (quotas, quota_stream) = cache(Api::<ResourceQuota>::all(client.clone()), managed(), ());
-    let (deployments, deployment_stream) =
-        cache(Api::<Deployment>::all(client.clone()), managed(), ());
-    let (services, service_stream) = cache(Api::<Service>::all(client.clone()), managed(), ());
-    let (ingresses, ingress_stream) = cache(Api::<Ingress>::all(client.clone()), managed(), ());
+    let (service_accounts, sa_stream) = cache(
+        Api::<ServiceAccount>::all(client.clone()),
+        managed(),
+        (),
+        keep_all,
+    );
+    let (roles, role_stream) = cache(Api::<Role>::all(client.clone()), managed(), (), keep_all);
+    let (role_bindings, binding_stream) = cache(
+        Api::<RoleBinding>::all(client.clone()),
+        managed(),
+        (),
+        keep_all,
+    );
+    let (secrets, secret_stream) =
+        cache(Api::<Secret>::all(client.clone()), managed(), (), keep_all);
+    let (quotas, quota_stream) = cache(
+        Api::<ResourceQuota>::all(client.clone()),
+        managed(),
+        (),
+        keep_all,
+    );
+    let (deployments, deployment_stream) = cache(
+        Api::<Deployment>::all(client.clone()),
+        managed(),
+        (),
+        keep_all,
+    );
+    let (services, service_stream) =
+        cache(Api::<Service>::all(client.clone()), managed(), (), keep_all);
+    let (ingresses, ingress_stream) =
+        cache(Api::<Ingress>::all(client.clone()), managed(), (), keep_all);
     let image_resource = kpack_image_api_resource();
     let (images, image_stream) = cache(
         Api::<DynamicObject>::all_with(client.clone(), &image_resource),
         managed(),
         image_resource.clone(),
+        keep_all,
     );
     let certificate_resource = certificate_api_resource();
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
@@ -167,6 +214,7 @@ pub async fn run(
         Api::<DynamicObject>::all_with(client.clone(), &certificate_resource),
         watcher::Config::default(),
         certificate_resource.clone(),
+        trim_certificate,
     );
 
     let stores = Stores {
