@@ -459,6 +459,31 @@ async fn another_projects_or_a_foreign_namespace_is_refused() {
         .await;
         assert_eq!(reason, "NamespaceConflict");
     }
+    // An Environment made in another namespace cannot serve the Project's hosts.
+    let intruding = create(
+        &Api::<Environment>::namespaced(client.clone(), "legacy"),
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "Environment", "metadata": {"name": "hijack"},
+            "spec": {"project": "owner", "type": "Preview", "image": "evil.example/app:1",
+                "host": format!("hijack.owner.{}", p.base)}}),
+    )
+    .await;
+    let refused = eventually("the foreign Environment to be refused", || async {
+        let env = Api::<Environment>::namespaced(client.clone(), "legacy")
+            .get(&intruding.name_any())
+            .await
+            .ok()?;
+        condition(&env.status?.conditions, "Ready").filter(|c| c.1 == "WrongNamespace")
+    })
+    .await;
+    assert_eq!(refused.0, "False");
+    assert!(
+        Api::<Ingress>::namespaced(client.clone(), "legacy")
+            .get_opt("hijack")
+            .await
+            .unwrap()
+            .is_none(),
+        "no Ingress for a foreign Environment"
+    );
     let legacy = Api::<Namespace>::all(client.clone())
         .get("legacy")
         .await

@@ -88,6 +88,26 @@ async fn reconcile_environment(env: &Environment, ctx: &Context) -> Result<Actio
         finish(env, ctx, &before, status).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     };
+    // An Environment serves its Project only from the Project's namespace:
+    // anywhere else it could claim the Project's hosts for another tenant.
+    let project_namespace = crate::resources::project::namespace_name(&project);
+    if project_namespace != namespace {
+        merge_conditions(
+            &mut status.conditions,
+            [condition(
+                READY,
+                ConditionStatus::False,
+                "WrongNamespace",
+                format!(
+                    "Project {:?} lives in namespace {project_namespace:?}; its Environments must be there too",
+                    env.spec.project
+                ),
+                generation,
+            )],
+        );
+        finish(env, ctx, &before, status).await?;
+        return Ok(Action::await_change());
+    }
     let project_status = project.status.clone().unwrap_or_default();
     let pool: Option<Arc<DomainPool>> = project_status
         .domain_pool
