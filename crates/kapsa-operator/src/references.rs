@@ -23,50 +23,58 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Fetches the registry a Project names; the namespace of its credentials
+/// Secret comes with it (a Registry's are in the project namespace).
+pub async fn registry_spec(
+    client: &Client,
+    project: &Project,
+    namespace: &str,
+) -> Result<Result<(RegistrySpec, String), Problem>> {
+    let reference = &project.spec.registry_ref;
+    Ok(match reference.kind {
+        RegistryKind::ClusterRegistry => match Api::<ClusterRegistry>::all(client.clone())
+            .get_opt(&reference.name)
+            .await?
+        {
+            Some(r) => {
+                let ns = r
+                    .spec
+                    .credentials_secret_ref
+                    .as_ref()
+                    .and_then(|s| s.namespace.clone())
+                    .unwrap_or_else(|| namespace.to_string());
+                Ok((r.spec, ns))
+            }
+            None => Err(Problem {
+                reason: "RegistryNotFound",
+                message: format!("ClusterRegistry {:?} does not exist", reference.name),
+            }),
+        },
+        RegistryKind::Registry => match Api::<Registry>::namespaced(client.clone(), namespace)
+            .get_opt(&reference.name)
+            .await?
+        {
+            Some(r) => Ok((r.spec, namespace.to_string())),
+            None => Err(Problem {
+                reason: "RegistryNotFound",
+                message: format!(
+                    "Registry {:?} does not exist in namespace {namespace:?}",
+                    reference.name
+                ),
+            }),
+        },
+    })
+}
+
 /// Fetches the registry a Project names, and its credentials Secret.
 pub async fn resolve_registry(
     client: &Client,
     project: &Project,
     namespace: &str,
 ) -> Result<Result<ResolvedRegistry, Problem>> {
-    let reference = &project.spec.registry_ref;
-    let (spec, secret_namespace) = match reference.kind {
-        RegistryKind::ClusterRegistry => {
-            match Api::<ClusterRegistry>::all(client.clone())
-                .get_opt(&reference.name)
-                .await?
-            {
-                Some(r) => {
-                    let ns = r
-                        .spec
-                        .credentials_secret_ref
-                        .as_ref()
-                        .and_then(|s| s.namespace.clone());
-                    (r.spec, ns)
-                }
-                None => {
-                    return Ok(Err(Problem {
-                        reason: "RegistryNotFound",
-                        message: format!("ClusterRegistry {:?} does not exist", reference.name),
-                    }));
-                }
-            }
-        }
-        RegistryKind::Registry => match Api::<Registry>::namespaced(client.clone(), namespace)
-            .get_opt(&reference.name)
-            .await?
-        {
-            Some(r) => (r.spec, Some(namespace.to_string())),
-            None => {
-                return Ok(Err(Problem {
-                    reason: "RegistryNotFound",
-                    message: format!(
-                        "Registry {:?} does not exist in namespace {namespace:?}",
-                        reference.name
-                    ),
-                }));
-            }
-        },
+    let (spec, secret_namespace) = match registry_spec(client, project, namespace).await? {
+        Ok(found) => found,
+        Err(problem) => return Ok(Err(problem)),
     };
     let Some(secret_ref) = spec.credentials_secret_ref.clone() else {
         return Ok(Ok(ResolvedRegistry {
@@ -74,7 +82,6 @@ pub async fn resolve_registry(
             credentials: None,
         }));
     };
-    let secret_namespace = secret_namespace.unwrap_or_else(|| namespace.to_string());
     let secret = Api::<Secret>::namespaced(client.clone(), &secret_namespace)
         .get_opt(&secret_ref.name)
         .await?;

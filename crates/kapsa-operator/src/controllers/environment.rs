@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::{condition, now, transition};
 use crate::context::{Context, cached, cached_with};
 use crate::error::{Error, Result};
-use crate::references::resolve_registry;
+use crate::references::registry_spec;
 use crate::resources::environment::{
     APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, certificate_api_resource, deployment,
     environment_url, image_repository, ingress, kpack_image, kpack_image_api_resource, service,
@@ -412,8 +412,10 @@ async fn build(
             failed: true,
         });
     }
-    let registry = match resolve_registry(&ctx.client, project, namespace).await? {
-        Ok(r) => r,
+    // Only the registry's address matters here; its credentials are the
+    // Project's business (copied into the namespace for the builder).
+    let (registry, _) = match registry_spec(&ctx.client, project, namespace).await? {
+        Ok(found) => found,
         Err(problem) => {
             return Ok(Build::Pending {
                 reason: problem.reason,
@@ -432,33 +434,20 @@ async fn build(
             BuilderKind::ClusterBuilder,
             kapsa_api::project::DEFAULT_BUILDER_NAME.to_string(),
         ));
-    let builders = match builder_kind {
-        BuilderKind::ClusterBuilder => {
-            Api::<DynamicObject>::all_with(ctx.client.clone(), &builder_resource(&builder_kind))
-        }
-        BuilderKind::Builder => Api::<DynamicObject>::namespaced_with(
-            ctx.client.clone(),
-            namespace,
-            &builder_resource(&builder_kind),
-        ),
-    };
-    match builders.get_opt(&builder_name).await {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return Ok(Build::Pending {
-                reason: "BuilderNotFound",
-                message: format!("{builder_kind:?} {builder_name:?} does not exist"),
-                failed: true,
-            });
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            return Ok(Build::Pending {
-                reason: "KpackNotInstalled",
-                message: "the kpack.io API is not installed in this cluster".into(),
-                failed: true,
-            });
-        }
-        Err(e) => return Err(e.into()),
+    let current = cached_with(
+        &ctx.stores.images,
+        &env.name_any(),
+        Some(namespace),
+        kpack_image_api_resource(),
+    );
+    let builds_commit = current.as_ref().is_some_and(|image| {
+        image.data["spec"]["source"]["git"]["revision"].as_str() == Some(commit.as_str())
+    });
+    // The builder is looked up only when a build is due, not on every reconcile.
+    if !builds_commit
+        && let Some(problem) = builder_problem(ctx, namespace, builder_kind, &builder_name).await?
+    {
+        return Ok(problem);
     }
 
     let inputs = EnvironmentInputs {
@@ -469,14 +458,8 @@ async fn build(
     };
     let desired = kpack_image(
         &inputs,
-        &image_repository(&registry.spec, &project.name_any()),
+        &image_repository(&registry, &project.name_any()),
         &commit,
-    );
-    let current = cached_with(
-        &ctx.stores.images,
-        &env.name_any(),
-        Some(namespace),
-        kpack_image_api_resource(),
     );
     let wrote = ctx
         .applier
@@ -497,6 +480,38 @@ async fn build(
         });
     }
     Ok(image_build_state(current.as_deref(), &commit))
+}
+
+/// Why the named kpack builder cannot build, if it cannot.
+async fn builder_problem(
+    ctx: &Context,
+    namespace: &str,
+    kind: BuilderKind,
+    name: &str,
+) -> Result<Option<Build>> {
+    let resource = builder_resource(&kind);
+    let builders = match kind {
+        BuilderKind::ClusterBuilder => {
+            Api::<DynamicObject>::all_with(ctx.client.clone(), &resource)
+        }
+        BuilderKind::Builder => {
+            Api::<DynamicObject>::namespaced_with(ctx.client.clone(), namespace, &resource)
+        }
+    };
+    Ok(match builders.get_opt(name).await {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Build::Pending {
+            reason: "BuilderNotFound",
+            message: format!("{kind:?} {name:?} does not exist"),
+            failed: true,
+        }),
+        Err(kube::Error::Api(s)) if s.code == 404 => Some(Build::Pending {
+            reason: "KpackNotInstalled",
+            message: "the kpack.io API is not installed in this cluster".into(),
+            failed: true,
+        }),
+        Err(e) => return Err(e.into()),
+    })
 }
 
 /// Reads a kpack Image's status the way kpack means it: the build for the
