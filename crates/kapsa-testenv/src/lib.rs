@@ -15,6 +15,7 @@ pub mod pki;
 pub mod process;
 pub mod shared;
 pub mod simulators;
+pub mod wait;
 
 pub use control_plane::{
     ControlPlane, ControlPlaneOptions, Error, Result, client_from_kubeconfig, find_assets,

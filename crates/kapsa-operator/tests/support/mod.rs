@@ -137,24 +137,13 @@ where
         .unwrap_or_else(|e| panic!("create failed: {e}"))
 }
 
-/// Polls `check` until it returns `Some`, failing the test after [`TIMEOUT`]
-/// with the last state `describe` gives.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+/// Polls `check` until it returns `Some`, or fails the test after [`TIMEOUT`].
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {TIMEOUT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    kapsa_testenv::wait::eventually(TIMEOUT, what, check).await
 }
 
 /// The platform objects of one test: a ClusterIssuer, a ClusterRegistry with
