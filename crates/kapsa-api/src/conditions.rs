@@ -20,6 +20,12 @@ pub const BUILT: &str = "Built";
 pub const DEPLOYED: &str = "Deployed";
 /// Condition type (Environment): the TLS certificate for the host is ready.
 pub const TLS_READY: &str = "TLSReady";
+/// Condition type (Environment): every `configMapRefs`/`secretRefs` entry exists.
+pub const REFERENCES_RESOLVED: &str = "ReferencesResolved";
+/// Condition type (Project): every field set in the spec is acted on by this
+/// version of the operator (False, reason `NotImplemented`, names the ones
+/// that are accepted but not acted on yet).
+pub const IMPLEMENTED: &str = "Implemented";
 
 /// Status of a condition: `True`, `False` or `Unknown`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

@@ -36,8 +36,10 @@ pub enum Challenge {
 ///
 /// `spec.challenge` may be changed on a pool that is in use: the operator
 /// converges to the new scheme (per-host certificates or one wildcard
-/// certificate per Project) and keeps serving with the old certificates
-/// until the new ones are ready.
+/// certificate per Project). Ingresses switch to the new certificate's
+/// Secret at once; until cert-manager has issued it, `TLSReady` is False and
+/// the ingress controller serves its default certificate. A wildcard
+/// Certificate Kapsa made is deleted after a switch to HTTP01.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "kapsa.dev",
@@ -120,8 +122,9 @@ pub struct DomainPoolSpec {
     /// ACME challenge type: `HTTP01` (default; one certificate per host) or
     /// `DNS01` (one wildcard certificate per Project; the ClusterIssuer must
     /// have a DNS01 solver for the pool's domains). May be changed while in
-    /// use: certificates are re-issued and the old ones keep serving until
-    /// the new ones are ready.
+    /// use: certificates are issued for the new scheme, and until they are
+    /// ready the hosts are served without a valid certificate (`TLSReady`
+    /// False).
     #[serde(default)]
     pub challenge: Challenge,
 

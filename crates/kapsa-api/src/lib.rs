@@ -11,11 +11,15 @@
 //! | [`Registry`] | namespaced | [`registry`] |
 //! | [`Project`] | cluster | [`project`] |
 //! | [`Environment`] | namespaced | [`environment`] |
+//!
+//! The kpack and cert-manager kinds Kapsa works with are named in
+//! [`external`].
 
 pub mod common;
 pub mod conditions;
 pub mod domain_pool;
 pub mod environment;
+pub mod external;
 pub mod naming;
 pub mod project;
 pub mod registry;

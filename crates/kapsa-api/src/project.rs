@@ -123,7 +123,9 @@ pub struct ProjectSpec {
     pub runtime: RuntimeSpec,
 
     /// Preview environments: one Environment per matching branch, at
-    /// `<branch-slug>.<project>.<base>`. Disabled by default.
+    /// `<branch-slug>.<project>.<base>`. Disabled by default. Not acted on
+    /// by this version yet: with `enabled: true` the Project's `Implemented`
+    /// condition is False (reason `NotImplemented`).
     #[serde(default)]
     pub preview_environments: PreviewEnvironmentsSpec,
 
@@ -244,7 +246,8 @@ pub enum BuildStrategy {
 #[serde(rename_all = "camelCase")]
 pub struct BuildSpec {
     /// Build strategy: `Buildpacks` (default; Cloud Native Buildpacks via
-    /// kpack, no Dockerfile needed) or `Dockerfile`.
+    /// kpack, no Dockerfile needed) or `Dockerfile` (not built by this
+    /// version yet: `Built` is False with reason `NotImplemented`).
     #[serde(default)]
     pub strategy: BuildStrategy,
 
@@ -354,8 +357,9 @@ pub struct RuntimeSpec {
     pub secret_refs: Vec<LocalObjectReference>,
 
     /// Prometheus metrics endpoint of the app, e.g. `{port: 9090, path:
-    /// /metrics}`. When set, Kapsa creates a ServiceMonitor if the
-    /// Prometheus Operator is installed (otherwise a condition says so).
+    /// /metrics}`. The port is exposed on the Service (`metrics`). A
+    /// ServiceMonitor is not created by this version yet (the Project's
+    /// `Implemented` condition says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsSpec>,
 }

@@ -1,4 +1,6 @@
-//! Server-side apply that writes only when something would change.
+//! Apply and prune: server-side apply (field manager `kapsa`) that writes
+//! only when something would change, and deletes of what a plan no longer
+//! wants.
 //!
 //! Before applying, the desired object is compared with the cached one: if
 //! every field Kapsa sets already has the value Kapsa wants, there is nothing
@@ -8,13 +10,14 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
+use kube::{Client, Resource};
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::children::{Child, ChildKey, Deletion, Observed};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::resources::FIELD_MANAGER;
 
@@ -24,9 +27,13 @@ pub fn is_subset(desired: &Value, actual: &Value) -> bool {
     match (desired, actual) {
         (Value::Object(d), Value::Object(a)) => d.iter().all(|(k, dv)| match a.get(k) {
             Some(av) => is_subset(dv, av),
-            // The API server drops Go zero values of `omitempty` fields
-            // (e.g. `minReadySeconds: 0`): absent means zero there.
-            None => is_zero(dv),
+            // The API server drops Go zero values of `omitempty` fields that
+            // are not pointers (e.g. `minReadySeconds: 0`): absent means zero
+            // there. A desired `false` is not among them: every boolean Kapsa
+            // sets is a pointer field (`allowPrivilegeEscalation`,
+            // `automountServiceAccountToken`), kept by the server, so a
+            // missing one was removed by someone and is put back.
+            None => is_omitted_zero(dv),
         }),
         (Value::Array(d), Value::Array(a)) => {
             d.len() == a.len() && d.iter().zip(a).all(|(dv, av)| is_subset(dv, av))
@@ -36,20 +43,36 @@ pub fn is_subset(desired: &Value, actual: &Value) -> bool {
     }
 }
 
-fn is_zero(value: &Value) -> bool {
+fn is_omitted_zero(value: &Value) -> bool {
     match value {
         Value::Null => true,
-        Value::Bool(b) => !b,
+        Value::Bool(_) => false,
         Value::Number(n) => n.as_f64() == Some(0.0),
         Value::String(s) => s.is_empty(),
         Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.values().all(is_zero),
+        Value::Object(o) => o.values().all(is_omitted_zero),
     }
 }
 
 fn resource_version(value: &Value) -> Option<u64> {
     value["metadata"]["resourceVersion"].as_str()?.parse().ok()
 }
+
+/// What Kapsa last wrote to one object.
+#[derive(Clone, Copy)]
+struct Answer {
+    /// The resourceVersion the API server answered.
+    resource_version: u64,
+    /// A digest of what was written.
+    digest: u64,
+    at: Instant,
+}
+
+/// How long an object written by Kapsa may be missing from the cache before
+/// it is taken as deleted (and so written again). Deletes Kapsa's caches
+/// see are forgotten at once ([`Applier::forget`]); this covers deletes a
+/// watch missed.
+const CACHE_LAG: Duration = Duration::from_secs(5);
 
 /// Applies objects, skipping writes that would change nothing.
 ///
@@ -62,7 +85,7 @@ fn resource_version(value: &Value) -> Option<u64> {
 pub struct Applier {
     client: Client,
     metrics: Arc<Metrics>,
-    answered: Mutex<HashMap<String, (u64, u64)>>,
+    answered: Mutex<HashMap<String, Answer>>,
 }
 
 /// Entries kept at most; past that the memory is dropped (it only saves writes).
@@ -74,6 +97,13 @@ fn digest(value: &Value) -> u64 {
     hasher.finish()
 }
 
+fn api(client: &Client, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    }
+}
+
 impl Applier {
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         Self {
@@ -83,28 +113,106 @@ impl Applier {
         }
     }
 
-    fn key(resource: &ApiResource, object: &DynamicObject) -> String {
-        format!(
-            "{}/{}/{}/{}",
-            resource.group,
-            resource.kind,
-            object.namespace().unwrap_or_default(),
-            object.name_any()
-        )
+    /// Forgets what Kapsa wrote to an object the caches saw deleted, so the
+    /// next reconcile recreates it at once.
+    pub fn forget(&self, key: &ChildKey) {
+        if let Ok(mut answered) = self.answered.lock() {
+            answered.remove(&key.to_string());
+        }
     }
 
     /// Whether `wanted` needs no write, given the cache and our last answer.
     fn unchanged(&self, key: &str, wanted: &Value, cached: Option<&Value>) -> bool {
         let cache_rv = cached.and_then(resource_version);
         if let Ok(mut answered) = self.answered.lock()
-            && let Some(&(answer_rv, applied)) = answered.get(key)
+            && let Some(answer) = answered.get(key).copied()
         {
-            if cache_rv.is_none_or(|rv| rv < answer_rv) {
-                return applied == digest(wanted);
+            let behind = match cache_rv {
+                Some(rv) => rv < answer.resource_version,
+                None => answer.at.elapsed() < CACHE_LAG,
+            };
+            if behind {
+                return answer.digest == digest(wanted);
             }
             answered.remove(key);
         }
         cached.is_some_and(|current| is_subset(wanted, current))
+    }
+
+    fn remember(&self, key: String, resource_version: Option<&str>, written: &Value) {
+        if let (Ok(mut answered), Some(rv)) = (
+            self.answered.lock(),
+            resource_version.and_then(|v| v.parse().ok()),
+        ) {
+            if answered.len() >= MAX_REMEMBERED {
+                answered.clear();
+            }
+            answered.insert(
+                key,
+                Answer {
+                    resource_version: rv,
+                    digest: digest(written),
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Applies `child` unless it would change nothing; returns whether it wrote.
+    pub async fn apply(&self, child: &Child, cached: Option<&Observed>) -> Result<bool> {
+        let key = child.key();
+        let wanted = with_applied_hash(child.to_value());
+        if self.unchanged(&key.to_string(), &wanted, cached.map(|o| &o.value)) {
+            return Ok(false);
+        }
+        let answer = api(&self.client, &child.resource, key.namespace.as_deref())
+            .patch(&key.name, &params(), &Patch::Apply(&wanted))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: child.resource.kind.clone(),
+                name: key.to_string(),
+                source,
+            })?;
+        self.metrics.record_write(&child.resource.kind);
+        self.remember(
+            key.to_string(),
+            answer.metadata.resource_version.as_deref(),
+            &wanted,
+        );
+        Ok(true)
+    }
+
+    /// Deletes what the plan no longer wants, only if it is still the
+    /// object the plan saw (uid precondition). Already gone is fine.
+    pub async fn delete(&self, deletion: &Deletion) -> Result<bool> {
+        let key = &deletion.key;
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(deletion.uid.clone()),
+                resource_version: None,
+            }),
+            // Children of the deleted object (an Ingress's Certificate) go too.
+            propagation_policy: Some(kube::api::PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        let result = api(&self.client, &deletion.resource, key.namespace.as_deref())
+            .delete(&key.name, &params)
+            .await;
+        self.forget(key);
+        match result {
+            Ok(_) => {
+                self.metrics
+                    .record_write(&format!("{}/delete", deletion.resource.kind));
+                Ok(true)
+            }
+            // Gone already, or replaced by a newer object (uid mismatch).
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+            Err(source) => Err(Error::Prune {
+                kind: deletion.resource.kind.clone(),
+                name: key.to_string(),
+                source,
+            }),
+        }
     }
 
     /// Writes `status` to the status subresource of `object` (a cached copy)
@@ -118,10 +226,8 @@ impl Applier {
         let name = object.meta().name.clone().unwrap_or_default();
         let namespace = object.meta().namespace.clone();
         let key = format!(
-            "status/{}/{}/{}/{name}",
-            resource.group,
-            resource.kind,
-            namespace.clone().unwrap_or_default()
+            "status/{}",
+            ChildKey::new(&resource, namespace.as_deref(), &name)
         );
         let cache_rv: Option<u64> = object
             .meta()
@@ -129,98 +235,38 @@ impl Applier {
             .as_deref()
             .and_then(|v| v.parse().ok());
         if let Ok(answered) = self.answered.lock()
-            && let Some(&(answer_rv, written)) = answered.get(&key)
-            && cache_rv.is_none_or(|rv| rv < answer_rv)
-            && written == digest(status)
+            && let Some(answer) = answered.get(&key)
+            && cache_rv.is_none_or(|rv| rv < answer.resource_version)
+            && answer.digest == digest(status)
         {
             return Ok(false);
         }
-        let api: Api<DynamicObject> = match &namespace {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
-            None => Api::all_with(self.client.clone(), &resource),
-        };
         let patch = serde_json::json!({"apiVersion": resource.api_version, "kind": resource.kind, "status": status});
-        let answer = api
+        let answer = api(&self.client, &resource, namespace.as_deref())
             .patch_status(&name, &params(), &Patch::Apply(&patch))
-            .await?;
+            .await
+            .map_err(Error::Status)?;
         self.metrics
             .record_write(&format!("{}/status", resource.kind));
         self.remember(key, answer.metadata.resource_version.as_deref(), status);
         Ok(true)
     }
+}
 
-    fn remember(&self, key: String, resource_version: Option<&str>, written: &Value) {
-        if let (Ok(mut answered), Some(rv)) = (
-            self.answered.lock(),
-            resource_version.and_then(|v| v.parse().ok()),
-        ) {
-            if answered.len() >= MAX_REMEMBERED {
-                answered.clear();
-            }
-            answered.insert(key, (rv, digest(written)));
-        }
-    }
+/// Annotation on every object Kapsa applies: a hash of what it applied. A
+/// field Kapsa stops setting (a TLS section, a host) is absent from the new
+/// desired object, which the field-by-field check cannot see; the hash
+/// changes, so the object is written and the field removed.
+pub const APPLIED_HASH_ANNOTATION: &str = "kapsa.dev/applied-hash";
 
-    /// Applies `desired` unless it would change nothing; returns whether it wrote.
-    pub async fn apply<K>(&self, desired: &K, cached: Option<&K>) -> Result<bool>
-    where
-        K: Resource<DynamicType = ()> + Serialize,
-    {
-        let resource = ApiResource::erase::<K>(&());
-        let object: DynamicObject = serde_json::from_value(serde_json::to_value(desired)?)?;
-        let cached = cached.map(serde_json::to_value).transpose()?;
-        self.apply_value(&resource, &object, cached).await
-    }
-
-    /// [`Applier::apply`] for kinds Kapsa has no Rust type for (kpack, cert-manager).
-    pub async fn apply_dynamic(
-        &self,
-        resource: &ApiResource,
-        desired: &DynamicObject,
-        cached: Option<&DynamicObject>,
-    ) -> Result<bool> {
-        let cached = cached.map(serde_json::to_value).transpose()?;
-        self.apply_value(resource, desired, cached).await
-    }
-
-    async fn apply_value(
-        &self,
-        resource: &ApiResource,
-        desired: &DynamicObject,
-        cached: Option<Value>,
-    ) -> Result<bool> {
-        let key = Self::key(resource, desired);
-        let mut wanted = serde_json::to_value(desired)?;
-        // Status is never applied.
-        if let Some(map) = wanted.as_object_mut() {
-            map.remove("status");
-        }
-        if self.unchanged(&key, &wanted, cached.as_ref()) {
-            return Ok(false);
-        }
-        let api: Api<DynamicObject> = match desired.namespace() {
-            Some(ns) => Api::namespaced_with(self.client.clone(), &ns, resource),
-            None => Api::all_with(self.client.clone(), resource),
-        };
-        let answer = api
-            .patch(&desired.name_any(), &params(), &Patch::Apply(desired))
-            .await?;
-        self.metrics.record_write(&resource.kind);
-        if let (Ok(mut answered), Some(rv)) = (
-            self.answered.lock(),
-            answer
-                .metadata
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse().ok()),
-        ) {
-            if answered.len() >= MAX_REMEMBERED {
-                answered.clear();
-            }
-            answered.insert(key, (rv, digest(&wanted)));
-        }
-        Ok(true)
-    }
+fn with_applied_hash(mut wanted: Value) -> Value {
+    use sha2::{Digest, Sha256};
+    let hash: String = Sha256::digest(wanted.to_string().as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    wanted["metadata"]["annotations"][APPLIED_HASH_ANNOTATION] = Value::String(hash);
+    wanted
 }
 
 fn params() -> PatchParams {
@@ -259,7 +305,7 @@ mod tests {
     #[test]
     fn zero_values_the_server_omits_match_absent_keys() {
         assert!(is_subset(
-            &json!({"minReadySeconds": 0, "paused": false, "args": []}),
+            &json!({"minReadySeconds": 0, "args": [], "name": ""}),
             &json!({})
         ));
         assert!(!is_subset(&json!({"minReadySeconds": 5}), &json!({})));
@@ -267,5 +313,32 @@ mod tests {
             &json!({"minReadySeconds": 0}),
             &json!({"minReadySeconds": 5})
         ));
+    }
+
+    #[test]
+    fn a_field_kapsa_stops_setting_changes_the_hash() {
+        let with_tls = with_applied_hash(json!({"metadata": {"name": "a"}, "spec": {"tls": [1]}}));
+        let without = with_applied_hash(json!({"metadata": {"name": "a"}, "spec": {}}));
+        assert!(!is_subset(&without, &with_tls));
+        assert!(is_subset(&with_tls, &with_tls.clone()));
+        assert_eq!(
+            with_applied_hash(json!({"metadata": {"name": "a"}})),
+            with_applied_hash(json!({"metadata": {"name": "a"}})),
+            "stable"
+        );
+    }
+
+    #[test]
+    fn a_removed_false_is_put_back() {
+        let desired = json!({"securityContext": {"allowPrivilegeEscalation": false}, "automountServiceAccountToken": false});
+        assert!(!is_subset(
+            &desired,
+            &json!({"securityContext": {}, "automountServiceAccountToken": false})
+        ));
+        assert!(!is_subset(
+            &desired,
+            &json!({"securityContext": {"allowPrivilegeEscalation": false}})
+        ));
+        assert!(is_subset(&desired, &desired.clone()));
     }
 }

@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ResourceQuota, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, ResourceQuota, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kapsa_api::{DomainPool, Environment, Project};
+use kapsa_api::{ClusterRegistry, DomainPool, Environment, Project, Registry};
 use kube::Client;
-use kube::api::DynamicObject;
+use kube::api::{DynamicObject, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -21,11 +23,25 @@ use crate::metrics::Metrics;
 
 /// Caches of everything the reconcilers read, filled by the controllers'
 /// watches (managed fields pruned). Reads come from here, not the API server.
+///
+/// Whole objects are cached only for Kapsa's own kinds, the platform's
+/// registries and what Kapsa created (label-filtered). Of Namespaces,
+/// Secrets, ConfigMaps and kpack builders only metadata is cached (with
+/// annotations dropped: `kubectl apply` keeps a Secret's whole content in
+/// one), enough to see that they exist and when they change.
 #[derive(Clone)]
 pub struct Stores {
     pub projects: Store<Project>,
     pub environments: Store<Environment>,
     pub pools: Store<DomainPool>,
+    pub cluster_registries: Store<ClusterRegistry>,
+    pub registries: Store<Registry>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub secret_metadata: Store<PartialObjectMeta<Secret>>,
+    pub config_map_metadata: Store<PartialObjectMeta<ConfigMap>>,
+    /// kpack ClusterBuilders and Builders (metadata); empty without kpack.
+    pub cluster_builders: Store<PartialObjectMeta<DynamicObject>>,
+    pub builders: Store<PartialObjectMeta<DynamicObject>>,
     pub service_accounts: Store<ServiceAccount>,
     pub roles: Store<Role>,
     pub role_bindings: Store<RoleBinding>,
@@ -36,6 +52,16 @@ pub struct Stores {
     pub ingresses: Store<Ingress>,
     pub images: Store<DynamicObject>,
     pub certificates: Store<DynamicObject>,
+    /// Which optional APIs the cluster serves (found at start-up).
+    pub installed: Installed,
+}
+
+/// The optional APIs Kapsa integrates with, as discovered at start-up.
+/// Their caches count for readiness only when they are installed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Installed {
+    pub kpack: bool,
+    pub cert_manager: bool,
 }
 
 impl Stores {
@@ -43,8 +69,8 @@ impl Stores {
     /// reconcile must not run: it would take "not cached yet" for "absent"
     /// and re-create or blank what exists. Checked without waiting, so a
     /// reconcile can requeue instead of holding a worker the caches'
-    /// watches may need. (kpack's and cert-manager's caches are left out:
-    /// they never fill where those are not installed.)
+    /// watches may need. (kpack's and cert-manager's caches count only
+    /// where those are installed: elsewhere they never fill.)
     pub fn ready(&self) -> bool {
         use futures::FutureExt;
         fn filled<K>(store: &Store<K>) -> bool
@@ -65,6 +91,16 @@ impl Stores {
             && filled(&self.deployments)
             && filled(&self.services)
             && filled(&self.ingresses)
+            && filled(&self.cluster_registries)
+            && filled(&self.registries)
+            && filled(&self.namespaces)
+            && filled(&self.secret_metadata)
+            && filled(&self.config_map_metadata)
+            && (!self.installed.kpack
+                || (filled(&self.images)
+                    && filled(&self.cluster_builders)
+                    && filled(&self.builders)))
+            && (!self.installed.cert_manager || filled(&self.certificates))
     }
 }
 
@@ -143,26 +179,35 @@ impl GitState {
 
 pub struct Context {
     pub client: Client,
-    pub applier: crate::apply::Applier,
+    pub applier: Arc<crate::apply::Applier>,
     pub stores: Stores,
     pub metrics: Arc<Metrics>,
     pub git: Arc<GitState>,
+    /// Consecutive failed reconciles per object, for exponential backoff.
+    pub failures: std::sync::Mutex<HashMap<String, u32>>,
     recorder: Recorder,
 }
 
 impl Context {
-    pub fn new(client: Client, stores: Stores, metrics: Arc<Metrics>, git: Arc<GitState>) -> Self {
+    pub fn new(
+        client: Client,
+        applier: Arc<crate::apply::Applier>,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        git: Arc<GitState>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "kapsa".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
-            applier: crate::apply::Applier::new(client.clone(), metrics.clone()),
+            applier,
             client,
             stores,
             metrics,
             git,
+            failures: Default::default(),
         }
     }
 

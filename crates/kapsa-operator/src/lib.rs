@@ -4,13 +4,16 @@
 //!
 //! - [`resources`]: pure functions from desired state to Kubernetes objects;
 //! - [`controllers`]: one reconciler per resource, each a pipeline of
-//!   dereference → validate → build → apply → status;
-//! - [`apply`]: server-side apply that writes only on change;
+//!   dereference (caches only) → plan (pure) → apply and prune → status;
+//! - [`children`]: what plans are made of (wanted, observed, to delete);
+//! - [`apply`]: server-side apply that writes only on change, and prune;
+//! - [`status`]: the one status write per reconcile, and its Events;
 //! - [`git`] and [`poller`]: refs-only polling of repositories;
 //! - [`domains`]: host allocation from DomainPools;
 //! - [`run`]: caches, controllers, leader election, metrics.
 
 pub mod apply;
+pub mod children;
 pub mod context;
 pub mod controllers;
 pub mod domains;
@@ -23,5 +26,6 @@ pub mod poller;
 pub mod references;
 pub mod resources;
 pub mod run;
+pub mod status;
 
 pub use run::{OperatorConfig, run};

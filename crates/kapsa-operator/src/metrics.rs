@@ -25,6 +25,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    controller: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: String,
 }
@@ -35,6 +41,8 @@ pub struct Metrics {
     reconcile_duration: Family<ControllerLabels, Histogram>,
     writes: Family<KindLabels, Counter>,
     git_polls: Family<ResultLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    live_reads: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -63,8 +71,22 @@ impl Default for Metrics {
         );
         let git_polls = Family::<ResultLabels, Counter>::default();
         registry.register("git_polls", "Git remote polls by result", git_polls.clone());
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciles by controller and the pipeline step that failed (Dereference, Apply, Prune, Status)",
+            failures.clone(),
+        );
+        let live_reads = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "live_reads",
+            "Reads that bypass the caches, by kind (only a changed registry credentials Secret)",
+            live_reads.clone(),
+        );
         Self {
             registry,
+            failures,
+            live_reads,
             reconciles,
             reconcile_duration,
             writes,
@@ -91,6 +113,21 @@ impl Metrics {
 
     pub fn record_write(&self, kind: &str) {
         self.writes
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn record_failure(&self, controller: &str, reason: &str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                controller: controller.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn record_live_read(&self, kind: &str) {
+        self.live_reads
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
     }

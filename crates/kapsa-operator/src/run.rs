@@ -1,24 +1,35 @@
 //! Wiring: caches, the two controllers, the git poller, metrics and health
 //! endpoints, and leader election.
+//!
+//! Every read of a reconcile comes from a cache filled here, and every cache
+//! that a reconcile reads also triggers the reconciles that depend on it, so
+//! a change reaches them within seconds (not at the next resync).
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, ResourceQuota, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kapsa_api::{ClusterRegistry, DomainPool, Environment, Project};
-use kube::api::{Api, DynamicObject};
+use kapsa_api::project::{BuildStrategy, RegistryKind};
+use kapsa_api::{ClusterRegistry, DomainPool, Environment, Project, Registry};
+use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use crate::context::{Context, GitState, Stores};
+use crate::apply::Applier;
+use crate::children::ChildKey;
+use crate::context::{Context, GitState, Installed, Stores};
+use crate::http::Health;
 use crate::leader::LeaseConfig;
 use crate::metrics::Metrics;
 use crate::resources::environment::{certificate_api_resource, kpack_image_api_resource};
@@ -51,16 +62,20 @@ fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
 }
 
-/// A cache and the watch stream that fills it (it must be polled).
+type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A cache and the watch stream that fills it (it must be polled). Objects
+/// the watch sees deleted are forgotten by the applier, so a child deleted
+/// by hand is recreated at once.
 fn cache<K>(
     api: Api<K>,
     config: watcher::Config,
+    resource: ApiResource,
     dyntype: K::DynamicType,
     trim: fn(&mut K),
-) -> (
-    Store<K>,
-    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
+    applier: Arc<Applier>,
+) -> (Store<K>, BoxStream<Result<K, watcher::Error>>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
@@ -69,17 +84,102 @@ where
     let reader = writer.as_reader();
     let stream = watcher(api, config)
         .default_backoff()
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(object) = event {
+                applier.forget(&ChildKey::new(
+                    &resource,
+                    object.meta().namespace.as_deref(),
+                    &object.name_any(),
+                ));
+            }
+        })
         .modify(move |o: &mut K| {
             o.managed_fields_mut().clear();
             trim(o);
         })
         .reflect(writer)
-        .applied_objects();
-    (reader, stream)
+        // Deletes too: a child deleted by hand brings its owner back at once.
+        .touched_objects();
+    (reader, stream.boxed())
+}
+
+/// A cache read by both controllers: the store, the driver that fills it
+/// (it must be polled) and two subscriptions to its changes.
+#[allow(clippy::type_complexity)]
+fn shared_cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    trim: fn(&mut K),
+    applier: Arc<Applier>,
+) -> anyhow::Result<(Store<K>, BoxFuture, BoxStream<Arc<K>>, BoxStream<Arc<K>>)>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
+{
+    let writer = reflector::store::Writer::new_shared(1024, dyntype);
+    let store = writer.as_reader();
+    // Subscribers hear of applied objects only; deletes (a pool removed, a
+    // production Environment deleted by hand) are sent alongside.
+    let (first_deleted, first_deletes) = tokio::sync::mpsc::unbounded_channel::<Arc<K>>();
+    let (second_deleted, second_deletes) = tokio::sync::mpsc::unbounded_channel::<Arc<K>>();
+    let with_deletes = |subscriber: reflector::ReflectHandle<K>,
+                        mut deletes: tokio::sync::mpsc::UnboundedReceiver<Arc<K>>|
+     -> BoxStream<Arc<K>> {
+        let deletes = futures::stream::poll_fn(move |cx| deletes.poll_recv(cx));
+        futures::stream::select(subscriber, deletes).boxed()
+    };
+    let first = with_deletes(
+        writer
+            .subscribe()
+            .ok_or_else(|| anyhow::anyhow!("subscribe"))?,
+        first_deletes,
+    );
+    let second = with_deletes(
+        writer
+            .subscribe()
+            .ok_or_else(|| anyhow::anyhow!("subscribe"))?,
+        second_deletes,
+    );
+    let driver = watcher(api, config)
+        .default_backoff()
+        .modify(move |o: &mut K| {
+            o.managed_fields_mut().clear();
+            trim(o);
+        })
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(object) = event {
+                applier.forget(&ChildKey::new(
+                    &ApiResource::erase::<K>(&Default::default()),
+                    object.meta().namespace.as_deref(),
+                    &object.name_any(),
+                ));
+                let object = Arc::new(object.clone());
+                let _ = first_deleted.send(object.clone());
+                let _ = second_deleted.send(object);
+            }
+        })
+        .reflect_shared(writer)
+        .for_each(|_| async {});
+    Ok((store, Box::pin(driver), first, second))
 }
 
 /// Keeps a cached object whole.
 fn keep_all<K>(_: &mut K) {}
+
+/// Of a Secret's or ConfigMap's metadata only what says it exists and when
+/// it changed is kept: annotations can hold the whole object
+/// (`kubectl.kubernetes.io/last-applied-configuration`).
+fn metadata_only<K>(object: &mut PartialObjectMeta<K>) {
+    object.metadata.annotations = None;
+}
+
+/// Of a Namespace's annotations only Kapsa's own are kept.
+fn namespace_metadata(object: &mut PartialObjectMeta<Namespace>) {
+    if let Some(annotations) = object.metadata.annotations.as_mut() {
+        annotations.retain(|k, _| k.starts_with("kapsa.dev/"));
+    }
+}
 
 /// Certificates are cached unfiltered (cert-manager makes the per-host ones),
 /// so of those Kapsa does not manage only the name, owners and Ready
@@ -99,6 +199,17 @@ fn trim_certificate(certificate: &mut DynamicObject) {
     certificate.metadata.labels = None;
 }
 
+/// Whether the cluster serves `resource` (an optional integration).
+async fn serves(client: &Client, resource: &ApiResource) -> bool {
+    match client.list_api_group_resources(&resource.api_version).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == resource.plural),
+        Err(error) => {
+            tracing::info!(api = %resource.api_version, %error, "optional API not served");
+            false
+        }
+    }
+}
+
 /// Runs the operator until `shutdown` completes (or leadership is lost).
 pub async fn run(
     client: Client,
@@ -106,10 +217,15 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
+    let health = Arc::new(Health::default());
     if let Some(addr) = config.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(crate::http::serve(listener, metrics.clone()));
+        tokio::spawn(crate::http::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+        ));
     }
     if let Some(lease) = &config.lease {
         crate::leader::acquire(&client, lease).await;
@@ -131,96 +247,180 @@ pub async fn run(
     };
     let stop = futures::future::FutureExt::shared(Box::pin(stop));
 
-    // Projects and Environments feed both controllers: shared caches.
-    let (projects, project_writer) = reflector::store_shared::<Project>(1024);
-    let projects_for_projects = project_writer
-        .subscribe()
-        .ok_or_else(|| anyhow::anyhow!("subscribe"))?;
-    let projects_for_environments = project_writer
-        .subscribe()
-        .ok_or_else(|| anyhow::anyhow!("subscribe"))?;
-    let project_driver = watcher(
-        Api::<Project>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|o: &mut Project| o.managed_fields_mut().clear())
-    .reflect_shared(project_writer)
-    .for_each(|_| async {});
-    let (environments, environment_writer) = reflector::store_shared::<Environment>(1024);
-    let environments_for_environments = environment_writer
-        .subscribe()
-        .ok_or_else(|| anyhow::anyhow!("subscribe"))?;
-    let environments_for_projects = environment_writer
-        .subscribe()
-        .ok_or_else(|| anyhow::anyhow!("subscribe"))?;
-    let environment_driver = watcher(
+    let image_resource = kpack_image_api_resource();
+    let certificate_resource = certificate_api_resource();
+    let installed = Installed {
+        kpack: serves(&client, &image_resource).await,
+        cert_manager: serves(&client, &certificate_resource).await,
+    };
+    tracing::info!(
+        kpack = installed.kpack,
+        cert_manager = installed.cert_manager,
+        "optional APIs"
+    );
+    let applier = Arc::new(Applier::new(client.clone(), metrics.clone()));
+
+    // Read by both controllers: shared caches.
+    let (projects, project_driver, projects_for_projects, projects_for_environments) =
+        shared_cache(
+            Api::<Project>::all(client.clone()),
+            watcher::Config::default(),
+            (),
+            keep_all,
+            applier.clone(),
+        )?;
+    let (
+        environments,
+        environment_driver,
+        environments_for_environments,
+        environments_for_projects,
+    ) = shared_cache(
         Api::<Environment>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|o: &mut Environment| o.managed_fields_mut().clear())
-    .reflect_shared(environment_writer)
-    .for_each(|_| async {});
-
-    let (pools, pool_stream) = cache(
+        (),
+        keep_all,
+        applier.clone(),
+    )?;
+    let (pools, pool_driver, pools_for_projects, pools_for_environments) = shared_cache(
         Api::<DomainPool>::all(client.clone()),
         watcher::Config::default(),
         (),
         keep_all,
-    );
-    let (service_accounts, sa_stream) = cache(
-        Api::<ServiceAccount>::all(client.clone()),
-        managed(),
+        applier.clone(),
+    )?;
+    let (cluster_registries, cluster_registry_driver, cr_for_projects, cr_for_environments) =
+        shared_cache(
+            Api::<ClusterRegistry>::all(client.clone()),
+            watcher::Config::default(),
+            (),
+            keep_all,
+            applier.clone(),
+        )?;
+    let (registries, registry_driver, registries_for_projects, registries_for_environments) =
+        shared_cache(
+            Api::<Registry>::all(client.clone()),
+            watcher::Config::default(),
+            (),
+            keep_all,
+            applier.clone(),
+        )?;
+    // Secrets and ConfigMaps: metadata only (never a cache of Secret data).
+    let (secret_metadata, secret_metadata_driver, secrets_for_projects, secrets_for_environments) =
+        shared_cache(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default(),
+            (),
+            metadata_only,
+            applier.clone(),
+        )?;
+    let (config_map_metadata, config_map_stream) = cache(
+        Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+        watcher::Config::default(),
+        ApiResource::erase::<ConfigMap>(&()),
         (),
-        keep_all,
+        metadata_only,
+        applier.clone(),
     );
-    let (roles, role_stream) = cache(Api::<Role>::all(client.clone()), managed(), (), keep_all);
-    let (role_bindings, binding_stream) = cache(
-        Api::<RoleBinding>::all(client.clone()),
-        managed(),
+    let (namespaces, namespace_stream) = cache(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+        ApiResource::erase::<Namespace>(&()),
         (),
-        keep_all,
+        namespace_metadata,
+        applier.clone(),
     );
-    let (secrets, secret_stream) =
-        cache(Api::<Secret>::all(client.clone()), managed(), (), keep_all);
-    let (quotas, quota_stream) = cache(
-        Api::<ResourceQuota>::all(client.clone()),
-        managed(),
-        (),
-        keep_all,
-    );
-    let (deployments, deployment_stream) = cache(
-        Api::<Deployment>::all(client.clone()),
-        managed(),
-        (),
-        keep_all,
-    );
-    let (services, service_stream) =
-        cache(Api::<Service>::all(client.clone()), managed(), (), keep_all);
-    let (ingresses, ingress_stream) =
-        cache(Api::<Ingress>::all(client.clone()), managed(), (), keep_all);
-    let image_resource = kpack_image_api_resource();
+
+    macro_rules! managed_cache {
+        ($kind:ty) => {
+            cache(
+                Api::<$kind>::all(client.clone()),
+                managed(),
+                ApiResource::erase::<$kind>(&()),
+                (),
+                keep_all,
+                applier.clone(),
+            )
+        };
+    }
+    let (service_accounts, sa_stream) = managed_cache!(ServiceAccount);
+    let (roles, role_stream) = managed_cache!(Role);
+    let (role_bindings, binding_stream) = managed_cache!(RoleBinding);
+    let (secrets, secret_stream) = managed_cache!(Secret);
+    let (quotas, quota_stream) = managed_cache!(ResourceQuota);
+    let (deployments, deployment_stream) = managed_cache!(Deployment);
+    let (services, service_stream) = managed_cache!(Service);
+    let (ingresses, ingress_stream) = managed_cache!(Ingress);
+
+    // kpack and cert-manager: watched only where installed.
+    let cluster_builder_resource =
+        kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::ClusterBuilder);
+    let builder_resource = kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::Builder);
     let (images, image_stream) = cache(
         Api::<DynamicObject>::all_with(client.clone(), &image_resource),
         managed(),
         image_resource.clone(),
+        image_resource.clone(),
         keep_all,
+        applier.clone(),
     );
-    let certificate_resource = certificate_api_resource();
+    let (cluster_builders, cluster_builder_stream) = cache(
+        Api::<PartialObjectMeta<DynamicObject>>::all_with(
+            client.clone(),
+            &cluster_builder_resource,
+        ),
+        watcher::Config::default(),
+        cluster_builder_resource.clone(),
+        cluster_builder_resource.clone(),
+        metadata_only,
+        applier.clone(),
+    );
+    let (builders, builder_stream) = cache(
+        Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &builder_resource),
+        watcher::Config::default(),
+        builder_resource.clone(),
+        builder_resource.clone(),
+        metadata_only,
+        applier.clone(),
+    );
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
     let (certificates, certificate_stream) = cache(
         Api::<DynamicObject>::all_with(client.clone(), &certificate_resource),
         watcher::Config::default(),
         certificate_resource.clone(),
+        certificate_resource.clone(),
         trim_certificate,
+        applier.clone(),
     );
+    let only_if = |on: bool, stream: BoxStream<Result<DynamicObject, watcher::Error>>| {
+        if on {
+            stream
+        } else {
+            futures::stream::pending().boxed()
+        }
+    };
+    let image_stream = only_if(installed.kpack, image_stream);
+    let certificate_stream = only_if(installed.cert_manager, certificate_stream);
+    let (cluster_builder_stream, builder_stream) = if installed.kpack {
+        (cluster_builder_stream, builder_stream)
+    } else {
+        (
+            futures::stream::pending().boxed(),
+            futures::stream::pending().boxed(),
+        )
+    };
 
     let stores = Stores {
         projects: projects.clone(),
         environments: environments.clone(),
         pools,
+        cluster_registries,
+        registries,
+        namespaces,
+        secret_metadata,
+        config_map_metadata,
+        cluster_builders,
+        builders,
         service_accounts,
         roles,
         role_bindings,
@@ -231,11 +431,14 @@ pub async fn run(
         ingresses,
         images,
         certificates,
+        installed,
     };
+    let _ = health.stores.set(stores.clone());
     let git = Arc::new(GitState::default());
     let ctx = Arc::new(Context::new(
         client.clone(),
-        stores,
+        applier,
+        stores.clone(),
         metrics.clone(),
         git.clone(),
     ));
@@ -247,33 +450,29 @@ pub async fn run(
             poll_rx,
             |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
         );
-    let all_projects = {
-        let projects = projects.clone();
-        move || {
-            projects
-                .state()
-                .iter()
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        }
+
+    let mappers = Mappers {
+        stores: stores.clone(),
     };
-    let on_pool = all_projects.clone();
-    let on_registry = all_projects.clone();
     let project_controller = Controller::for_shared_stream(projects_for_projects, projects.clone())
         .with_config(controller_config.clone())
         .owns_shared_stream(environments_for_projects)
-        .owns(Api::<Namespace>::all(client.clone()), managed())
+        .owns_stream(namespace_stream)
         .owns_stream(sa_stream)
         .owns_stream(role_stream)
         .owns_stream(binding_stream)
         .owns_stream(secret_stream)
         .owns_stream(quota_stream)
-        .watches_stream(pool_stream, move |_: DomainPool| on_pool())
-        .watches(
-            Api::<ClusterRegistry>::all(client.clone()),
-            watcher::Config::default(),
-            move |_| on_registry(),
+        .watches_shared_stream(pools_for_projects, mappers.clone().all_projects())
+        .watches_shared_stream(
+            cr_for_projects,
+            mappers.clone().projects_of_cluster_registry(),
         )
+        .watches_shared_stream(
+            registries_for_projects,
+            mappers.clone().projects_of_registry(),
+        )
+        .watches_shared_stream(secrets_for_projects, mappers.clone().projects_of_secret())
         .reconcile_on(polled)
         .graceful_shutdown_on(stop.clone())
         .run(
@@ -292,12 +491,42 @@ pub async fn run(
             .owns_stream_with(image_stream, image_resource)
             .watches_stream_with(
                 certificate_stream,
-                environments_of_certificate(environments.clone()),
+                mappers.clone().environments_of_certificate(),
                 certificate_resource,
             )
             .watches_shared_stream(
                 projects_for_environments,
-                environments_of_project(environments.clone()),
+                mappers.clone().environments_of_project(),
+            )
+            .watches_shared_stream(
+                pools_for_environments,
+                mappers.clone().environments_of_pool(),
+            )
+            .watches_shared_stream(
+                cr_for_environments,
+                mappers.clone().environments_of_cluster_registry(),
+            )
+            .watches_shared_stream(
+                registries_for_environments,
+                mappers.clone().environments_of_registry(),
+            )
+            .watches_shared_stream(
+                secrets_for_environments,
+                mappers.clone().environments_naming::<Secret>(),
+            )
+            .watches_stream(
+                config_map_stream,
+                mappers.clone().environments_naming::<ConfigMap>(),
+            )
+            .watches_stream_with(
+                cluster_builder_stream,
+                mappers.clone().environments_of_builder(),
+                cluster_builder_resource,
+            )
+            .watches_stream_with(
+                builder_stream,
+                mappers.clone().environments_of_builder(),
+                builder_resource,
             )
             .graceful_shutdown_on(stop.clone())
             .run(
@@ -308,12 +537,25 @@ pub async fn run(
             .for_each(|result| log_failure("environment", result));
 
     let poller = poller::run(client.clone(), projects, git, metrics, poll_tx);
+    let drivers = futures::future::join_all([
+        project_driver,
+        environment_driver,
+        pool_driver,
+        cluster_registry_driver,
+        registry_driver,
+        secret_metadata_driver,
+    ]);
     tracing::info!("Kapsa operator running");
+    let stopping = stop.clone();
     tokio::select! {
         _ = async { tokio::join!(project_controller, environment_controller) } => {}
         _ = poller => {}
-        _ = project_driver => {}
-        _ = environment_driver => {}
+        _ = drivers => {}
+    }
+    // The controllers end only on shutdown; anything else ending is a dead loop.
+    if futures::FutureExt::now_or_never(stopping).is_none() {
+        tracing::error!("a controller loop stopped; /healthz reports it");
+        health.mark_dead();
     }
     tracing::info!("Kapsa operator stopped");
     Ok(())
@@ -334,43 +576,229 @@ fn log_failure<T, E: std::error::Error>(
     futures::future::ready(())
 }
 
-/// Maps a Certificate to the Environments whose TLS it serves: the one
-/// whose Ingress owns it (HTTP01), or every Environment of the namespace
-/// (the project's DNS01 wildcard).
-fn environments_of_certificate(
-    environments: Store<Environment>,
-) -> impl Fn(DynamicObject) -> Vec<ObjectRef<Environment>> + Send + Sync + 'static {
-    move |certificate| {
-        let Some(namespace) = certificate.namespace() else {
-            return Vec::new();
-        };
-        let owner = certificate
-            .owner_references()
-            .iter()
-            .find(|o| o.kind == "Ingress")
-            .map(|o| o.name.clone());
-        environments
+/// Maps a changed object to the Projects or Environments that read it.
+#[derive(Clone)]
+struct Mappers {
+    stores: Stores,
+}
+
+impl Mappers {
+    fn projects_where(&self, keep: impl Fn(&Project) -> bool) -> Vec<ObjectRef<Project>> {
+        self.stores
+            .projects
             .state()
             .iter()
-            .filter(|e| e.namespace().as_deref() == Some(namespace.as_str()))
-            .filter(|e| owner.as_ref().is_none_or(|o| *o == e.name_any()))
+            .filter(|p| keep(p))
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect()
+    }
+
+    fn environments_of_projects_where(
+        &self,
+        keep: impl Fn(&Project) -> bool,
+    ) -> Vec<ObjectRef<Environment>> {
+        let projects: std::collections::BTreeSet<String> = self
+            .stores
+            .projects
+            .state()
+            .iter()
+            .filter(|p| keep(p))
+            .map(|p| p.name_any())
+            .collect();
+        if projects.is_empty() {
+            return Vec::new();
+        }
+        self.stores
+            .environments
+            .state()
+            .iter()
+            .filter(|e| projects.contains(&e.spec.project))
             .map(|e| ObjectRef::from_obj(e.as_ref()))
             .collect()
     }
+
+    fn all_projects(self) -> impl Fn(Arc<DomainPool>) -> Vec<ObjectRef<Project>> + Send + Sync {
+        move |_| self.projects_where(|_| true)
+    }
+
+    fn projects_of_cluster_registry(
+        self,
+    ) -> impl Fn(Arc<ClusterRegistry>) -> Vec<ObjectRef<Project>> + Send + Sync {
+        move |registry| self.projects_where(|p| names_cluster_registry(p, &registry.name_any()))
+    }
+
+    fn projects_of_registry(
+        self,
+    ) -> impl Fn(Arc<Registry>) -> Vec<ObjectRef<Project>> + Send + Sync {
+        move |registry| self.projects_where(|p| names_registry(p, &registry))
+    }
+
+    fn projects_of_secret(
+        self,
+    ) -> impl Fn(Arc<PartialObjectMeta<Secret>>) -> Vec<ObjectRef<Project>> + Send + Sync {
+        move |secret| {
+            let namespace = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            self.projects_where(|p| {
+                crate::references::uses_credentials(&self.stores, p, (&namespace, &name))
+            })
+        }
+    }
+
+    fn environments_of_project(
+        self,
+    ) -> impl Fn(Arc<Project>) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |project| {
+            let name = project.name_any();
+            self.stores
+                .environments
+                .state()
+                .iter()
+                .filter(|e| e.spec.project == name)
+                .map(|e| ObjectRef::from_obj(e.as_ref()))
+                .collect()
+        }
+    }
+
+    fn environments_of_pool(
+        self,
+    ) -> impl Fn(Arc<DomainPool>) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |pool| {
+            let name = pool.name_any();
+            self.environments_of_projects_where(|p| {
+                p.status.as_ref().and_then(|s| s.domain_pool.as_deref()) == Some(name.as_str())
+            })
+        }
+    }
+
+    fn environments_of_cluster_registry(
+        self,
+    ) -> impl Fn(Arc<ClusterRegistry>) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |registry| {
+            self.environments_of_projects_where(|p| names_cluster_registry(p, &registry.name_any()))
+        }
+    }
+
+    fn environments_of_registry(
+        self,
+    ) -> impl Fn(Arc<Registry>) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |registry| self.environments_of_projects_where(|p| names_registry(p, &registry))
+    }
+
+    /// Environments whose Project's `configMapRefs`/`secretRefs` name the object.
+    fn environments_naming<K: Resource<DynamicType = ()> + MetaTrigger>(
+        self,
+    ) -> impl Fn(PartialObjectMetaOrArc<K>) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |object| {
+            let (namespace, name) = object.namespace_and_name();
+            let is_secret = K::kind(&()) == "Secret";
+            self.environments_of_projects_where(|p| {
+                crate::resources::project::namespace_name(p) == namespace
+                    && if is_secret {
+                        p.spec.runtime.secret_refs.iter().any(|r| r.name == name)
+                    } else {
+                        p.spec
+                            .runtime
+                            .config_map_refs
+                            .iter()
+                            .any(|r| r.name == name)
+                    }
+            })
+        }
+    }
+
+    fn environments_of_builder(
+        self,
+    ) -> impl Fn(PartialObjectMeta<DynamicObject>) -> Vec<ObjectRef<Environment>> + Send + Sync
+    {
+        move |builder| {
+            let name = builder.name_any();
+            let namespace = builder.namespace();
+            self.environments_of_projects_where(|p| {
+                let (kind, builder_name) = controllers::environment::dereference::builder_ref(p);
+                p.spec.build.strategy == BuildStrategy::Buildpacks
+                    && builder_name == name
+                    && match kind {
+                        kapsa_api::BuilderKind::ClusterBuilder => namespace.is_none(),
+                        kapsa_api::BuilderKind::Builder => {
+                            namespace.as_deref()
+                                == Some(crate::resources::project::namespace_name(p).as_str())
+                        }
+                    }
+            })
+        }
+    }
+
+    /// Maps a Certificate to the Environments whose TLS it serves: the one
+    /// whose Ingress owns it (HTTP01), or every Environment of the namespace
+    /// (the project's DNS01 wildcard).
+    fn environments_of_certificate(
+        self,
+    ) -> impl Fn(DynamicObject) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |certificate| {
+            let Some(namespace) = certificate.namespace() else {
+                return Vec::new();
+            };
+            let owner = certificate
+                .owner_references()
+                .iter()
+                .find(|o| o.kind == "Ingress")
+                .map(|o| o.name.clone());
+            self.stores
+                .environments
+                .state()
+                .iter()
+                .filter(|e| e.namespace().as_deref() == Some(namespace.as_str()))
+                .filter(|e| owner.as_ref().is_none_or(|o| *o == e.name_any()))
+                .map(|e| ObjectRef::from_obj(e.as_ref()))
+                .collect()
+        }
+    }
 }
 
-/// Maps a Project to its Environments (so a change of the runtime spec
-/// reaches every Deployment).
-fn environments_of_project(
-    environments: Store<Environment>,
-) -> impl Fn(Arc<Project>) -> Vec<ObjectRef<Environment>> + Send + Sync + 'static {
-    move |project| {
-        let name = project.name_any();
-        environments
-            .state()
-            .iter()
-            .filter(|e| e.spec.project == name)
-            .map(|e| ObjectRef::from_obj(e.as_ref()))
-            .collect()
+fn names_cluster_registry(project: &Project, name: &str) -> bool {
+    project.spec.registry_ref.kind == RegistryKind::ClusterRegistry
+        && project.spec.registry_ref.name == name
+}
+
+fn names_registry(project: &Project, registry: &Registry) -> bool {
+    project.spec.registry_ref.kind == RegistryKind::Registry
+        && project.spec.registry_ref.name == registry.name_any()
+        && registry.namespace().as_deref()
+            == Some(crate::resources::project::namespace_name(project).as_str())
+}
+
+/// A metadata object as a shared stream (`Arc`) or a plain one yields it.
+trait NamespaceAndName {
+    fn namespace_and_name(&self) -> (String, String);
+}
+
+type PartialObjectMetaOrArc<K> = <K as MetaTrigger>::Item;
+
+/// What the Secret (shared, `Arc`) and ConfigMap (plain) metadata streams yield.
+trait MetaTrigger {
+    type Item: NamespaceAndName + Send + 'static;
+}
+
+impl MetaTrigger for Secret {
+    type Item = Arc<PartialObjectMeta<Secret>>;
+}
+
+impl MetaTrigger for ConfigMap {
+    type Item = PartialObjectMeta<ConfigMap>;
+}
+
+impl<K: Resource> NamespaceAndName for PartialObjectMeta<K> {
+    fn namespace_and_name(&self) -> (String, String) {
+        (
+            self.metadata.namespace.clone().unwrap_or_default(),
+            self.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl<K: Resource> NamespaceAndName for Arc<PartialObjectMeta<K>> {
+    fn namespace_and_name(&self) -> (String, String) {
+        self.as_ref().namespace_and_name()
     }
 }

@@ -11,25 +11,10 @@ use kapsa_api::{Environment, EnvironmentPhase, Project};
 use kapsa_testenv::git_server::GitServer;
 use kapsa_testenv::simulators::cert_manager::certificate_resource;
 use kapsa_testenv::simulators::kpack::simulated_digest;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::*;
-
-fn condition(conditions: &[kapsa_api::Condition], type_: &str) -> Option<(String, String)> {
-    conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
-}
-
-async fn environment(client: &Client, namespace: &str) -> Option<Environment> {
-    Api::<Environment>::namespaced(client.clone(), namespace)
-        .get_opt("production")
-        .await
-        .ok()
-        .flatten()
-}
 
 fn app_image(d: &Deployment) -> String {
     d.spec
@@ -43,17 +28,6 @@ fn app_image(d: &Deployment) -> String {
         .image
         .clone()
         .unwrap()
-}
-
-/// Waits until the production Environment has rolled out `commit`.
-async fn rolled_out(client: &Client, namespace: &str, commit: &str) -> Environment {
-    eventually(&format!("commit {commit} to be live"), || async {
-        let env = environment(client, namespace).await?;
-        let status = env.status.clone()?;
-        (status.commit.as_deref() == Some(commit) && status.phase == Some(EnvironmentPhase::Ready))
-            .then_some(env)
-    })
-    .await
 }
 
 #[tokio::test]
@@ -103,7 +77,7 @@ async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
     );
     assert_eq!(env.spec.host.as_deref(), Some(host.as_str()));
     assert_eq!(
-        condition(&status.conditions, "TLSReady"),
+        condition_of(&status.conditions, "TLSReady"),
         Some(("True".into(), "CertificateReady".into()))
     );
 
@@ -171,7 +145,7 @@ async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
     // The Project aggregates its Environments a moment later.
     let project = eventually("the Project to be Ready", || async {
         let p = projects.get(name).await.ok()?;
-        let ready = condition(&p.status.clone()?.conditions, "Ready")?;
+        let ready = condition_of(&p.status.clone()?.conditions, "Ready")?;
         (ready.0 == "True").then_some(p)
     })
     .await;
@@ -179,11 +153,11 @@ async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
     assert_eq!(pstatus.host.as_deref(), Some(host.as_str()));
     assert_eq!(pstatus.latest_commit.as_deref(), Some(first.as_str()));
     assert_eq!(
-        condition(&pstatus.conditions, "Ready"),
+        condition_of(&pstatus.conditions, "Ready"),
         Some(("True".into(), "ProductionReady".into()))
     );
     assert_eq!(
-        condition(&pstatus.conditions, "SourceReachable").map(|c| c.0),
+        condition_of(&pstatus.conditions, "SourceReachable").map(|c| c.0),
         Some("True".into())
     );
     // The registry credentials are copied into the namespace for the builder and the app.
@@ -261,16 +235,16 @@ async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
         .unwrap();
     assert!(moved.success());
     let failed = eventually("the build of the third commit to fail", || async {
-        let env = environment(&client, name).await?;
+        let env = production(&client, name).await?;
         let status = env.status.clone()?;
-        (condition(&status.conditions, "Built") == Some(("False".into(), "BuildFailed".into())))
+        (condition_of(&status.conditions, "Built") == Some(("False".into(), "BuildFailed".into())))
             .then_some(status)
     })
     .await;
     assert_eq!(failed.commit.as_deref(), Some(second.as_str()));
     assert_eq!(failed.phase, Some(EnvironmentPhase::Ready));
     assert_eq!(
-        condition(&failed.conditions, "Ready").map(|c| c.0),
+        condition_of(&failed.conditions, "Ready").map(|c| c.0),
         Some("True".into())
     );
     assert_eq!(
@@ -350,20 +324,6 @@ async fn dns01_pool_gets_one_wildcard_certificate_per_project() {
         tls.secret_name.as_deref(),
         Some(format!("{name}-wildcard-tls").as_str())
     );
-}
-
-async fn project_condition(
-    client: &Client,
-    name: &str,
-    type_: &str,
-) -> Option<(String, String, String)> {
-    let project = Api::<Project>::all(client.clone()).get(name).await.ok()?;
-    let c = project
-        .status?
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == type_)?;
-    Some((format!("{:?}", c.status), c.reason, c.message))
 }
 
 #[tokio::test]
@@ -472,7 +432,7 @@ async fn another_projects_or_a_foreign_namespace_is_refused() {
             .get(&intruding.name_any())
             .await
             .ok()?;
-        condition(&env.status?.conditions, "Ready").filter(|c| c.1 == "WrongNamespace")
+        condition_of(&env.status?.conditions, "Ready").filter(|c| c.1 == "WrongNamespace")
     })
     .await;
     assert_eq!(refused.0, "False");
@@ -531,7 +491,7 @@ async fn unreachable_repository_keeps_the_environment_and_says_so() {
     })
     .await;
     assert_eq!(reason, "Unreachable");
-    let env = environment(&client, "flaky").await.unwrap();
+    let env = production(&client, "flaky").await.unwrap();
     assert_eq!(env.spec.commit.as_deref(), Some(commit.as_str()));
     assert_eq!(env.status.unwrap().phase, Some(EnvironmentPhase::Ready));
 }
@@ -555,8 +515,8 @@ async fn a_missing_registry_is_reported_then_picked_up() {
     .await;
     assert!(message.contains("not-yet"), "{message}");
     let built = eventually("the environment to say why it cannot build", || async {
-        let status = environment(&client, "noreg").await?.status?;
-        condition(&status.conditions, "Built").filter(|c| c.1 == "RegistryNotFound")
+        let status = production(&client, "noreg").await?.status?;
+        condition_of(&status.conditions, "Built").filter(|c| c.1 == "RegistryNotFound")
     })
     .await;
     assert_eq!(built.0, "False");

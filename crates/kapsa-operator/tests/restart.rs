@@ -5,24 +5,25 @@ mod support;
 
 use std::time::Duration;
 
-use kapsa_api::{Environment, EnvironmentPhase, Project};
+use kapsa_api::Project;
 use kapsa_testenv::git_server::GitServer;
 use kapsa_testenv::simulators::kpack::image_resource;
 use kube::Client;
 use kube::api::{Api, DynamicObject};
 use support::*;
 
-async fn live(client: &Client, namespace: &str, commit: &str) {
-    eventually(&format!("{commit} to be live"), || async {
-        let env = Api::<Environment>::namespaced(client.clone(), namespace)
-            .get("production")
-            .await
-            .ok()?;
-        let status = env.status?;
-        (status.commit.as_deref() == Some(commit) && status.phase == Some(EnvironmentPhase::Ready))
-            .then_some(())
-    })
-    .await;
+/// Writes the API server saw from `user` since `mark` (its audit log).
+async fn writes_by(
+    log: &kapsa_testenv::AuditLog,
+    mark: kapsa_testenv::AuditMark,
+    user: &str,
+) -> (usize, String) {
+    let events = log.events_since(mark).await;
+    let writes = kapsa_testenv::audit::count(&events, |e| {
+        e.user == user && kapsa_testenv::audit::writes(e)
+    });
+    let summary = kapsa_testenv::audit::summary_by(&events, user);
+    (writes, format!("{summary:#?}"))
 }
 
 async fn build_counter(client: &Client, namespace: &str) -> i64 {
@@ -45,7 +46,8 @@ fn stopper() -> (
 
 #[tokio::test]
 async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
-    let (_, client) = cluster().await;
+    let (env, client) = cluster().await;
+    let log = env.audit_log();
     let platform = platform(&client, "restart", "HTTP01", false).await;
     let git = GitServer::start(None).await.unwrap();
     let repo = git.create_repo("app").unwrap();
@@ -59,21 +61,26 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
 
     let (stop_a, until_a) = stopper();
     let (_, a) = operator_until(client.clone(), until_a);
-    live(&client, name, &first).await;
+    rolled_out(&client, name, &first).await;
     let _ = stop_a.send(());
     a.await.unwrap();
     assert_eq!(build_counter(&client, name).await, 1);
 
     // At rest: a new operator reads the world and finds nothing to write,
     // across more than one poll interval (10s).
+    // Judged by the API server's audit log: the operator runs as a user of
+    // its own.
     let (stop_b, until_b) = stopper();
-    let (metrics_b, b) = operator_until(client.clone(), until_b);
+    let mark = log.mark().await;
+    let (_, b) = operator_until(
+        env.client_as("kapsa-restart-b", &["system:masters"]).await,
+        until_b,
+    );
     tokio::time::sleep(Duration::from_secs(25)).await;
+    let (writes, summary) = writes_by(&log, mark, "kapsa-restart-b").await;
     assert_eq!(
-        metrics_b.total_writes(),
-        0,
-        "a restarted operator with nothing to do writes nothing:\n{}",
-        metrics_b.encode()
+        writes, 0,
+        "a restarted operator with nothing to do writes nothing:\n{summary}"
     );
     assert_eq!(
         build_counter(&client, name).await,
@@ -96,8 +103,10 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
     b.await.unwrap();
 
     let (stop_c, until_c) = stopper();
-    let (metrics_c, c) = operator_until(client.clone(), until_c);
-    live(&client, name, &second).await;
+    let user_c = "kapsa-restart-c";
+    let start_c = log.mark().await;
+    let (_, c) = operator_until(env.client_as(user_c, &["system:masters"]).await, until_c);
+    rolled_out(&client, name, &second).await;
     assert_eq!(
         build_counter(&client, name).await,
         2,
@@ -106,23 +115,24 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
     // Converged (the Project's status follows its Environment's a moment
     // later): once writes stop, none come while nothing changes, across
     // more than two poll intervals.
-    let mut settled = metrics_c.total_writes();
+    let mut settled = writes_by(&log, start_c, user_c).await.0;
     for round in 0.. {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let now = metrics_c.total_writes();
+        let (now, summary) = writes_by(&log, start_c, user_c).await;
         if now == settled {
             break;
         }
-        assert!(round < 20, "writes never stopped:\n{}", metrics_c.encode());
+        assert!(round < 20, "writes never stopped:\n{summary}");
         settled = now;
     }
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    assert_eq!(
-        metrics_c.total_writes(),
-        settled,
-        "idle writes after convergence:\n{}",
-        metrics_c.encode()
+    assert!(
+        settled > 0,
+        "the audit log shows the restarted operator's writes (the oracle can see them)"
     );
+    let idle = log.mark().await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let (writes, summary) = writes_by(&log, idle, user_c).await;
+    assert_eq!(writes, 0, "idle writes after convergence:\n{summary}");
     let _ = stop_c.send(());
     c.await.unwrap();
 }

@@ -4,13 +4,19 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha2::{Digest, Sha256};
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
+use crate::audit::AuditLog;
 use crate::process::{ManagedProcess, log_tail, stop_all};
 
 /// The upstream binaries a control plane is made of.
@@ -104,6 +110,10 @@ fn free_port() -> Result<u16> {
 }
 
 /// How to start a control plane.
+///
+/// The audit log is not a field here (a new field would break the struct
+/// literals of existing callers): start with
+/// [`ControlPlane::start_with_audit_log`] to have it.
 #[derive(Debug, Clone, Default)]
 pub struct ControlPlaneOptions {
     /// Folder for data, certificates, logs and the kubeconfig. A fresh
@@ -121,12 +131,25 @@ pub struct ControlPlane {
     kubeconfig_path: PathBuf,
     api_server_url: String,
     assets_dir: PathBuf,
+    audit_log: Option<AuditLog>,
     /// In start order; stopped in reverse.
     processes: Vec<ManagedProcess>,
 }
 
 impl ControlPlane {
+    /// Starts a control plane without an audit log.
     pub async fn start(options: ControlPlaneOptions) -> Result<Self> {
+        Self::start_inner(options, false).await
+    }
+
+    /// Starts a control plane whose API server writes an audit log (one JSON
+    /// line per request, [`crate::audit::POLICY`]) to `<dir>/audit.log`; read
+    /// it with [`Self::audit_log`].
+    pub async fn start_with_audit_log(options: ControlPlaneOptions) -> Result<Self> {
+        Self::start_inner(options, true).await
+    }
+
+    async fn start_inner(options: ControlPlaneOptions, audit: bool) -> Result<Self> {
         let assets_dir = match options.assets_dir {
             Some(dir) => dir,
             None => tokio::task::spawn_blocking(find_assets)
@@ -156,6 +179,7 @@ impl ControlPlane {
         let mut plane = Self {
             kubeconfig_path: dir.join("kubeconfig"),
             api_server_url: format!("https://127.0.0.1:{api_port}"),
+            audit_log: audit.then(|| AuditLog::at(dir.join("audit.log"))),
             dir,
             _temp: temp,
             assets_dir,
@@ -167,6 +191,7 @@ impl ControlPlane {
             url = plane.api_server_url,
             kubeconfig = %plane.kubeconfig_path.display(),
             elapsed_ms = started.elapsed().as_millis() as u64,
+            audit_log = plane.audit_log.is_some(),
             "control plane ready"
         );
         Ok(plane)
@@ -196,6 +221,27 @@ impl ControlPlane {
     /// A new client for the admin user. Make one per async runtime.
     pub async fn client(&self) -> Result<Client> {
         client_from_kubeconfig(&self.kubeconfig_path).await
+    }
+
+    /// A new client that authenticates as `user` in `groups`, with a client
+    /// certificate signed by this control plane's CA (common name `user`,
+    /// one organization per group). `system:masters` is the admin group; a
+    /// user outside it has only what RBAC grants it. Make one per async runtime.
+    pub async fn client_as(&self, user: &str, groups: &[&str]) -> Result<Client> {
+        client_from_kubeconfig(&self.kubeconfig_as(user, groups)?).await
+    }
+
+    /// A kubeconfig for `user` in `groups` (see [`Self::client_as`]), for
+    /// running a separate process under that identity. The same path for the
+    /// same user and groups; its certificate is minted on the first call.
+    pub fn kubeconfig_as(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
+        user_kubeconfig(&self.dir, &self.api_server_url, user, groups)
+    }
+
+    /// The API server's audit log, if started with
+    /// [`Self::start_with_audit_log`].
+    pub fn audit_log(&self) -> Option<AuditLog> {
+        self.audit_log.clone()
     }
 
     /// Checks that every process is still alive.
@@ -236,6 +282,7 @@ impl ControlPlane {
             Ok(path)
         };
         let ca_cert = write("ca.crt", &pki.ca_cert_pem)?;
+        write(CA_KEY_FILE, &pki.ca_key_pem)?;
         let serving_cert = write("apiserver.crt", &pki.serving_cert_pem)?;
         let serving_key = write("apiserver.key", &pki.serving_key_pem)?;
         let admin_cert = write("admin.crt", &pki.admin_cert_pem)?;
@@ -244,7 +291,16 @@ impl ControlPlane {
         let sa_public_key = write("service-account.pub", &pki.service_account_public_key_pem)?;
         std::fs::write(
             &self.kubeconfig_path,
-            kubeconfig_yaml(&self.api_server_url, &ca_cert, &admin_cert, &admin_key),
+            kubeconfig_yaml(
+                &self.api_server_url,
+                &ca_cert,
+                "kapsa-admin",
+                &format!(
+                    "client-certificate: {}\n    client-key: {}",
+                    admin_cert.display(),
+                    admin_key.display()
+                ),
+            ),
         )?;
         let logs = self.dir.join("logs");
         let kubeconfig = self.kubeconfig_path.display().to_string();
@@ -269,30 +325,51 @@ impl ControlPlane {
             &logs,
         )?;
 
+        let mut audit_args = Vec::new();
+        if let Some(log) = &self.audit_log {
+            let policy = self.dir.join("audit-policy.yaml");
+            std::fs::write(&policy, crate::audit::POLICY)?;
+            audit_args = vec![
+                format!("--audit-policy-file={}", path(&policy)),
+                format!("--audit-log-path={}", path(log.path())),
+                "--audit-log-format=json".into(),
+                // Written in the request's goroutine, so a line is in the file
+                // right after the response; strict: a request that cannot be
+                // audited fails rather than go unrecorded.
+                "--audit-log-mode=blocking-strict".into(),
+                // Megabytes; a test run never reaches it, so never rotates.
+                "--audit-log-maxsize=1000".into(),
+                "--audit-log-maxbackup=1".into(),
+            ];
+        }
         self.spawn(
             "kube-apiserver",
-            vec![
-                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--cert-dir={}", path(&self.dir.join("apiserver-certs"))),
-                format!("--tls-cert-file={}", path(&serving_cert)),
-                format!("--tls-private-key-file={}", path(&serving_key)),
-                format!("--client-ca-file={}", path(&ca_cert)),
-                format!("--service-account-key-file={}", path(&sa_public_key)),
-                format!("--service-account-signing-key-file={}", path(&sa_key)),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--authorization-mode=RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--event-ttl=1h".into(),
-                // Benchmarks apply thousands of objects at once; the defaults
-                // (400/200) would measure the limiter, not Kapsa.
-                "--max-requests-inflight=2000".into(),
-                "--max-mutating-requests-inflight=1000".into(),
-                "--v=0".into(),
-            ],
+            [
+                vec![
+                    format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                    format!("--secure-port={api_port}"),
+                    "--bind-address=127.0.0.1".into(),
+                    "--advertise-address=127.0.0.1".into(),
+                    format!("--cert-dir={}", path(&self.dir.join("apiserver-certs"))),
+                    format!("--tls-cert-file={}", path(&serving_cert)),
+                    format!("--tls-private-key-file={}", path(&serving_key)),
+                    format!("--client-ca-file={}", path(&ca_cert)),
+                    format!("--service-account-key-file={}", path(&sa_public_key)),
+                    format!("--service-account-signing-key-file={}", path(&sa_key)),
+                    "--service-account-issuer=https://kubernetes.default.svc".into(),
+                    "--service-cluster-ip-range=10.96.0.0/16".into(),
+                    "--authorization-mode=RBAC".into(),
+                    "--allow-privileged=true".into(),
+                    "--event-ttl=1h".into(),
+                    // Benchmarks apply thousands of objects at once; the defaults
+                    // (400/200) would measure the limiter, not Kapsa.
+                    "--max-requests-inflight=2000".into(),
+                    "--max-mutating-requests-inflight=1000".into(),
+                    "--v=0".into(),
+                ],
+                audit_args,
+            ]
+            .concat(),
             &logs,
         )?;
         self.wait_for_api_server().await?;
@@ -453,7 +530,73 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-fn kubeconfig_yaml(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+/// Name of the CA's key in the `pki` folder.
+const CA_KEY_FILE: &str = "ca.key";
+
+/// Writes (once) a kubeconfig for `user` in `groups` into `<dir>/users`, with
+/// a client certificate signed by the CA in `<dir>/pki`, and returns its path.
+pub(crate) fn user_kubeconfig(
+    dir: &Path,
+    server: &str,
+    user: &str,
+    groups: &[&str],
+) -> Result<PathBuf> {
+    let mut id = Sha256::new();
+    id.update(user.as_bytes());
+    for group in groups {
+        id.update([0]);
+        id.update(group.as_bytes());
+    }
+    let id = id.finalize();
+    let safe_user: String = user
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(60)
+        .collect();
+    let users = dir.join("users");
+    let path = users.join(format!(
+        "{safe_user}-{:02x}{:02x}{:02x}{:02x}.kubeconfig",
+        id[0], id[1], id[2], id[3]
+    ));
+    if path.exists() {
+        return Ok(path);
+    }
+    let pki = dir.join("pki");
+    let ca_key = std::fs::read_to_string(pki.join(CA_KEY_FILE))?;
+    let (cert, key) = crate::pki::client_certificate(&ca_key, user, groups)?;
+    let yaml = kubeconfig_yaml(
+        server,
+        &pki.join("ca.crt"),
+        "kapsa-user",
+        &format!(
+            "client-certificate-data: {}\n    client-key-data: {}",
+            BASE64.encode(cert),
+            BASE64.encode(key)
+        ),
+    );
+    // Written whole under a unique name, then renamed: a concurrent caller
+    // sees either no file or a complete one (and any one minted is valid).
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    std::fs::create_dir_all(&users)?;
+    let partial = users.join(format!(
+        ".{}-{}.partial",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&partial, yaml)?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
+}
+
+/// A kubeconfig for `server` whose one user authenticates with `user_auth`
+/// (the lines of its `user:` map, indented by four spaces after the first).
+fn kubeconfig_yaml(server: &str, ca: &Path, user_name: &str, user_auth: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
@@ -463,20 +606,17 @@ clusters:
     server: {server}
     certificate-authority: {ca}
 users:
-- name: kapsa-admin
+- name: {user_name}
   user:
-    client-certificate: {cert}
-    client-key: {key}
+    {user_auth}
 contexts:
 - name: kapsa-local
   context:
     cluster: kapsa-local
-    user: kapsa-admin
+    user: {user_name}
 current-context: kapsa-local
 ",
         ca = ca.display(),
-        cert = cert.display(),
-        key = key.display(),
     )
 }
 

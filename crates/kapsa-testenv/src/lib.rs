@@ -6,8 +6,10 @@
 //!   loopback ports, torn down on drop.
 //! - [`simulators`]: kpack and cert-manager SIMULATORS for what needs a
 //!   container runtime or the internet.
-//! - [`shared`]: one control plane per test binary.
+//! - [`shared`]: one control plane per test binary, with an audit log.
+//! - [`audit`]: the API server's audit log, read back: what each user did.
 
+pub mod audit;
 pub mod control_plane;
 pub mod crds;
 pub mod git_server;
@@ -17,6 +19,7 @@ pub mod shared;
 pub mod simulators;
 pub mod wait;
 
+pub use audit::{AuditEvent, AuditLog, AuditMark};
 pub use control_plane::{
     ControlPlane, ControlPlaneOptions, Error, Result, client_from_kubeconfig, find_assets,
 };

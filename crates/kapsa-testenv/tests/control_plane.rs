@@ -8,6 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::Ingress;
+use kapsa_testenv::audit::{self, AuditEvent};
 use kapsa_testenv::simulators::cert_manager::{certificate_resource, cluster_issuer_resource};
 use kapsa_testenv::simulators::kpack::{self, image_resource, simulated_digest};
 use kapsa_testenv::{ControlPlane, ControlPlaneOptions, TestEnv};
@@ -368,6 +369,11 @@ async fn dropping_a_control_plane_leaves_no_process() {
     .expect("a second control plane starts");
     let pids = plane.pids();
     let dir = plane.dir().to_path_buf();
+    assert!(
+        plane.audit_log().is_none(),
+        "the audit log is off by default"
+    );
+    assert!(!dir.join("audit.log").exists());
     assert_eq!(
         pids.len(),
         5,
@@ -384,4 +390,226 @@ async fn dropping_a_control_plane_leaves_no_process() {
         );
     }
     assert!(!dir.exists(), "the temporary folder is removed");
+}
+
+#[tokio::test]
+async fn audit_log_attributes_each_request_to_its_user() {
+    let (env, admin) = env().await;
+    let ns = env.unique_name("audit");
+    namespace(&admin, &ns).await;
+    let log = env.audit_log();
+    let probe = env.client_as("audit-probe", &["system:masters"]).await;
+    let mark = log.mark().await;
+
+    let cms: Api<ConfigMap> = Api::namespaced(probe, &ns);
+    create(
+        &cms,
+        json!({"metadata": {"name": "probe"}, "data": {"k": "v"}}),
+    )
+    .await;
+    cms.get("probe").await.unwrap();
+    cms.get("probe").await.unwrap();
+    // The admin's own requests in between belong to the admin.
+    Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .get("probe")
+        .await
+        .unwrap();
+    cms.patch(
+        "probe",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "w"}})),
+    )
+    .await
+    .unwrap();
+    cms.delete("probe", &DeleteParams::default()).await.unwrap();
+
+    let events = log.events_since(mark).await;
+    let probe_events: Vec<&AuditEvent> =
+        events.iter().filter(|e| e.user == "audit-probe").collect();
+    let expected: BTreeMap<String, usize> = [
+        ("create configmaps", 1),
+        ("get configmaps", 2),
+        ("patch configmaps", 1),
+        ("delete configmaps", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(audit::summary_by(&events, "audit-probe"), expected);
+    let verbs: Vec<&str> = probe_events.iter().map(|e| e.verb.as_str()).collect();
+    assert_eq!(verbs, ["create", "get", "get", "patch", "delete"]);
+    for e in &probe_events {
+        assert_eq!(
+            (
+                e.api_group.as_str(),
+                e.resource.as_str(),
+                e.subresource.as_str()
+            ),
+            ("", "configmaps", ""),
+            "{e}"
+        );
+        assert_eq!(
+            (e.namespace.as_str(), e.name.as_str()),
+            (ns.as_str(), "probe"),
+            "{e}"
+        );
+        assert_eq!(e.stage, "ResponseComplete");
+        assert!(
+            e.groups.iter().any(|g| g == "system:masters"),
+            "{e}: {:?}",
+            e.groups
+        );
+        assert!(!e.audit_id.is_empty() && !e.request_received_timestamp.is_empty());
+    }
+    let codes: Vec<u16> = probe_events.iter().map(|e| e.response_code).collect();
+    assert_eq!(codes, [201, 200, 200, 200, 200]);
+    assert_eq!(
+        audit::count(&events, |e| e.user == "audit-probe" && e.is_write()),
+        3
+    );
+
+    let admin_gets: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| {
+            e.verb == "get" && e.namespace == ns && e.name == "probe" && e.user != "audit-probe"
+        })
+        .collect();
+    assert_eq!(admin_gets.len(), 1, "{admin_gets:#?}");
+    assert_eq!(admin_gets[0].user, "kapsa-admin");
+    // The namespace was created before the mark, by the admin.
+    assert_eq!(
+        audit::count(&events, |e| e.resource == "namespaces"
+            && e.name == ns
+            && e.is_write()),
+        0
+    );
+}
+
+#[tokio::test]
+async fn audit_log_records_a_refused_request() {
+    let (env, admin) = env().await;
+    let ns = env.unique_name("refused");
+    namespace(&admin, &ns).await;
+    let cms: Api<ConfigMap> = Api::namespaced(admin, &ns);
+    create(&cms, json!({"metadata": {"name": "secret-ish"}})).await;
+    let log = env.audit_log();
+    let mark = log.mark().await;
+
+    let nobody: Api<ConfigMap> = Api::namespaced(env.client_as("nobody", &[]).await, &ns);
+    match nobody.get("secret-ish").await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("a user outside system:masters read a ConfigMap: {other:?}"),
+    }
+
+    let events = log.events_since(mark).await;
+    let refused: Vec<&AuditEvent> = events.iter().filter(|e| e.user == "nobody").collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "{:#?}",
+        audit::summary_by(&events, "nobody")
+    );
+    let e = refused[0];
+    assert_eq!(
+        (
+            e.verb.as_str(),
+            e.resource.as_str(),
+            e.namespace.as_str(),
+            e.name.as_str()
+        ),
+        ("get", "configmaps", ns.as_str(), "secret-ish")
+    );
+    assert_eq!(e.response_code, 403);
+    assert!(
+        !e.groups.iter().any(|g| g == "system:masters"),
+        "{:?}",
+        e.groups
+    );
+    assert!(
+        e.groups.iter().any(|g| g == "system:authenticated"),
+        "{:?}",
+        e.groups
+    );
+
+    // Every group of a certificate counts, not only the first.
+    let mark = log.mark().await;
+    let member: Api<ConfigMap> = Api::namespaced(
+        env.client_as("member", &["team-a", "system:masters", "team-b"])
+            .await,
+        &ns,
+    );
+    member
+        .get("secret-ish")
+        .await
+        .expect("system:masters may read");
+    let events = log.events_since(mark).await;
+    let read: Vec<&AuditEvent> = events.iter().filter(|e| e.user == "member").collect();
+    assert_eq!(read.len(), 1, "{:#?}", audit::summary_by(&events, "member"));
+    assert_eq!(read[0].response_code, 200);
+    assert_eq!(
+        read[0].groups,
+        ["team-a", "system:masters", "team-b", "system:authenticated"]
+    );
+}
+
+#[tokio::test]
+async fn audit_log_lines_appear_within_a_second_and_skip_the_noise() {
+    let (env, admin) = env().await;
+    let ns = env.unique_name("audit-noise");
+    namespace(&admin, &ns).await;
+    let log = env.audit_log();
+    let user = "policy-probe";
+    let client = env.client_as(user, &["system:masters"]).await;
+    let mark = log.mark().await;
+
+    // Not logged at all: health, version and discovery endpoints, and reads
+    // of Events and Leases.
+    for path in [
+        "/readyz",
+        "/livez",
+        "/healthz",
+        "/api",
+        "/apis",
+        "/openapi/v2",
+    ] {
+        let request = http::Request::get(path).body(Vec::new()).unwrap();
+        client.request_text(request).await.unwrap();
+    }
+    client.apiserver_version().await.unwrap();
+    Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "kube-node-lease")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    // Logged: a write, and a list of anything else.
+    let sent = std::time::Instant::now();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    create(&cms, json!({"metadata": {"name": "sentinel"}})).await;
+    let answered = sent.elapsed();
+    log.wait_for(mark, Duration::from_secs(1), |events| {
+        audit::count(events, |e| e.user == user && e.verb == "create") == 1
+    })
+    .await
+    .unwrap_or_else(|events| {
+        panic!(
+            "the create was not in the audit log within 1 s: {:#?}",
+            audit::summary_by(&events, user)
+        )
+    });
+    let latency = sent.elapsed();
+    eprintln!(
+        "audit line in the file {:.1} ms after the request was sent ({:.1} ms to answer)",
+        latency.as_secs_f64() * 1e3,
+        answered.as_secs_f64() * 1e3
+    );
+    cms.list(&ListParams::default()).await.unwrap();
+    let events = log.events_since(mark).await;
+    let expected: BTreeMap<String, usize> = [("create configmaps", 1), ("list configmaps", 1)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(audit::summary_by(&events, user), expected);
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
-use kapsa_api::{Environment, EnvironmentPhase};
+use kapsa_api::{Environment, EnvironmentPhase, external};
 use kapsa_testenv::git_server::{GitServer, TestRepo};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -60,6 +60,13 @@ spec:
 
 fn resource_of(object: &DynamicObject) -> anyhow::Result<ApiResource> {
     let types = object.types.as_ref().context("apiVersion and kind")?;
+    // The kpack and cert-manager kinds, with their exact plurals.
+    if let Some(resource) = external::all()
+        .into_iter()
+        .find(|r| r.api_version == types.api_version && r.kind == types.kind)
+    {
+        return Ok(resource);
+    }
     let (group, version) = types
         .api_version
         .split_once('/')

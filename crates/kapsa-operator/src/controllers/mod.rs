@@ -1,23 +1,31 @@
-//! One reconciler per resource. Each reconcile is a visible pipeline:
-//! dereference → validate → build (pure, in `crate::resources`) → apply →
-//! update status (only when it changed).
+//! One reconciler per resource. Each reconcile is a visible pipeline, one
+//! module per step:
+//!
+//! 1. **dereference** (`<kind>/dereference.rs`): everything the plan needs,
+//!    from the caches only;
+//! 2. **plan** (`<kind>/plan.rs`): a pure function from those inputs to the
+//!    children to apply, the children to delete, the status and the Events;
+//! 3. **apply and prune** ([`crate::apply`]): server-side apply (field
+//!    manager `kapsa`), each object written only if it changes, then delete
+//!    what Kapsa owns and the plan no longer wants;
+//! 4. **update status** ([`crate::status`]): one write, only on change.
 
 pub mod environment;
 pub mod project;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kapsa_api::{Condition, ConditionStatus};
+/// The YAML fixture loader and checker of both plans' unit tests.
+#[cfg(test)]
+pub(crate) mod plan_fixtures;
 
-/// A condition stamped with the current time and the object's generation.
-pub(crate) fn condition(
-    type_: &str,
-    status: ConditionStatus,
-    reason: &str,
-    message: impl Into<String>,
-    generation: Option<i64>,
-) -> Condition {
-    Condition::new(type_, status, reason, message, generation, Time(now()))
-}
+use std::time::Duration;
+
+use kapsa_api::{Condition, ConditionStatus};
+use kube::runtime::controller::Action;
+
+use crate::children::{Child, Deletion, Observed};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::status::PlannedEvent;
 
 pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
@@ -29,8 +37,9 @@ const MILESTONES: [&str; 3] = ["ProductionReady", "RolledOut", "Allocated"];
 
 /// Reasons of conditions that are False on the way to True (a new object,
 /// a build or rollout under way): normal, and not worth an Event.
-const PASSING_REASONS: [&str; 9] = [
+const PASSING_REASONS: [&str; 10] = [
     "NothingToDeploy",
+    "NoClusterIssuer",
     "NoDomain",
     "NoHost",
     "NotServing",
@@ -41,24 +50,109 @@ const PASSING_REASONS: [&str; 9] = [
     "RollingOut",
 ];
 
-/// The condition of `type_` in `after`, if its change from `before` is
-/// worth an Event, and whether that Event is a warning: problems (False
-/// with a reason that is not a passing state) and milestones.
-pub(crate) fn transition<'a>(
+/// Events for the conditions of `types` whose change from `before` to
+/// `after` is worth one: problems (False with a reason that is not a
+/// passing state, as a Warning) and milestones.
+pub(crate) fn transitions(
     before: &[Condition],
-    after: &'a [Condition],
-    type_: &str,
-) -> Option<(bool, &'a Condition)> {
-    let new = after.iter().find(|c| c.type_ == type_)?;
-    let old = before.iter().find(|c| c.type_ == type_);
-    if old.is_some_and(|old| old.status == new.status && old.reason == new.reason) {
-        return None;
-    }
-    match new.status {
-        ConditionStatus::False if !PASSING_REASONS.contains(&new.reason.as_str()) => {
-            Some((true, new))
+    after: &[Condition],
+    types: &[&str],
+) -> Vec<PlannedEvent> {
+    let mut events: Vec<PlannedEvent> = Vec::new();
+    let found = types.iter().filter_map(|type_| {
+        let new = after.iter().find(|c| c.type_ == *type_)?;
+        let old = before.iter().find(|c| c.type_ == *type_);
+        if old.is_some_and(|old| old.status == new.status && old.reason == new.reason) {
+            return None;
         }
-        ConditionStatus::True if MILESTONES.contains(&new.reason.as_str()) => Some((false, new)),
-        _ => None,
+        match new.status {
+            ConditionStatus::False if !PASSING_REASONS.contains(&new.reason.as_str()) => {
+                Some(PlannedEvent::warning(&new.reason, &new.message))
+            }
+            ConditionStatus::True if MILESTONES.contains(&new.reason.as_str()) => {
+                Some(PlannedEvent::normal(&new.reason, &new.message))
+            }
+            _ => None,
+        }
+    });
+    // One problem often shows in two conditions (DomainAllocated and Ready):
+    // one Event.
+    for event in found {
+        if !events.contains(&event) {
+            events.push(event);
+        }
+    }
+    events
+}
+
+/// Step 3: applies what the plan wants (each object only if it changes
+/// something), then deletes what it no longer wants.
+pub(crate) async fn apply_and_prune(
+    ctx: &Context,
+    apply: &[Child],
+    observed: &[Observed],
+    delete: &[Deletion],
+) -> Result<()> {
+    for child in apply {
+        let key = child.key();
+        let cached = observed.iter().find(|o| o.key == key);
+        ctx.applier.apply(child, cached).await?;
+    }
+    for deletion in delete {
+        if ctx.applier.delete(deletion).await? {
+            tracing::info!(object = %deletion.key, "pruned: the plan no longer wants it");
+        }
+    }
+    Ok(())
+}
+
+/// Shortest and longest wait before retrying a failed reconcile.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The wait after the `failures`-th failure in a row: 1 s, 2 s, 4 s, … up
+/// to five minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+    (BACKOFF_MIN * factor).min(BACKOFF_MAX)
+}
+
+/// Records a failed reconcile of `key` and returns when to retry.
+pub(crate) fn on_error(ctx: &Context, controller: &str, key: String, error: &Error) -> Action {
+    ctx.metrics.record_failure(controller, error.reason());
+    let failures = match ctx.failures.lock() {
+        Ok(mut failures) => {
+            let n = failures.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let wait = backoff(failures);
+    tracing::warn!(controller, object = %key, %error, failures, retry_in_s = wait.as_secs(), "reconcile failed; retrying");
+    Action::requeue(wait)
+}
+
+/// Forgets the failures of `key` after a successful reconcile.
+pub(crate) fn on_success(ctx: &Context, key: &str) {
+    if let Ok(mut failures) = ctx.failures.lock()
+        && !failures.is_empty()
+    {
+        failures.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(9), Duration::from_secs(256));
+        assert_eq!(backoff(10), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
     }
 }

@@ -35,9 +35,29 @@ pub fn environment_labels(project: &str, environment: &str) -> BTreeMap<String, 
     labels.extend(selector_labels(project, environment));
     labels.insert(
         "app.kubernetes.io/instance".to_string(),
-        format!("{project}-{environment}"),
+        instance_label(project, environment),
     );
     labels
+}
+
+/// Longest label value the API server accepts.
+pub const MAX_LABEL_VALUE: usize = 63;
+
+/// `<project>-<environment>`, or, when that is longer than a label value may
+/// be (a 40-character project and a 63-character Environment), its first
+/// 56 characters and a 6-hex-digit hash of the whole: stable, distinct, valid.
+pub fn instance_label(project: &str, environment: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let full = format!("{project}-{environment}");
+    if full.len() <= MAX_LABEL_VALUE {
+        return full;
+    }
+    let hash: String = Sha256::digest(full.as_bytes())[..3]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let head = full[..MAX_LABEL_VALUE - 7].trim_end_matches(['-', '.']);
+    format!("{head}-{hash}")
 }
 
 /// The Deployment's selector and the Service's: immutable once created.
@@ -59,5 +79,33 @@ pub fn controller_reference<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerRe
         uid: owner.uid().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: Some(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_label_fits_a_label_value_at_the_longest_names() {
+        assert_eq!(instance_label("shop", "production"), "shop-production");
+        let project = "p".repeat(40);
+        let a = instance_label(&project, &format!("preview-{}", "a".repeat(55)));
+        let b = instance_label(&project, &format!("preview-{}", "a".repeat(54) + "b"));
+        for value in [&a, &b] {
+            assert!(value.len() <= MAX_LABEL_VALUE, "{value}");
+            assert!(value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+            assert!(
+                value.starts_with('p') && value.chars().last().unwrap().is_ascii_alphanumeric()
+            );
+        }
+        assert_ne!(a, b, "distinct environments keep distinct labels");
+        assert_eq!(
+            a,
+            instance_label(&project, &format!("preview-{}", "a".repeat(55)))
+        );
+        // A cut that would end on a dash does not.
+        let cut = instance_label(&"x".repeat(55), "-y-production-environment");
+        assert!(!cut.contains("--"), "{cut}");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     LocalObjectReference, Namespace, ObjectReference, ResourceQuota, ResourceQuotaSpec, Secret,
     ServiceAccount,
@@ -11,7 +12,7 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
 use kapsa_api::{Environment, EnvironmentSpec, EnvironmentType, Project};
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 
 use super::environment::{BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT};
 use super::{controller_reference, project_labels};
@@ -59,7 +60,7 @@ pub fn namespace(project: &Project) -> Namespace {
 
 /// Whether an existing namespace may be used by `project`: only if it is
 /// already this Project's (by owner reference or owner annotation).
-pub fn namespace_belongs_to(ns: &Namespace, project: &Project) -> bool {
+pub fn namespace_belongs_to(ns: &impl Resource, project: &Project) -> bool {
     let by_owner = ns.owner_references().iter().any(|o| {
         o.kind == "Project"
             && o.name == project.name_any()
@@ -160,11 +161,67 @@ pub fn builder_role_binding(project: &Project) -> RoleBinding {
     }
 }
 
+/// Annotation on the registry Secret copy: `<uid>/<resourceVersion>` of the
+/// source it was copied from.
+pub const SOURCE_VERSION_ANNOTATION: &str = "kapsa.dev/source-version";
+/// Annotation on the registry Secret copy: SHA-256 of the data it was given,
+/// so an edit of the copy is noticed without reading the source.
+pub const DATA_DIGEST_ANNOTATION: &str = "kapsa.dev/data-sha256";
+
+/// `<uid>/<resourceVersion>`: changes whenever the object does.
+pub fn source_version(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.uid.as_deref().unwrap_or_default(),
+        meta.resource_version.as_deref().unwrap_or_default()
+    )
+}
+
+/// SHA-256 (hex) of a Secret's data, keys and values length-prefixed.
+pub fn data_digest(data: Option<&BTreeMap<String, ByteString>>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (key, value) in data.into_iter().flatten() {
+        hasher.update((key.len() as u64).to_be_bytes());
+        hasher.update(key.as_bytes());
+        hasher.update((value.0.len() as u64).to_be_bytes());
+        hasher.update(&value.0);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether the copy was made from the source at `version` and still holds
+/// what it was given.
+pub fn copy_matches(copy: &Secret, version: &str) -> bool {
+    let annotations = copy.annotations();
+    annotations
+        .get(SOURCE_VERSION_ANNOTATION)
+        .map(String::as_str)
+        == Some(version)
+        && annotations.get(DATA_DIGEST_ANNOTATION) == Some(&data_digest(copy.data.as_ref()))
+        && copy.type_.as_deref() == Some("kubernetes.io/dockerconfigjson")
+}
+
 /// A copy of the registry's dockerconfigjson Secret, kept in sync. Only the
 /// data is copied: labels and annotations of the source are not trusted.
 pub fn registry_secret(project: &Project, source: &Secret) -> Secret {
+    let mut metadata = meta(project, REGISTRY_SECRET, Some(&namespace_name(project)));
+    metadata.annotations = Some(BTreeMap::from([
+        (
+            SOURCE_VERSION_ANNOTATION.to_string(),
+            source_version(&source.metadata),
+        ),
+        (
+            DATA_DIGEST_ANNOTATION.to_string(),
+            data_digest(source.data.as_ref()),
+        ),
+    ]));
     Secret {
-        metadata: meta(project, REGISTRY_SECRET, Some(&namespace_name(project))),
+        metadata,
         type_: Some("kubernetes.io/dockerconfigjson".to_string()),
         data: source.data.clone(),
         ..Secret::default()
@@ -308,8 +365,27 @@ mod tests {
             Some("kubernetes.io/dockerconfigjson")
         );
         assert_eq!(copy.data, source.data);
-        assert!(copy.metadata.annotations.is_none());
+        let annotations = copy.annotations();
+        assert!(
+            !annotations.contains_key("evil"),
+            "source annotations are not copied"
+        );
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            [DATA_DIGEST_ANNOTATION, SOURCE_VERSION_ANNOTATION]
+        );
         assert_eq!(copy.namespace().as_deref(), Some("shop"));
+        assert!(copy_matches(&copy, &source_version(&source.metadata)));
+        let mut edited = copy.clone();
+        edited.data = Some(BTreeMap::from([(
+            ".dockerconfigjson".into(),
+            k8s_openapi::ByteString(b"{\"auths\":{}}".to_vec()),
+        )]));
+        assert!(
+            !copy_matches(&edited, &source_version(&source.metadata)),
+            "an edited copy"
+        );
+        assert!(!copy_matches(&copy, "other-uid/1"), "a changed source");
     }
 
     #[test]

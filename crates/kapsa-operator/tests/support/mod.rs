@@ -8,19 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kapsa_api::external;
 use kapsa_operator::metrics::Metrics;
 use kapsa_operator::{OperatorConfig, run};
 use kapsa_testenv::TestEnv;
-use kapsa_testenv::simulators::cert_manager::cluster_issuer_resource;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
+/// The user the shared operator runs as (in group system:masters): its
+/// requests are the ones the audit log attributes to this name.
+pub const OPERATOR_USER: &str = "kapsa-operator";
 /// Namespace of the registry credentials (as a platform team would keep them).
 pub const PLATFORM_NAMESPACE: &str = "kapsa-system";
 
@@ -41,10 +42,11 @@ pub async fn cluster() -> (&'static TestEnv, Client) {
             let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml()).expect("CRDs");
             kapsa_testenv::crds::install_crds(&client, &crds, "kapsa").await.expect("CRDs installed");
             create_ignoring_conflict(&Api::<Namespace>::all(client.clone()), json!({"metadata": {"name": PLATFORM_NAMESPACE}})).await;
-            let builders: Api<DynamicObject> = Api::all_with(client.clone(), &cluster_builder_resource());
+            let builder = external::kpack_cluster_builder();
+            let builders: Api<DynamicObject> = Api::all_with(client.clone(), &builder);
             create_ignoring_conflict(
                 &builders,
-                json!({"apiVersion": "kpack.io/v1alpha2", "kind": "ClusterBuilder", "metadata": {"name": "default"},
+                json!({"apiVersion": builder.api_version, "kind": builder.kind, "metadata": {"name": "default"},
                     "spec": {"tag": "registry.example/builders/default"}}),
             )
             .await;
@@ -62,7 +64,7 @@ pub async fn shared_operator() -> Arc<Metrics> {
         .get_or_init(|| async {
             let metrics = Arc::new(Metrics::default());
             let for_thread = metrics.clone();
-            let kubeconfig = env.kubeconfig_path().to_path_buf();
+            let kubeconfig = env.kubeconfig_as(OPERATOR_USER, &["system:masters"]);
             std::thread::Builder::new()
                 .name("kapsa-operator".into())
                 .spawn(move || {
@@ -72,6 +74,8 @@ pub async fn shared_operator() -> Arc<Metrics> {
                         .build()
                         .unwrap();
                     rt.block_on(async move {
+                        // Its own user, so the API server's audit log tells
+                        // its requests from the tests'.
                         let client = kapsa_testenv::client_from_kubeconfig(&kubeconfig)
                             .await
                             .unwrap();
@@ -105,14 +109,6 @@ pub fn operator_until(
             .unwrap();
     });
     (metrics, handle)
-}
-
-pub fn cluster_builder_resource() -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "kpack.io",
-        "v1alpha2",
-        "ClusterBuilder",
-    ))
 }
 
 pub async fn create_ignoring_conflict<K>(api: &Api<K>, value: Value)
@@ -163,9 +159,10 @@ pub async fn platform(client: &Client, id: &str, challenge: &str, dns01_issuer: 
     } else {
         json!({"http01": {"ingress": {}}})
     };
+    let cluster_issuer = external::cert_manager_cluster_issuer();
     create_ignoring_conflict(
-        &Api::<DynamicObject>::all_with(client.clone(), &cluster_issuer_resource()),
-        json!({"apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer", "metadata": {"name": issuer},
+        &Api::<DynamicObject>::all_with(client.clone(), &cluster_issuer),
+        json!({"apiVersion": cluster_issuer.api_version, "kind": cluster_issuer.kind, "metadata": {"name": issuer},
             "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [solver]}}}),
     )
     .await;
@@ -244,4 +241,107 @@ pub async fn fail_revisions(client: &Client, revisions: &[&str]) {
         )
         .await
         .expect("kpack simulator settings");
+}
+
+/// A Project that went live: its repository and the commit that serves.
+pub struct LiveProject {
+    pub name: String,
+    pub platform: Platform,
+    pub git: kapsa_testenv::git_server::GitServer,
+    pub repo: kapsa_testenv::git_server::TestRepo,
+    pub commit: String,
+}
+
+/// Creates a Project `name` on `platform` from a new repository with one
+/// commit (after `edit` has changed its manifest) and waits until that
+/// commit serves.
+pub async fn live_project(
+    client: &Client,
+    name: &str,
+    platform: Platform,
+    edit: impl FnOnce(&mut Value),
+) -> LiveProject {
+    let git = kapsa_testenv::git_server::GitServer::start(None)
+        .await
+        .expect("git server");
+    let repo = git.create_repo(name).expect("repository");
+    let commit = repo
+        .commit("main", "app.txt", "v1", "first")
+        .expect("commit");
+    let mut manifest = project_manifest(name, repo.url(), &platform, None);
+    edit(&mut manifest);
+    create(&Api::<kapsa_api::Project>::all(client.clone()), manifest).await;
+    rolled_out(client, name, &commit).await;
+    LiveProject {
+        name: name.to_string(),
+        platform,
+        git,
+        repo,
+        commit,
+    }
+}
+
+/// The production Environment of the project namespace, if it exists.
+pub async fn production(client: &Client, namespace: &str) -> Option<kapsa_api::Environment> {
+    Api::<kapsa_api::Environment>::namespaced(client.clone(), namespace)
+        .get_opt("production")
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits until the production Environment has rolled out `commit` and is Ready.
+pub async fn rolled_out(client: &Client, namespace: &str, commit: &str) -> kapsa_api::Environment {
+    eventually(&format!("commit {commit} to be live"), || async {
+        let env = production(client, namespace).await?;
+        let status = env.status.clone()?;
+        (status.commit.as_deref() == Some(commit)
+            && status.phase == Some(kapsa_api::EnvironmentPhase::Ready))
+        .then_some(env)
+    })
+    .await
+}
+
+/// The status and reason of a condition, e.g. `("False", "HostConflict")`.
+pub fn condition_of(conditions: &[kapsa_api::Condition], type_: &str) -> Option<(String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+}
+
+/// Status, reason and message of a condition of a Kapsa object.
+fn condition_parts(
+    conditions: Vec<kapsa_api::Condition>,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let c = conditions.into_iter().find(|c| c.type_ == type_)?;
+    Some((format!("{:?}", c.status), c.reason, c.message))
+}
+
+/// A condition of the Project `name`, as `(status, reason, message)`.
+pub async fn project_condition(
+    client: &Client,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let project = Api::<kapsa_api::Project>::all(client.clone())
+        .get(name)
+        .await
+        .ok()?;
+    condition_parts(project.status?.conditions, type_)
+}
+
+/// A condition of the Environment `namespace/name`, as `(status, reason, message)`.
+pub async fn environment_condition(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let env = Api::<kapsa_api::Environment>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .ok()?;
+    condition_parts(env.status?.conditions, type_)
 }

@@ -21,9 +21,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
-};
+use kapsa_api::external;
+use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -37,18 +36,16 @@ pub const CLUSTER_ISSUER_ANNOTATION: &str = "cert-manager.io/cluster-issuer";
 /// Annotation on issued Secrets: a hash of the names the certificate covers.
 const NAMES_HASH_ANNOTATION: &str = "cert-manager-simulator.kapsa.dev/names-hash";
 
+/// The cert-manager `Certificate` resource:
+/// [`kapsa_api::external::cert_manager_certificate`].
 pub fn certificate_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),
-        "certificates",
-    )
+    external::cert_manager_certificate()
 }
 
+/// The cert-manager `ClusterIssuer` resource:
+/// [`kapsa_api::external::cert_manager_cluster_issuer`].
 pub fn cluster_issuer_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("cert-manager.io", "v1", "ClusterIssuer"),
-        "clusterissuers",
-    )
+    external::cert_manager_cluster_issuer()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +89,7 @@ pub fn certificates_for_ingress(ingress: &Ingress) -> Vec<DynamicObject> {
             cert.data = json!({"spec": {
                 "secretName": secret,
                 "dnsNames": entry.hosts.unwrap_or_default(),
-                "issuerRef": {"name": issuer, "kind": "ClusterIssuer", "group": "cert-manager.io"},
+                "issuerRef": {"name": issuer, "kind": "ClusterIssuer", "group": external::CERT_MANAGER_GROUP},
             }});
             Some(cert)
         })

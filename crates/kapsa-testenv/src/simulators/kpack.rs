@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PostParams};
+use kapsa_api::external;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -33,19 +34,9 @@ pub const SETTINGS_NAMESPACE: &str = "kpack-simulator";
 /// Name of the simulator's settings ConfigMap.
 pub const SETTINGS_NAME: &str = "settings";
 
+/// The kpack `Image` resource: [`kapsa_api::external::kpack_image`].
 pub fn image_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("kpack.io", "v1alpha2", "Image"),
-        "images",
-    )
-}
-
-fn builder_resource(kind: &str) -> ApiResource {
-    let plural = format!("{}s", kind.to_lowercase());
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("kpack.io", "v1alpha2", kind),
-        &plural,
-    )
+    external::kpack_image()
 }
 
 /// The digest the simulator gives a build of `revision` from `url`.
@@ -179,15 +170,14 @@ async fn reconcile_image(image: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Act
 }
 
 async fn reconcile_builder(builder: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
-    let kind = builder
-        .types
-        .as_ref()
-        .map(|t| t.kind.clone())
-        .unwrap_or_default();
-    let resource = builder_resource(&kind);
+    // A ClusterBuilder is cluster-scoped, a Builder namespaced.
     let api: Api<DynamicObject> = match builder.namespace() {
-        Some(ns) => Api::namespaced_with(ctx.client.clone(), &ns, &resource),
-        None => Api::all_with(ctx.client.clone(), &resource),
+        Some(ns) => Api::namespaced_with(
+            ctx.client.clone(),
+            &ns,
+            &external::kpack_namespaced_builder(),
+        ),
+        None => Api::all_with(ctx.client.clone(), &external::kpack_cluster_builder()),
     };
     let generation = builder.metadata.generation.unwrap_or_default();
     let status = builder.data.get("status").cloned().unwrap_or(Value::Null);
@@ -224,16 +214,16 @@ pub async fn run(client: Client) {
     .run(reconcile_image, error_policy, ctx.clone())
     .for_each(|_| async {});
     let cluster_builders = Controller::new_with(
-        Api::<DynamicObject>::all_with(client.clone(), &builder_resource("ClusterBuilder")),
+        Api::<DynamicObject>::all_with(client.clone(), &external::kpack_cluster_builder()),
         watcher::Config::default(),
-        builder_resource("ClusterBuilder"),
+        external::kpack_cluster_builder(),
     )
     .run(reconcile_builder, error_policy, ctx.clone())
     .for_each(|_| async {});
     let builders = Controller::new_with(
-        Api::<DynamicObject>::all_with(client.clone(), &builder_resource("Builder")),
+        Api::<DynamicObject>::all_with(client.clone(), &external::kpack_namespaced_builder()),
         watcher::Config::default(),
-        builder_resource("Builder"),
+        external::kpack_namespaced_builder(),
     )
     .run(reconcile_builder, error_policy, ctx)
     .for_each(|_| async {});

@@ -1,0 +1,182 @@
+//! Step 1 of the Environment reconcile: everything the plan needs, read from
+//! the caches only (no API call).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kapsa_api::project::{BuildStrategy, BuilderKind, DEFAULT_BUILDER_NAME};
+use kapsa_api::{DomainPool, Environment, Project};
+use kube::api::DynamicObject;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use crate::children::Observed;
+use crate::context::{Context, cached, cached_with};
+use crate::references::{Problem, RegistryRef, registry};
+use crate::resources::environment::{
+    certificate_api_resource, kpack_image_api_resource, wildcard_certificate_name,
+};
+
+/// Whether the kpack builder a Project names can build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuilderState {
+    Present,
+    NotFound,
+    KpackNotInstalled,
+}
+
+/// The inputs of [`super::plan::plan`].
+#[derive(Clone, Debug)]
+pub struct EnvironmentWorld {
+    pub environment: Arc<Environment>,
+    pub project: Option<Arc<Project>>,
+    pub pool: Option<Arc<DomainPool>>,
+    /// The registry's address (its credentials are the Project's business).
+    pub registry: Result<RegistryRef, Problem>,
+    pub builder: BuilderState,
+    /// The Environment's children as cached now.
+    pub deployment: Option<Arc<Deployment>>,
+    pub service: Option<Arc<Service>>,
+    pub ingress: Option<Arc<Ingress>>,
+    pub image: Option<Arc<DynamicObject>>,
+    /// The Certificates its TLS may come from: `<env>-tls` (per host) and
+    /// `<project>-wildcard` (DNS01), when cached.
+    pub certificates: Vec<Arc<DynamicObject>>,
+    /// `configMapRefs`/`secretRefs` that do not exist, e.g. `ConfigMap "x"`.
+    pub missing_references: Vec<String>,
+    pub now: Time,
+}
+
+impl EnvironmentWorld {
+    /// The Environment's children as cached, for prune and compare.
+    pub fn observed(&self) -> Vec<Observed> {
+        [
+            self.deployment.as_deref().map(Observed::typed),
+            self.service.as_deref().map(Observed::typed),
+            self.ingress.as_deref().map(Observed::typed),
+            self.image
+                .as_deref()
+                .map(|i| Observed::of(&kpack_image_api_resource(), i)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// `runtime.configMapRefs` and `runtime.secretRefs` that `exists` denies,
+/// described for a condition message.
+pub fn missing_references(
+    project: &Project,
+    mut exists: impl FnMut(&str, &str) -> bool,
+) -> Vec<String> {
+    let runtime = &project.spec.runtime;
+    let config_maps = runtime
+        .config_map_refs
+        .iter()
+        .map(|r| ("ConfigMap", &r.name));
+    let secrets = runtime.secret_refs.iter().map(|r| ("Secret", &r.name));
+    config_maps
+        .chain(secrets)
+        .filter(|(kind, name)| !exists(kind, name))
+        .map(|(kind, name)| format!("{kind} {name:?}"))
+        .collect()
+}
+
+/// The kpack builder a Project builds with.
+pub fn builder_ref(project: &Project) -> (BuilderKind, String) {
+    project
+        .spec
+        .build
+        .builder_ref
+        .as_ref()
+        .map(|b| (b.kind, b.name.clone()))
+        .unwrap_or((
+            BuilderKind::ClusterBuilder,
+            DEFAULT_BUILDER_NAME.to_string(),
+        ))
+}
+
+pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
+    let stores = &ctx.stores;
+    let name = env.name_any();
+    let namespace = env.namespace().unwrap_or_default();
+    let project = cached(&stores.projects, &env.spec.project, None);
+    let pool = project
+        .as_ref()
+        .and_then(|p| p.status.as_ref()?.domain_pool.clone())
+        .and_then(|pool| cached(&stores.pools, &pool, None));
+    let registry = match &project {
+        Some(p) => registry(stores, p, &namespace),
+        None => Err(Problem {
+            reason: "ProjectNotFound",
+            message: String::new(),
+        }),
+    };
+    let builder = match &project {
+        _ if !stores.installed.kpack => BuilderState::KpackNotInstalled,
+        Some(p) if p.spec.build.strategy == BuildStrategy::Buildpacks => {
+            let (kind, builder) = builder_ref(p);
+            let resource = kapsa_api::external::kpack_builder(kind);
+            let found = match kind {
+                BuilderKind::ClusterBuilder => stores
+                    .cluster_builders
+                    .get(&ObjectRef::new_with(&builder, resource)),
+                BuilderKind::Builder => stores
+                    .builders
+                    .get(&ObjectRef::new_with(&builder, resource).within(&namespace)),
+            };
+            if found.is_some() {
+                BuilderState::Present
+            } else {
+                BuilderState::NotFound
+            }
+        }
+        _ => BuilderState::NotFound,
+    };
+    let mut certificates = vec![cached_with(
+        &stores.certificates,
+        &format!("{name}-tls"),
+        Some(&namespace),
+        certificate_api_resource(),
+    )];
+    if let Some(p) = &project {
+        certificates.push(cached_with(
+            &stores.certificates,
+            &wildcard_certificate_name(&p.name_any()),
+            Some(&namespace),
+            certificate_api_resource(),
+        ));
+    }
+    let missing_references = match &project {
+        Some(p) => missing_references(p, |kind, name| match kind {
+            "ConfigMap" => cached(&stores.config_map_metadata, name, Some(&namespace)).is_some(),
+            _ => cached(&stores.secret_metadata, name, Some(&namespace)).is_some(),
+        }),
+        None => Vec::new(),
+    };
+    let world = EnvironmentWorld {
+        project,
+        pool,
+        registry,
+        builder,
+        deployment: cached(&stores.deployments, &name, Some(&namespace)),
+        service: cached(&stores.services, &name, Some(&namespace)),
+        ingress: cached(&stores.ingresses, &name, Some(&namespace)),
+        image: cached_with(
+            &stores.images,
+            &name,
+            Some(&namespace),
+            kpack_image_api_resource(),
+        ),
+        certificates: certificates.into_iter().flatten().collect(),
+        missing_references,
+        now: Time(crate::controllers::now()),
+        environment: env,
+    };
+    debug_assert!(world.environment.meta().name.is_some());
+    world
+}

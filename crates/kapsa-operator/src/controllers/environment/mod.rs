@@ -1,0 +1,69 @@
+//! Environment reconciler: build (a kpack Image per Environment, or a fixed
+//! image), then Deployment, Service and Ingress, then status. A failed build
+//! or a missing reference never takes down the release that is serving.
+
+pub mod dereference;
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kapsa_api::Environment;
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+pub use plan::HISTORY_LIMIT;
+
+fn key(env: &Environment) -> String {
+    format!(
+        "environment/{}/{}",
+        env.namespace().unwrap_or_default(),
+        env.name_any()
+    )
+}
+
+#[tracing::instrument(skip_all, fields(namespace = %env.namespace().unwrap_or_default(), environment = %env.name_any()))]
+pub async fn reconcile(env: Arc<Environment>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.stores.ready() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let started = Instant::now();
+    let result = reconcile_environment(env.clone(), &ctx).await;
+    ctx.metrics
+        .record_reconcile("environment", result.is_ok(), started.elapsed());
+    if result.is_ok() {
+        super::on_success(&ctx, &key(&env));
+    }
+    result
+}
+
+pub fn error_policy(env: Arc<Environment>, error: &Error, ctx: Arc<Context>) -> Action {
+    super::on_error(&ctx, "environment", key(&env), error)
+}
+
+async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<Action> {
+    if env.meta().deletion_timestamp.is_some() {
+        // The garbage collector removes the children.
+        return Ok(Action::await_change());
+    }
+    // 1. Dereference (caches only).
+    let world = dereference::dereference(env.clone(), ctx);
+    // 2. Plan (pure).
+    let plan = plan::plan(&world);
+    tracing::debug!(
+        apply = plan.apply.len(),
+        delete = plan.delete.len(),
+        phase = ?plan.status.phase,
+        "planned"
+    );
+    // 3. Apply and prune.
+    let observed = world.observed();
+    super::apply_and_prune(ctx, &plan.apply, &observed, &plan.delete).await?;
+    // 4. Status: one write, only on change.
+    let before = env.status.clone().unwrap_or_default();
+    crate::status::update(ctx, env.as_ref(), &before, &plan.status, &plan.events).await?;
+    Ok(Action::requeue(plan.requeue))
+}

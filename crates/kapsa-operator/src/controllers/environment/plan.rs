@@ -1,0 +1,702 @@
+//! Step 2 of the Environment reconcile: a pure function from what the caches
+//! hold ([`EnvironmentWorld`]) to what should be: the children to apply, the
+//! ones to delete, the status (conditions and phase) and the Events.
+//!
+//! A failed build, a missing reference or a stalled rollout never takes down
+//! the release that serves: what is not wanted any more is deleted only when
+//! the plan knows what replaces it (an Ingress for a host the Project lost, a
+//! kpack Image after a switch to a fixed image).
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kapsa_api::conditions::{
+    BUILT, DEPLOYED, READY, REFERENCES_RESOLVED, TLS_READY, find_condition, merge_conditions,
+};
+use kapsa_api::environment::{EnvironmentStatus, Release};
+use kapsa_api::project::BuildStrategy;
+use kapsa_api::{Condition, ConditionStatus, Environment, EnvironmentPhase};
+use kube::api::DynamicObject;
+use kube::{Resource, ResourceExt};
+use serde_json::Value;
+
+use super::dereference::{BuilderState, EnvironmentWorld};
+use crate::children::{Child, ChildKey, Deletion, prune};
+use crate::controllers::transitions;
+use crate::resources::environment::{
+    APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, deployment, environment_url,
+    image_repository, ingress, kpack_image, kpack_image_api_resource, service,
+    tls_certificate_name,
+};
+use crate::status::PlannedEvent;
+
+/// How many releases `status.history` keeps (the CRD allows at most 10).
+pub const HISTORY_LIMIT: usize = 10;
+/// The safety-net resync of a settled Environment.
+pub const RESYNC: Duration = Duration::from_secs(600);
+
+/// What the Environment reconcile does next.
+#[derive(Clone, Debug)]
+pub struct EnvironmentPlan {
+    /// Children to server-side apply (each written only if it changes something).
+    pub apply: Vec<Child>,
+    /// Children Kapsa made that are no longer wanted.
+    pub delete: Vec<Deletion>,
+    pub status: EnvironmentStatus,
+    /// Published only if the status write happens.
+    pub events: Vec<PlannedEvent>,
+    pub requeue: Duration,
+}
+
+/// What the build step concluded.
+#[derive(Clone, Debug, PartialEq)]
+enum Build {
+    /// An image for `commit` (None for a fixed image) is ready to deploy.
+    Ready {
+        image: String,
+        commit: Option<String>,
+    },
+    /// Nothing new to deploy yet; the reason goes into the Built condition.
+    Pending {
+        reason: &'static str,
+        message: String,
+        failed: bool,
+    },
+}
+
+fn pending(reason: &'static str, message: impl Into<String>, failed: bool) -> Build {
+    Build::Pending {
+        reason,
+        message: message.into(),
+        failed,
+    }
+}
+
+/// The plan for one Environment.
+pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
+    let env = world.environment.as_ref();
+    let generation = env.meta().generation;
+    let namespace = env.namespace().unwrap_or_default();
+    let before = env.status.clone().unwrap_or_default();
+    let mut status = EnvironmentStatus {
+        observed_generation: generation,
+        ..before.clone()
+    };
+    let now = &world.now;
+    let condition = |type_: &str, status: ConditionStatus, reason: &str, message: String| {
+        Condition::new(type_, status, reason, message, generation, now.clone())
+    };
+    let refused = |mut status: EnvironmentStatus, reason: &str, message: String, requeue| {
+        // Nothing is done for it: that needs a person's attention.
+        status.phase = Some(EnvironmentPhase::Failed);
+        merge_conditions(
+            &mut status.conditions,
+            [condition(READY, ConditionStatus::False, reason, message)],
+        );
+        EnvironmentPlan {
+            apply: Vec::new(),
+            delete: Vec::new(),
+            events: events(&before, &status),
+            status,
+            requeue,
+        }
+    };
+
+    let Some(project) = world.project.as_deref() else {
+        return refused(
+            status,
+            "ProjectNotFound",
+            format!("Project {:?} does not exist", env.spec.project),
+            Duration::from_secs(60),
+        );
+    };
+    // An Environment serves its Project only from the Project's namespace:
+    // anywhere else it could claim the Project's hosts for another tenant.
+    let project_namespace = crate::resources::project::namespace_name(project);
+    if project_namespace != namespace {
+        return refused(
+            status,
+            "WrongNamespace",
+            format!(
+                "Project {:?} lives in namespace {project_namespace:?}; its Environments must be there too",
+                env.spec.project
+            ),
+            RESYNC,
+        );
+    }
+    let base_domain = project.status.as_ref().and_then(|s| s.base_domain.clone());
+    let pool = world.pool.as_deref();
+    let mut apply = Vec::new();
+    // Children the plan leaves as they are (neither applied nor pruned).
+    let mut keep: Vec<ChildKey> = Vec::new();
+    let observed = world.observed();
+    let observed_key = |kind: &str| {
+        observed
+            .iter()
+            .find(|o| o.key.kind == kind)
+            .map(|o| o.key.clone())
+    };
+
+    // Build.
+    let build = match build(world, project) {
+        (build, Some(image)) => {
+            apply.push(image);
+            build
+        }
+        (build, None) => {
+            // A build that cannot start keeps the last Image (and its
+            // latestImage); a fixed image or another strategy needs none.
+            let needs_no_image = env.spec.image.is_some()
+                || project.spec.build.strategy != BuildStrategy::Buildpacks;
+            if !needs_no_image {
+                keep.extend(observed_key("kpack.io/Image"));
+            }
+            build
+        }
+    };
+    let built_condition = match &build {
+        Build::Ready { image, commit } => condition(
+            BUILT,
+            ConditionStatus::True,
+            if commit.is_some() {
+                "BuildSucceeded"
+            } else {
+                "FixedImage"
+            },
+            format!("image {image}"),
+        ),
+        Build::Pending {
+            reason,
+            message,
+            failed,
+        } => condition(
+            BUILT,
+            if *failed {
+                ConditionStatus::False
+            } else {
+                ConditionStatus::Unknown
+            },
+            reason,
+            message.clone(),
+        ),
+    };
+    let to_deploy = match &build {
+        Build::Ready { image, commit } => Some((image.clone(), commit.clone())),
+        // Keep what Kapsa deployed last, never what the Deployment says
+        // now: a person's edit of it is to be reverted, not kept.
+        Build::Pending { .. } => last_good_build(world, &before)
+            .or_else(|| before.image.clone().map(|i| (i, before.commit.clone()))),
+    };
+
+    // Deploy: the new image when there is one, else keep the current release.
+    let current = world.deployment.as_deref();
+    let mut deployed_condition = condition(
+        DEPLOYED,
+        ConditionStatus::False,
+        "NothingToDeploy",
+        "no image has been built yet".into(),
+    );
+    let mut rolled_out = None;
+    let mut rollout_failed = false;
+    if let Some((image, commit)) = &to_deploy {
+        let mut pinned = env.clone();
+        pinned.spec.commit = commit.clone();
+        let inputs = EnvironmentInputs {
+            project,
+            environment: &pinned,
+            pool,
+            base_domain: base_domain.as_deref(),
+        };
+        apply.push(Child::typed(&deployment(&inputs, image)));
+        apply.push(Child::typed(&service(&inputs)));
+        if let Some(ing) = ingress(&inputs) {
+            apply.push(Child::typed(&ing));
+        }
+        deployed_condition = match current {
+            Some(d) if rollout_complete(d, image) => {
+                rolled_out = Some((image.clone(), commit.clone()));
+                condition(
+                    DEPLOYED,
+                    ConditionStatus::True,
+                    "RolledOut",
+                    format!("{image} is available"),
+                )
+            }
+            Some(d) if progress_deadline_exceeded(d, image) => {
+                rollout_failed = true;
+                condition(
+                    DEPLOYED,
+                    ConditionStatus::False,
+                    "ProgressDeadlineExceeded",
+                    format!(
+                        "the rollout of {image} made no progress within {}s; the previous release keeps serving",
+                        d.spec
+                            .as_ref()
+                            .and_then(|s| s.progress_deadline_seconds)
+                            .unwrap_or(600)
+                    ),
+                )
+            }
+            _ => condition(
+                DEPLOYED,
+                ConditionStatus::False,
+                "RollingOut",
+                format!("rolling out {image}; the previous release serves until it is ready"),
+            ),
+        };
+        status.url = environment_url(&inputs);
+    } else {
+        // Nothing to deploy yet: whatever runs stays.
+        for kind in ["apps/Deployment", "/Service", "networking.k8s.io/Ingress"] {
+            keep.extend(observed_key(kind));
+        }
+    }
+
+    let tls_condition = tls_condition(world, project, base_domain.as_deref(), &condition);
+    let references_condition = if world.missing_references.is_empty() {
+        condition(
+            REFERENCES_RESOLVED,
+            ConditionStatus::True,
+            "Found",
+            "every configMapRef and secretRef exists".into(),
+        )
+    } else {
+        condition(
+            REFERENCES_RESOLVED,
+            ConditionStatus::False,
+            "ReferenceNotFound",
+            format!(
+                "{} not found in namespace {namespace:?}; the app's pods cannot start without them",
+                world.missing_references.join(", ")
+            ),
+        )
+    };
+
+    // Status.
+    // A new release: a new image, or the same image for a new commit (a
+    // commit that changes nothing the build sees).
+    if let Some((image, commit)) = rolled_out
+        && (status.image.as_deref() != Some(image.as_str()) || status.commit != commit)
+    {
+        status.history.insert(
+            0,
+            Release {
+                commit: commit.clone(),
+                image: image.clone(),
+                deployed_at: now.clone(),
+            },
+        );
+        status.history.truncate(HISTORY_LIMIT);
+        status.image = Some(image);
+        status.commit = commit;
+    }
+    let serving = deployed_condition.status == ConditionStatus::True;
+    let tls_ok =
+        tls_condition.status == ConditionStatus::True || tls_condition.reason == "NoClusterIssuer";
+    // Running but unreachable (no pool, no host: a host conflict, a pool
+    // removed) is a failure to be looked at, not a rollout under way.
+    let unrouted = matches!(tls_condition.reason.as_str(), "NoDomain" | "NoHost");
+    let build_failed = matches!(build, Build::Pending { failed: true, .. });
+    status.phase = Some(if serving && unrouted {
+        EnvironmentPhase::Failed
+    } else {
+        phase(
+            serving,
+            tls_ok,
+            to_deploy.is_some() && !rollout_failed,
+            build_failed || rollout_failed,
+            env.spec.commit.is_some() || env.spec.image.is_some(),
+        )
+    });
+    // Ready means "serves": during a rolling update the previous release
+    // keeps serving (maxUnavailable 0), so Ready stays True while the phase
+    // says Deploying.
+    let previous_serves = status.image.is_some() && current.is_some_and(available);
+    let ready = if tls_ok && (serving || previous_serves) {
+        condition(
+            READY,
+            ConditionStatus::True,
+            "Serving",
+            format!(
+                "{} serves {}",
+                status.url.clone().unwrap_or_default(),
+                status.image.clone().unwrap_or_default()
+            ),
+        )
+    } else {
+        condition(
+            READY,
+            ConditionStatus::False,
+            "NotServing",
+            format!(
+                "phase {:?}{}",
+                status.phase.unwrap_or(EnvironmentPhase::Pending),
+                if unrouted {
+                    format!(": {}", tls_condition.message)
+                } else {
+                    String::new()
+                }
+            ),
+        )
+    };
+    merge_conditions(
+        &mut status.conditions,
+        [
+            built_condition,
+            deployed_condition,
+            tls_condition,
+            references_condition,
+            ready,
+        ],
+    );
+    let delete = prune(&observed, &apply, &keep, &env.uid().unwrap_or_default());
+    EnvironmentPlan {
+        apply,
+        delete,
+        events: events(&before, &status),
+        status,
+        requeue: RESYNC,
+    }
+}
+
+/// Events for the status change: problems and milestones of each
+/// condition, and the start of a build.
+fn events(before: &EnvironmentStatus, after: &EnvironmentStatus) -> Vec<PlannedEvent> {
+    let mut events = transitions(
+        &before.conditions,
+        &after.conditions,
+        &[BUILT, DEPLOYED, TLS_READY, REFERENCES_RESOLVED, READY],
+    );
+    let old = find_condition(&before.conditions, BUILT);
+    if let Some(new) = find_condition(&after.conditions, BUILT)
+        && new.reason == "Building"
+        && new.message.starts_with("building commit")
+        && old.is_none_or(|old| old.reason != new.reason || old.message != new.message)
+    {
+        events.push(PlannedEvent::normal("BuildStarted", new.message.clone()));
+    }
+    events
+}
+
+/// The build: what it concluded, and the kpack Image to apply (if any).
+fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Option<Child>) {
+    let env = world.environment.as_ref();
+    if let Some(image) = &env.spec.image {
+        return (
+            Build::Ready {
+                image: image.clone(),
+                commit: None,
+            },
+            None,
+        );
+    }
+    let Some(commit) = env.spec.commit.clone() else {
+        return (
+            pending(
+                "WaitingForCommit",
+                "the branch's head is not known yet",
+                false,
+            ),
+            None,
+        );
+    };
+    if project.spec.build.strategy == BuildStrategy::Dockerfile {
+        return (
+            pending(
+                "NotImplemented",
+                "build.strategy Dockerfile is not implemented by this version of Kapsa yet; use Buildpacks or a fixed image",
+                true,
+            ),
+            None,
+        );
+    }
+    let registry = match &world.registry {
+        Ok(r) => &r.spec,
+        Err(problem) => return (pending(problem.reason, problem.message.clone(), true), None),
+    };
+    let current = world.image.as_deref();
+    let builds_commit = current.is_some_and(|image| {
+        image.data["spec"]["source"]["git"]["revision"].as_str() == Some(commit.as_str())
+    });
+    // A missing builder matters only when a build is due.
+    if !builds_commit {
+        let (kind, name) = super::dereference::builder_ref(project);
+        match world.builder {
+            BuilderState::Present => {}
+            BuilderState::NotFound => {
+                return (
+                    pending(
+                        "BuilderNotFound",
+                        format!("{kind:?} {name:?} does not exist"),
+                        true,
+                    ),
+                    None,
+                );
+            }
+            BuilderState::KpackNotInstalled => {
+                return (
+                    pending(
+                        "KpackNotInstalled",
+                        "the kpack.io API was not served when the operator started; install kpack, then restart the operator",
+                        true,
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+    let inputs = EnvironmentInputs {
+        project,
+        environment: env,
+        pool: None,
+        base_domain: None,
+    };
+    let desired = kpack_image(
+        &inputs,
+        &image_repository(registry, &project.name_any()),
+        &commit,
+    );
+    let state = if builds_commit {
+        image_build_state(current, &commit)
+    } else {
+        pending("Building", format!("building commit {commit}"), false)
+    };
+    (
+        state,
+        Some(Child::dynamic(kpack_image_api_resource(), desired)),
+    )
+}
+
+/// The phase, from what serves and what is under way. A build or a failed
+/// build behind a release that serves does not change it: the conditions
+/// tell that story.
+fn phase(
+    serving: bool,
+    tls_ok: bool,
+    deploying: bool,
+    failed: bool,
+    source_known: bool,
+) -> EnvironmentPhase {
+    match (serving, tls_ok, deploying, failed, source_known) {
+        (true, true, ..) => EnvironmentPhase::Ready,
+        (true, false, ..) => EnvironmentPhase::Deploying,
+        (false, _, true, ..) => EnvironmentPhase::Deploying,
+        (false, _, false, true, _) => EnvironmentPhase::Failed,
+        (false, _, false, false, true) => EnvironmentPhase::Building,
+        (false, _, false, false, false) => EnvironmentPhase::Pending,
+    }
+}
+
+/// The image and commit the cached Deployment runs.
+fn deployed_release(d: &Deployment) -> (Option<String>, Option<String>) {
+    let template = d.spec.as_ref().map(|s| &s.template);
+    let image = template
+        .and_then(|t| t.spec.as_ref())
+        .and_then(|s| s.containers.iter().find(|c| c.name == APP_CONTAINER))
+        .and_then(|c| c.image.clone());
+    let commit = template
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(COMMIT_ANNOTATION).cloned());
+    (image, commit)
+}
+
+/// The last image kpack built successfully for this Environment (kpack keeps
+/// it in `status.latestImage` while later builds run or fail), with its
+/// commit when Kapsa knows it.
+fn last_good_build(
+    world: &EnvironmentWorld,
+    status: &EnvironmentStatus,
+) -> Option<(String, Option<String>)> {
+    if world.environment.spec.image.is_some() {
+        return None;
+    }
+    let built = world.image.as_deref()?;
+    let image = built.data["status"]["latestImage"].as_str()?.to_string();
+    let commit = status
+        .history
+        .iter()
+        .find(|r| r.image == image)
+        .and_then(|r| r.commit.clone())
+        .or_else(|| {
+            world
+                .deployment
+                .as_deref()
+                .map(deployed_release)
+                .filter(|(i, _)| i.as_deref() == Some(image.as_str()))
+                .and_then(|(_, c)| c)
+        });
+    Some((image, commit))
+}
+
+/// Whether the Deployment has as many available replicas as it wants.
+fn available(d: &Deployment) -> bool {
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    d.status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+        >= wanted
+}
+
+/// Whether the Deployment has fully rolled out `image`: observed, updated and available.
+fn rollout_complete(d: &Deployment, image: &str) -> bool {
+    let (running, _) = deployed_release(d);
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(st) = d.status.as_ref() else {
+        return false;
+    };
+    running.as_deref() == Some(image)
+        && st.observed_generation >= d.meta().generation
+        && st.updated_replicas.unwrap_or(0) >= wanted
+        && st.available_replicas.unwrap_or(0) >= wanted
+        && st.replicas.unwrap_or(0) == st.updated_replicas.unwrap_or(0)
+}
+
+/// Whether the Deployment controller gave up on the rollout of `image`
+/// (`Progressing=False`, reason `ProgressDeadlineExceeded`, for the
+/// generation that runs it): a condition left from an earlier rollout says
+/// nothing about a new one.
+fn progress_deadline_exceeded(d: &Deployment, image: &str) -> bool {
+    let (running, _) = deployed_release(d);
+    let observed = d
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation)
+        .is_some_and(|g| Some(g) >= d.meta().generation);
+    running.as_deref() == Some(image)
+        && observed
+        && d.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c.type_ == "Progressing"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
+}
+
+/// Reads a kpack Image's status the way kpack means it: the build for the
+/// current generation is done when `observedGeneration` caught up and
+/// `Ready` is no longer Unknown.
+fn image_build_state(image: Option<&DynamicObject>, commit: &str) -> Build {
+    let building = || pending("Building", format!("building commit {commit}"), false);
+    let Some(image) = image else {
+        return building();
+    };
+    let revision = image.data["spec"]["source"]["git"]["revision"].as_str();
+    let observed = image.data["status"]["observedGeneration"].as_i64();
+    let ready = image.data["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    if revision != Some(commit) || observed != image.metadata.generation {
+        return building();
+    }
+    match ready["status"].as_str() {
+        Some("True") => match image.data["status"]["latestImage"].as_str() {
+            Some(latest) => Build::Ready {
+                image: latest.to_string(),
+                commit: Some(commit.to_string()),
+            },
+            None => pending("Building", "the build reports no image", false),
+        },
+        Some("False") => pending(
+            "BuildFailed",
+            format!(
+                "the build of commit {commit} failed: {}; the previous release keeps serving",
+                ready["message"].as_str().unwrap_or("no details")
+            ),
+            true,
+        ),
+        _ => building(),
+    }
+}
+
+fn tls_condition(
+    world: &EnvironmentWorld,
+    project: &kapsa_api::Project,
+    base_domain: Option<&str>,
+    condition: &dyn Fn(&str, ConditionStatus, &str, String) -> Condition,
+) -> Condition {
+    let env: &Environment = &world.environment;
+    let Some(pool) = world.pool.as_deref() else {
+        return condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "NoDomain",
+            "the project has no host yet".into(),
+        );
+    };
+    let inputs = EnvironmentInputs {
+        project,
+        environment: env,
+        pool: Some(pool),
+        base_domain,
+    };
+    if environment_url(&inputs).is_none() {
+        return condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "NoHost",
+            "the environment has no valid host".into(),
+        );
+    }
+    if pool.spec.cluster_issuer_ref.is_none() {
+        return condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "NoClusterIssuer",
+            "the DomainPool names no ClusterIssuer: served over plain HTTP".into(),
+        );
+    }
+    // The same decision that shaped the Ingress names the Certificate.
+    let Some(certificate_name) = tls_certificate_name(&inputs) else {
+        return condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "NoHost",
+            "the environment has no valid host".into(),
+        );
+    };
+    let ready = world
+        .certificates
+        .iter()
+        .find(|c| c.name_any() == certificate_name)
+        .and_then(|c| {
+            c.data["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|x| x["type"] == "Ready")
+                .cloned()
+        });
+    match ready {
+        Some(c) if c["status"] == "True" => condition(
+            TLS_READY,
+            ConditionStatus::True,
+            "CertificateReady",
+            format!("Certificate {certificate_name} is ready"),
+        ),
+        Some(c) => condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "CertificateNotReady",
+            format!(
+                "Certificate {certificate_name}: {}",
+                c["message"].as_str().unwrap_or("not ready")
+            ),
+        ),
+        None => condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "CertificatePending",
+            format!("waiting for Certificate {certificate_name}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

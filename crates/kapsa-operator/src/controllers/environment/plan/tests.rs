@@ -1,0 +1,239 @@
+//! The Environment plan, case by case, from the YAML fixtures of
+//! `tests/fixtures/plan/environment/` (format: see `plan_fixtures.rs`).
+//!
+//! The world is built from the fixture's documents the way
+//! [`dereference::dereference`] builds it from the caches.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
+use kapsa_api::project::{BuildStrategy, BuilderKind};
+use kapsa_api::{DomainPool, Environment, Project};
+use kube::ResourceExt;
+use kube::api::DynamicObject;
+
+use super::super::dereference::{self, BuilderState, EnvironmentWorld, builder_ref};
+use super::{EnvironmentPlan, plan};
+use crate::references::Problem;
+use crate::resources::environment::wildcard_certificate_name;
+
+use crate::controllers::plan_fixtures as fixtures;
+use fixtures::{Fixture, KAPSA, Outcome};
+
+const RECONCILER: &str = "environment";
+/// What every Environment `Expect` document states.
+const REQUIRED: [&str; 5] = ["phase", "conditions", "apply", "delete", "events"];
+const KPACK: &str = "kpack.io/v1alpha2";
+
+/// The world of a fixture: its one Environment and what it names.
+fn world(fixture: &Fixture) -> EnvironmentWorld {
+    assert!(
+        fixture.test_document("Poll").is_none(),
+        "fixture {}: a `kind: Poll` document means nothing to the environment plan",
+        fixture.name
+    );
+    let mut environments: Vec<Environment> = fixture.all(KAPSA, "Environment");
+    assert_eq!(
+        environments.len(),
+        1,
+        "fixture {}: needs exactly one Environment",
+        fixture.name
+    );
+    let environment = environments.remove(0);
+    let name = environment.name_any();
+    let namespace = environment.namespace().unwrap_or_default();
+    let ns = Some(namespace.as_str());
+    let project: Option<Project> = fixture.find(KAPSA, "Project", &environment.spec.project, None);
+    let pool = project
+        .as_ref()
+        .and_then(|p| p.status.as_ref()?.domain_pool.clone())
+        .and_then(|pool| fixture.find::<DomainPool>(KAPSA, "DomainPool", &pool, None));
+    let registry = match &project {
+        Some(p) => fixture.registry(p, &namespace),
+        None => Err(Problem {
+            reason: "ProjectNotFound",
+            message: String::new(),
+        }),
+    };
+    let exists = |api_version: &str, kind: &str, name: &str, namespace: Option<&str>| {
+        fixture
+            .find::<serde_json::Value>(api_version, kind, name, namespace)
+            .is_some()
+    };
+    let kpack_installed = fixture
+        .test_document("Cluster")
+        .and_then(|c| c["kpackInstalled"].as_bool())
+        .unwrap_or(true);
+    let builder = match &project {
+        _ if !kpack_installed => BuilderState::KpackNotInstalled,
+        Some(p) if p.spec.build.strategy == BuildStrategy::Buildpacks => {
+            let (kind, builder) = builder_ref(p);
+            let found = match kind {
+                BuilderKind::ClusterBuilder => exists(KPACK, "ClusterBuilder", &builder, None),
+                BuilderKind::Builder => exists(KPACK, "Builder", &builder, ns),
+            };
+            if found {
+                BuilderState::Present
+            } else {
+                BuilderState::NotFound
+            }
+        }
+        _ => BuilderState::NotFound,
+    };
+    let mut certificate_names = vec![format!("{name}-tls")];
+    if let Some(p) = &project {
+        certificate_names.push(wildcard_certificate_name(&p.name_any()));
+    }
+    let certificates = certificate_names
+        .iter()
+        .filter_map(|c| fixture.find::<DynamicObject>("cert-manager.io/v1", "Certificate", c, ns))
+        .map(Arc::new)
+        .collect();
+    let missing_references = match &project {
+        Some(p) => {
+            dereference::missing_references(p, |kind, reference| exists("v1", kind, reference, ns))
+        }
+        None => Vec::new(),
+    };
+    EnvironmentWorld {
+        project: project.map(Arc::new),
+        pool: pool.map(Arc::new),
+        registry,
+        builder,
+        deployment: fixture
+            .find::<Deployment>("apps/v1", "Deployment", &name, ns)
+            .map(Arc::new),
+        service: fixture
+            .find::<Service>("v1", "Service", &name, ns)
+            .map(Arc::new),
+        ingress: fixture
+            .find::<Ingress>("networking.k8s.io/v1", "Ingress", &name, ns)
+            .map(Arc::new),
+        image: fixture
+            .find::<DynamicObject>(KPACK, "Image", &name, ns)
+            .map(Arc::new),
+        certificates,
+        missing_references,
+        now: fixtures::now(),
+        environment: Arc::new(environment),
+    }
+}
+
+fn outcome(plan: &EnvironmentPlan) -> Outcome<'_> {
+    Outcome {
+        status: serde_json::to_value(&plan.status).expect("the status serializes"),
+        conditions: &plan.status.conditions,
+        apply: &plan.apply,
+        delete: &plan.delete,
+        events: &plan.events,
+        requeue: plan.requeue,
+    }
+}
+
+fn run(case: &str) {
+    let fixture = Fixture::load(RECONCILER, case);
+    let plan = plan(&world(&fixture));
+    fixture.assert_plan(&outcome(&plan), &REQUIRED);
+}
+
+macro_rules! cases {
+    (
+        fixtures {
+            $($test:ident => $case:literal,)*
+        }
+        known_bugs {
+            $($bug:ident => $bug_case:literal: $why:literal,)*
+        }
+    ) => {
+        $(
+            #[test]
+            fn $test() {
+                run($case);
+            }
+        )*
+        $(
+            #[test]
+            #[ignore = $why]
+            fn $bug() {
+                run($bug_case);
+            }
+        )*
+        /// The fixtures the plan matches.
+        const CASES: &[&str] = &[$($case),*];
+        /// The fixtures that state what the plan should do but does not
+        /// yet: their tests are ignored (`cargo test -- --ignored` shows
+        /// the difference).
+        const KNOWN_BUGS: &[&str] = &[$($bug_case),*];
+    };
+}
+
+cases! {
+    fixtures {
+        build_done_rollout_complete => "build-done-rollout-complete",
+        build_reports_no_image => "build-reports-no-image",
+        builder_missing_build_due => "builder-missing-build-due",
+        builder_missing_image_builds_commit => "builder-missing-image-builds-commit",
+        dockerfile_strategy => "dockerfile-strategy",
+        failed_build_with_release => "failed-build-with-release",
+        first_build_failing => "first-build-failing",
+        first_build_running => "first-build-running",
+        first_build_still_running => "first-build-still-running",
+        fixed_image_keeps_foreign_kpack_image => "fixed-image-keeps-foreign-kpack-image",
+        fixed_image_keeps_unlabelled_kpack_image => "fixed-image-keeps-unlabelled-kpack-image",
+        fixed_image_prunes_owned_kpack_image => "fixed-image-prunes-owned-kpack-image",
+        history_is_capped => "history-is-capped",
+        host_removed_ingress_exists => "host-removed-ingress-exists",
+        kpack_not_installed => "kpack-not-installed",
+        missing_references => "missing-references",
+        no_cluster_issuer => "no-cluster-issuer",
+        no_host => "no-host",
+        pool_missing => "pool-missing",
+        project_missing => "project-missing",
+        registry_missing_first_build => "registry-missing-first-build",
+        registry_missing_release_kept => "registry-missing-release-kept",
+        rolled_out_certificate_pending => "rolled-out-certificate-pending",
+        rollout_failed => "rollout-failed",
+        rollout_in_progress => "rollout-in-progress",
+        tls_dns01 => "tls-dns01",
+        tls_http01 => "tls-http01",
+        waiting_for_commit => "waiting-for-commit",
+        wrong_namespace => "wrong-namespace",
+        no_host_without_cluster_issuer => "no-host-without-cluster-issuer",
+        same_image_new_commit => "same-image-new-commit",
+        new_rollout_after_failed_rollout => "new-rollout-after-failed-rollout",
+    }
+    known_bugs {
+    }
+}
+
+#[test]
+fn every_fixture_is_tested() {
+    fixtures::assert_every_fixture_is_tested(RECONCILER, &[CASES, KNOWN_BUGS].concat());
+}
+
+/// A known bug that is fixed makes this fail: move its case out of
+/// `known_bugs` then.
+#[test]
+fn known_bugs_are_still_there() {
+    for case in KNOWN_BUGS {
+        let fixture = Fixture::load(RECONCILER, case);
+        let plan = plan(&world(&fixture));
+        assert!(
+            !fixture.matches(&outcome(&plan), &REQUIRED),
+            "fixture {}: the plan now does what it states; move it out of known_bugs",
+            fixture.name
+        );
+    }
+}
+
+/// Changing any one expectation of any fixture makes its test fail.
+#[test]
+fn every_expectation_can_fail() {
+    for case in CASES {
+        let fixture = Fixture::load(RECONCILER, case);
+        let plan = plan(&world(&fixture));
+        fixture.assert_every_expectation_can_fail(&outcome(&plan), &REQUIRED);
+    }
+}

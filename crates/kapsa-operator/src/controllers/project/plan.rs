@@ -1,0 +1,396 @@
+//! Step 2 of the Project reconcile: a pure function from what the caches
+//! hold ([`ProjectWorld`]) to its namespace and access objects, registry
+//! credentials, quota, host, production Environment and wildcard
+//! Certificate, the children to delete, and the status.
+
+use std::time::Duration;
+
+use kapsa_api::conditions::{
+    DOMAIN_ALLOCATED, IMPLEMENTED, READY, SOURCE_REACHABLE, find_condition, is_condition_true,
+    merge_conditions,
+};
+use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
+use kapsa_api::project::{EnvironmentSummary, ProjectStatus};
+use kapsa_api::validation::RESERVED_NAMESPACES;
+use kapsa_api::{Condition, ConditionStatus, DomainPool, Project};
+use kube::{Resource, ResourceExt};
+
+use super::dereference::{Credentials, ProjectWorld};
+use crate::children::{Child, ChildKey, Deletion, prune};
+use crate::controllers::transitions;
+use crate::domains::{AllocationError, allocate_host, choose_base_domain, select_pool};
+use crate::resources::environment::{certificate_api_resource, wildcard_certificate};
+use crate::resources::project as build;
+use crate::status::PlannedEvent;
+
+/// A safety-net resync: reads only, writes nothing when nothing changed.
+pub const RESYNC: Duration = Duration::from_secs(600);
+
+/// What the Project reconcile does next.
+#[derive(Clone, Debug)]
+pub struct ProjectPlan {
+    pub apply: Vec<Child>,
+    pub delete: Vec<Deletion>,
+    pub status: ProjectStatus,
+    pub events: Vec<PlannedEvent>,
+    pub requeue: Duration,
+}
+
+pub fn plan(world: &ProjectWorld) -> ProjectPlan {
+    let project = world.project.as_ref();
+    let generation = project.meta().generation;
+    let namespace = build::namespace_name(project);
+    let before = project.status.clone().unwrap_or_default();
+    let mut status = ProjectStatus {
+        observed_generation: generation,
+        ..before.clone()
+    };
+    let now = &world.now;
+    let condition = |type_: &str, status: ConditionStatus, reason: &str, message: String| {
+        Condition::new(type_, status, reason, message, generation, now.clone())
+    };
+    let implemented = implemented_condition(project, &condition);
+
+    // The namespace must be free or already this Project's. Refused, the
+    // Project touches nothing and reads nothing of it.
+    if let Some((reason, message)) = namespace_problem(world, &namespace) {
+        merge_conditions(
+            &mut status.conditions,
+            [
+                condition(READY, ConditionStatus::False, reason, message),
+                implemented,
+            ],
+        );
+        status.namespace = None;
+        return ProjectPlan {
+            apply: Vec::new(),
+            delete: Vec::new(),
+            events: events(project, &before, &status),
+            status,
+            requeue: Duration::from_secs(60),
+        };
+    }
+    status.namespace = Some(namespace.clone());
+
+    let mut apply = vec![Child::typed(&build::namespace(project))];
+    let mut keep: Vec<ChildKey> = Vec::new();
+    let observed = world.observed();
+
+    // Registry credentials: copied while usable; without a usable registry
+    // the existing copy is kept (running pods may need it to pull); a
+    // registry that names none has no copy.
+    let registry_problem = match (&world.registry, &world.credentials) {
+        (Err(problem), _) | (Ok(_), Credentials::Unusable(problem)) => Some(problem.clone()),
+        _ => None,
+    };
+    let mut has_registry_secret = false;
+    match &world.credentials {
+        Credentials::Fetched(source) => {
+            apply.push(Child::typed(&build::registry_secret(project, source)));
+            has_registry_secret = true;
+        }
+        Credentials::Current | Credentials::Unusable(_) => {
+            if let Some(copy) = &world.registry_secret {
+                keep.push(crate::children::Observed::typed(copy.as_ref()).key);
+                has_registry_secret = true;
+            }
+        }
+        Credentials::None => {}
+    }
+    apply.push(Child::typed(&build::builder_service_account(
+        project,
+        has_registry_secret,
+    )));
+    apply.push(Child::typed(&build::runtime_service_account(
+        project,
+        has_registry_secret,
+    )));
+    apply.push(Child::typed(&build::builder_role(
+        project,
+        has_registry_secret,
+    )));
+    apply.push(Child::typed(&build::builder_role_binding(project)));
+    if let Some(quota) = build::resource_quota(project) {
+        apply.push(Child::typed(&quota));
+    }
+
+    // Host allocation.
+    let pools: Vec<DomainPool> = world.pools.iter().map(|p| (**p).clone()).collect();
+    let others: Vec<&Project> = world.others.iter().map(|p| p.as_ref()).collect();
+    let allocation = select_pool(project, &pools).and_then(|pool| {
+        let base = choose_base_domain(pool, before.base_domain.as_deref(), &others)
+            .ok_or(AllocationError::NoDefaultPool)?;
+        let host = allocate_host(project, &base, &others)?;
+        Ok((pool.clone(), base, host))
+    });
+    // The pool and base the Project serves from after this reconcile.
+    let mut serving_from: Option<(DomainPool, String)> = None;
+    let domain_condition = match &allocation {
+        Ok((pool, base, host)) => {
+            status.domain_pool = Some(pool.name_any());
+            status.base_domain = Some(base.clone());
+            status.host = Some(host.clone());
+            serving_from = Some((pool.clone(), base.clone()));
+            condition(
+                DOMAIN_ALLOCATED,
+                ConditionStatus::True,
+                "Allocated",
+                format!("{host} from DomainPool {}", pool.name_any()),
+            )
+        }
+        Err(problem) => {
+            // A conflict never takes a host away from its holder, and this
+            // Project gets none. A bad pool reference keeps the host while
+            // the pool it came from still lists its base; a removed pool or
+            // base takes it away.
+            let still_listed = pools.iter().find(|p| {
+                Some(p.name_any()) == before.domain_pool
+                    && before
+                        .base_domain
+                        .as_ref()
+                        .is_some_and(|b| p.spec.domains.contains(b))
+            });
+            match still_listed {
+                Some(pool) if !matches!(problem, AllocationError::HostConflict { .. }) => {
+                    serving_from = before.base_domain.clone().map(|b| (pool.clone(), b));
+                }
+                _ => {
+                    status.host = None;
+                    status.base_domain = None;
+                    status.domain_pool = None;
+                }
+            }
+            condition(
+                DOMAIN_ALLOCATED,
+                ConditionStatus::False,
+                problem.reason(),
+                problem.to_string(),
+            )
+        }
+    };
+
+    // The production branch's head, from the poller.
+    let branch = &project.spec.source.git.branch;
+    let production = world
+        .environments
+        .iter()
+        .find(|e| e.name_any() == PRODUCTION_ENVIRONMENT_NAME);
+    let polled_head = world
+        .poll
+        .as_ref()
+        .and_then(|p| p.branches.as_ref())
+        .and_then(|b| b.get(branch))
+        .cloned();
+    let commit = polled_head
+        .clone()
+        .or_else(|| production.and_then(|e| e.spec.commit.clone()));
+    let source_condition = match &world.poll {
+        // Not polled yet since this operator started: what the status says stands.
+        None => find_condition(&before.conditions, SOURCE_REACHABLE)
+            .cloned()
+            .unwrap_or_else(|| {
+                condition(
+                    SOURCE_REACHABLE,
+                    ConditionStatus::Unknown,
+                    "Polling",
+                    "the repository has not been polled yet".into(),
+                )
+            }),
+        Some(p) if p.branches.is_none() || p.error.is_some() => condition(
+            SOURCE_REACHABLE,
+            ConditionStatus::False,
+            "Unreachable",
+            format!(
+                "{} (failed {} time(s) in a row; running environments are kept)",
+                p.error.clone().unwrap_or_default(),
+                p.consecutive_failures
+            ),
+        ),
+        Some(_) if polled_head.is_none() => condition(
+            SOURCE_REACHABLE,
+            ConditionStatus::False,
+            "BranchNotFound",
+            format!("the repository has no branch {branch:?}"),
+        ),
+        Some(_) => condition(
+            SOURCE_REACHABLE,
+            ConditionStatus::True,
+            "Reachable",
+            format!("{branch} is at {}", commit.clone().unwrap_or_default()),
+        ),
+    };
+    status.latest_commit = commit.clone().or(status.latest_commit);
+    apply.push(Child::typed(&build::production_environment(
+        project,
+        commit.as_deref(),
+        status.host.as_deref(),
+    )));
+
+    // DNS01 pools: one wildcard certificate per project, shared by its environments.
+    if let Some((pool, base)) = &serving_from
+        && let Some(cert) = wildcard_certificate(project, &namespace, pool, base)
+    {
+        apply.push(Child::dynamic(certificate_api_resource(), cert));
+    }
+
+    // Aggregate the environments.
+    let mut environments: Vec<EnvironmentSummary> = world
+        .environments
+        .iter()
+        .map(|e| {
+            let st = e.status.clone().unwrap_or_default();
+            EnvironmentSummary {
+                name: e.name_any(),
+                type_: Some(e.spec.type_),
+                branch: e.spec.branch.clone(),
+                commit: st.commit.clone(),
+                url: st.url.clone(),
+                ready: is_condition_true(&st.conditions, READY),
+            }
+        })
+        .collect();
+    environments.sort_by(|a, b| a.name.cmp(&b.name));
+    let production_ready = environments
+        .iter()
+        .any(|e| e.name == PRODUCTION_ENVIRONMENT_NAME && e.ready);
+    status.environments = environments;
+
+    let ready = match (&registry_problem, &allocation) {
+        (Some(problem), _) => condition(
+            READY,
+            ConditionStatus::False,
+            problem.reason,
+            problem.message.clone(),
+        ),
+        (_, Err(problem)) => condition(
+            READY,
+            ConditionStatus::False,
+            problem.reason(),
+            problem.to_string(),
+        ),
+        _ if production_ready => condition(
+            READY,
+            ConditionStatus::True,
+            "ProductionReady",
+            "the production environment serves".into(),
+        ),
+        _ => condition(
+            READY,
+            ConditionStatus::False,
+            "ProductionNotReady",
+            "the production environment is not ready yet".into(),
+        ),
+    };
+    merge_conditions(
+        &mut status.conditions,
+        [domain_condition, source_condition, implemented, ready],
+    );
+    let delete = prune(&observed, &apply, &keep, &project.uid().unwrap_or_default());
+    ProjectPlan {
+        apply,
+        delete,
+        events: events(project, &before, &status),
+        status,
+        requeue: RESYNC,
+    }
+}
+
+fn events(project: &Project, before: &ProjectStatus, after: &ProjectStatus) -> Vec<PlannedEvent> {
+    let mut events = transitions(
+        &before.conditions,
+        &after.conditions,
+        &[READY, DOMAIN_ALLOCATED, SOURCE_REACHABLE, IMPLEMENTED],
+    );
+    if before.latest_commit != after.latest_commit
+        && let Some(commit) = &after.latest_commit
+    {
+        events.push(PlannedEvent::normal(
+            "NewCommit",
+            format!("{} is at {commit}", project.spec.source.git.branch),
+        ));
+    }
+    events
+}
+
+/// Fields the API accepts that this version does not act on yet.
+pub fn not_implemented(project: &Project) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    if project.spec.preview_environments.enabled {
+        fields.push("previewEnvironments");
+    }
+    if project.spec.build.strategy == kapsa_api::project::BuildStrategy::Dockerfile {
+        fields.push("build.strategy: Dockerfile");
+    }
+    if project.spec.runtime.metrics.is_some() {
+        fields
+            .push("runtime.metrics (no ServiceMonitor is made yet; the Service exposes the port)");
+    }
+    fields
+}
+
+fn implemented_condition(
+    project: &Project,
+    condition: &dyn Fn(&str, ConditionStatus, &str, String) -> Condition,
+) -> Condition {
+    let missing = not_implemented(project);
+    if missing.is_empty() {
+        condition(
+            IMPLEMENTED,
+            ConditionStatus::True,
+            "AllImplemented",
+            "every field set is acted on".into(),
+        )
+    } else {
+        condition(
+            IMPLEMENTED,
+            ConditionStatus::False,
+            "NotImplemented",
+            format!(
+                "accepted but not acted on by this version of Kapsa yet: {}",
+                missing.join("; ")
+            ),
+        )
+    }
+}
+
+/// Why the Project may not use its namespace, if it may not. (Also asked by
+/// the dereference step: a refused Project reads no Secret there.)
+pub(crate) fn namespace_problem(
+    world: &ProjectWorld,
+    namespace: &str,
+) -> Option<(&'static str, String)> {
+    let project = world.project.as_ref();
+    if RESERVED_NAMESPACES.contains(&namespace) || namespace.starts_with("kube-") {
+        return Some((
+            "NamespaceForbidden",
+            format!("namespace {namespace:?} is reserved for the system"),
+        ));
+    }
+    // Another Project that names the same namespace and came first keeps it.
+    let rival = world.others.iter().find(|other| {
+        build::namespace_name(other) == namespace
+            && (other.creation_timestamp(), other.name_any())
+                < (project.creation_timestamp(), project.name_any())
+    });
+    if let Some(rival) = rival {
+        return Some((
+            "NamespaceConflict",
+            format!(
+                "namespace {namespace:?} belongs to Project {:?}",
+                rival.name_any()
+            ),
+        ));
+    }
+    match &world.namespace {
+        Some(ns) if !build::namespace_belongs_to(ns.as_ref(), project) => Some((
+            "NamespaceConflict",
+            format!(
+                "namespace {namespace:?} exists and does not belong to this Project; Kapsa never takes over a namespace"
+            ),
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! The Project plan, case by case, from the YAML fixtures of
+//! `tests/fixtures/plan/project/` (format: see `plan_fixtures.rs`).
+//!
+//! The first Project document of a fixture is the one planned; the others
+//! are the other Projects of the cluster. The world is built from the
+//! documents the way [`super::super::dereference::dereference`] builds it
+//! from the caches and, for the registry credentials, the API server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kapsa_api::{DomainPool, Environment, Project};
+use kube::ResourceExt;
+use kube::api::{DynamicObject, PartialObjectMeta};
+
+use super::super::dereference::{Credentials, ProjectWorld};
+use super::{ProjectPlan, plan};
+use crate::context::PollResult;
+use crate::references::Problem;
+use crate::resources::environment::{
+    BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT, wildcard_certificate_name,
+};
+use crate::resources::project::{
+    BUILDER_ROLE, REGISTRY_SECRET, RESOURCE_QUOTA, copy_matches, namespace_name, registry_secret,
+    source_version,
+};
+
+use crate::controllers::plan_fixtures as fixtures;
+use fixtures::{Fixture, KAPSA, Outcome};
+
+const RECONCILER: &str = "project";
+/// What every Project `Expect` document states.
+const REQUIRED: [&str; 4] = ["conditions", "apply", "delete", "events"];
+const RBAC: &str = "rbac.authorization.k8s.io/v1";
+
+/// The world of a fixture: its first Project, the other Projects, and what
+/// the first one names or owns.
+fn world(fixture: &Fixture) -> ProjectWorld {
+    assert!(
+        fixture.test_document("Cluster").is_none(),
+        "fixture {}: a `kind: Cluster` document means nothing to the project plan",
+        fixture.name
+    );
+    let mut projects: Vec<Project> = fixture.all(KAPSA, "Project");
+    assert!(
+        !projects.is_empty(),
+        "fixture {}: needs a Project",
+        fixture.name
+    );
+    let project = projects.remove(0);
+    let name = project.name_any();
+    let namespace = namespace_name(&project);
+    let ns = Some(namespace.as_str());
+    let registry = fixture.registry(&project, &namespace);
+    let registry_secret: Option<Secret> = fixture.find("v1", "Secret", REGISTRY_SECRET, ns);
+    let credentials = match &registry {
+        Err(_) => Credentials::Unusable(Problem {
+            reason: "RegistryUnavailable",
+            message: String::new(),
+        }),
+        Ok(r) => match &r.credentials {
+            None => Credentials::None,
+            Some((secret_ns, secret_name)) => {
+                credentials(fixture, secret_ns, secret_name, registry_secret.as_ref())
+            }
+        },
+    };
+    let service_accounts = [BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT]
+        .iter()
+        .filter_map(|sa| fixture.find::<ServiceAccount>("v1", "ServiceAccount", sa, ns))
+        .map(Arc::new)
+        .collect();
+    let environments = fixture
+        .all::<Environment>(KAPSA, "Environment")
+        .into_iter()
+        .filter(|e| e.namespace().as_deref() == ns && e.spec.project == name)
+        .map(Arc::new)
+        .collect();
+    let poll = fixture.test_document("Poll").map(|poll| {
+        let branches: Option<BTreeMap<String, String>> = poll
+            .get("branches")
+            .map(|b| serde_json::from_value(b.clone()).expect("Poll.branches: name to commit"));
+        PollResult {
+            branches,
+            error: poll["error"].as_str().map(str::to_string),
+            consecutive_failures: poll["consecutiveFailures"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            last_success: None,
+        }
+    });
+    ProjectWorld {
+        namespace: fixture
+            .find::<PartialObjectMeta<Namespace>>("v1", "Namespace", &namespace, None)
+            .map(Arc::new),
+        others: projects.into_iter().map(Arc::new).collect(),
+        pools: fixture
+            .all::<DomainPool>(KAPSA, "DomainPool")
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
+        registry,
+        credentials,
+        service_accounts,
+        role: fixture
+            .find::<Role>(RBAC, "Role", BUILDER_ROLE, ns)
+            .map(Arc::new),
+        role_binding: fixture
+            .find::<RoleBinding>(RBAC, "RoleBinding", BUILDER_ROLE, ns)
+            .map(Arc::new),
+        registry_secret: registry_secret.map(Arc::new),
+        quota: fixture
+            .find::<ResourceQuota>("v1", "ResourceQuota", RESOURCE_QUOTA, ns)
+            .map(Arc::new),
+        wildcard_certificate: fixture
+            .find::<DynamicObject>(
+                "cert-manager.io/v1",
+                "Certificate",
+                &wildcard_certificate_name(&name),
+                ns,
+            )
+            .map(Arc::new),
+        environments,
+        poll,
+        now: fixtures::now(),
+        project: Arc::new(project),
+    }
+}
+
+/// The registry credentials as the dereference step finds them: current
+/// when the copy matches the source's version, else the source as read.
+fn credentials(
+    fixture: &Fixture,
+    namespace: &str,
+    name: &str,
+    copy: Option<&Secret>,
+) -> Credentials {
+    let Some(source) = fixture.find::<Secret>("v1", "Secret", name, Some(namespace)) else {
+        return Credentials::Unusable(Problem {
+            reason: "RegistryCredentialsNotFound",
+            message: format!(
+                "Secret {namespace}/{name} (the registry's credentialsSecretRef) does not exist"
+            ),
+        });
+    };
+    if copy.is_some_and(|copy| copy_matches(copy, &source_version(&source.metadata))) {
+        return Credentials::Current;
+    }
+    if source.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") {
+        return Credentials::Unusable(Problem {
+            reason: "RegistryCredentialsInvalid",
+            message: format!(
+                "Secret {namespace}/{name} has type {:?}; registry credentials must be kubernetes.io/dockerconfigjson",
+                source.type_.clone().unwrap_or_default()
+            ),
+        });
+    }
+    Credentials::Fetched(Arc::new(source))
+}
+
+fn outcome(plan: &ProjectPlan) -> Outcome<'_> {
+    Outcome {
+        status: serde_json::to_value(&plan.status).expect("the status serializes"),
+        conditions: &plan.status.conditions,
+        apply: &plan.apply,
+        delete: &plan.delete,
+        events: &plan.events,
+        requeue: plan.requeue,
+    }
+}
+
+fn run(case: &str) {
+    let fixture = Fixture::load(RECONCILER, case);
+    let plan = plan(&world(&fixture));
+    fixture.assert_plan(&outcome(&plan), &REQUIRED);
+}
+
+macro_rules! cases {
+    (
+        fixtures {
+            $($test:ident => $case:literal,)*
+        }
+        known_bugs {
+            $($bug:ident => $bug_case:literal: $why:literal,)*
+        }
+    ) => {
+        $(
+            #[test]
+            fn $test() {
+                run($case);
+            }
+        )*
+        $(
+            #[test]
+            #[ignore = $why]
+            fn $bug() {
+                run($bug_case);
+            }
+        )*
+        /// The fixtures the plan matches.
+        const CASES: &[&str] = &[$($case),*];
+        /// The fixtures that state what the plan should do but does not
+        /// yet: their tests are ignored (`cargo test -- --ignored` shows
+        /// the difference).
+        const KNOWN_BUGS: &[&str] = &[$($bug_case),*];
+    };
+}
+
+cases! {
+    fixtures {
+        dns01_pool => "dns01-pool",
+        dns01_to_http01 => "dns01-to-http01",
+        host_conflict => "host-conflict",
+        namespace_claimed_by_older_project => "namespace-claimed-by-older-project",
+        namespace_foreign => "namespace-foreign",
+        namespace_reserved => "namespace-reserved",
+        poll_branch_missing => "poll-branch-missing",
+        poll_never => "poll-never",
+        poll_never_keeps_status => "poll-never-keeps-status",
+        poll_reachable_new_commit => "poll-reachable-new-commit",
+        poll_unreachable => "poll-unreachable",
+        pool_reference_missing_old_pool_lists_base => "pool-reference-missing-old-pool-lists-base",
+        pool_removed => "pool-removed",
+        preview_environments_enabled => "preview-environments-enabled",
+        production_not_ready => "production-not-ready",
+        production_ready => "production-ready",
+        registry_credentials_changed => "registry-credentials-changed",
+        registry_credentials_current => "registry-credentials-current",
+        registry_credentials_fetched => "registry-credentials-fetched",
+        registry_credentials_secret_missing => "registry-credentials-secret-missing",
+        registry_missing => "registry-missing",
+        registry_without_credentials => "registry-without-credentials",
+        resource_quota_removed => "resource-quota-removed",
+    }
+    known_bugs {
+    }
+}
+
+#[test]
+fn every_fixture_is_tested() {
+    fixtures::assert_every_fixture_is_tested(RECONCILER, &[CASES, KNOWN_BUGS].concat());
+}
+
+/// A known bug that is fixed makes this fail: move its case out of
+/// `known_bugs` then.
+#[test]
+fn known_bugs_are_still_there() {
+    for case in KNOWN_BUGS {
+        let fixture = Fixture::load(RECONCILER, case);
+        let plan = plan(&world(&fixture));
+        assert!(
+            !fixture.matches(&outcome(&plan), &REQUIRED),
+            "fixture {}: the plan now does what it states; move it out of known_bugs",
+            fixture.name
+        );
+    }
+}
+
+/// The copy in registry-credentials-current.yaml is the one Kapsa writes
+/// for its source, so that fixture tests a real match (not just the
+/// annotations the loader compares).
+#[test]
+fn the_current_copy_fixture_is_what_kapsa_writes() {
+    let fixture = Fixture::load(RECONCILER, "registry-credentials-current");
+    let project = &fixture.all::<Project>(KAPSA, "Project")[0];
+    let source: Secret = fixture
+        .find("v1", "Secret", "harbor-push", Some("kapsa-system"))
+        .expect("the source Secret");
+    let copy: Secret = fixture
+        .find("v1", "Secret", REGISTRY_SECRET, Some("shop"))
+        .expect("the copy");
+    let written = registry_secret(project, &source);
+    assert_eq!(copy.metadata.annotations, written.metadata.annotations);
+    assert_eq!(copy.data, written.data);
+    assert_eq!(copy.type_, written.type_);
+    assert!(copy_matches(&copy, &source_version(&source.metadata)));
+}
+
+/// Changing any one expectation of any fixture makes its test fail.
+#[test]
+fn every_expectation_can_fail() {
+    for case in CASES {
+        let fixture = Fixture::load(RECONCILER, case);
+        let plan = plan(&world(&fixture));
+        fixture.assert_every_expectation_can_fail(&outcome(&plan), &REQUIRED);
+    }
+}
