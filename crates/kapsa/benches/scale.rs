@@ -2,21 +2,27 @@
 //! plane with simulated builds and TLS.
 //!
 //! `cargo bench -p kapsa --bench scale -- [--projects N] [--runs R]
-//! [--idle-seconds S] [--timeout-seconds T] [--concurrency C]`
+//! [--idle-seconds S] [--timeout-seconds T] [--concurrency C]
+//! [--operator-binary PATH] [--keep-logs]`
 //!
 //! Each run has two phases, each on a fresh control plane (etcd,
-//! kube-apiserver, controller-manager, scheduler, kwok, plus the in-process
-//! kpack and cert-manager simulators):
+//! kube-apiserver with its audit log on, controller-manager, scheduler,
+//! kwok, plus the in-process kpack and cert-manager simulators):
 //!
-//! - operator: the `kapsa` binary runs as a child process; N Projects are
-//!   applied at once; measured: the time from the first apply until every
+//! - operator: the `kapsa` binary (this build's, or `--operator-binary`)
+//!   runs as a child process, as its own user `kapsa-operator`; N Projects
+//!   are applied at once; measured: the time from the first apply until every
 //!   `production` Environment has `status.phase: Ready`, the operator's peak
-//!   RSS (VmHWM and sampled VmRSS) by then, and its API writes per minute over an idle
-//!   window afterwards (from its `kapsa_api_writes_total` counters);
-//! - raw: no operator; the bench itself server-side applies the objects the
-//!   operator would make (the Kapsa builders make them) as fast as it can
-//!   and waits until every Deployment is Available, every kpack Image built
-//!   and every Certificate ready: the API server's (and simulators') limit.
+//!   RSS (VmHWM and sampled VmRSS) by then, and, from the API server's audit
+//!   log, the requests user `kapsa-operator` made until every Project was
+//!   Ready and during an idle window afterwards (writes by kind, GETs by
+//!   resource). The operator's own count (`kapsa_api_writes_total`) is
+//!   printed next to it;
+//! - raw: no operator; the bench itself (user `kapsa-bench-raw`)
+//!   server-side applies the objects the operator would make (the Kapsa
+//!   builders make them) as fast as it can and waits until every Deployment
+//!   is Available, every kpack Image built and every Certificate ready: the
+//!   API server's (and simulators') limit.
 //!
 //! The phases alternate which goes first from run to run. See
 //! docs/benchmarks.md for what the figures mean.
@@ -33,20 +39,17 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kapsa_api::{DomainPool, Environment, EnvironmentPhase, Project};
+use kapsa_api::{DomainPool, Environment, EnvironmentPhase, Project, external};
 use kapsa_operator::resources::environment::{
-    EnvironmentInputs, deployment, image_repository, ingress, kpack_image,
-    kpack_image_api_resource, service,
+    EnvironmentInputs, deployment, image_repository, ingress, kpack_image, service,
 };
 use kapsa_operator::resources::project as children;
 use kapsa_operator::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use kapsa_testenv::audit::{self, AuditEvent, AuditLog, AuditMark};
 use kapsa_testenv::git_server::GitServer;
-use kapsa_testenv::simulators::cert_manager::{certificate_resource, cluster_issuer_resource};
 use kapsa_testenv::simulators::kpack::simulated_digest;
 use kapsa_testenv::{ControlPlane, ControlPlaneOptions, find_assets};
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -62,6 +65,12 @@ const REGISTRY: &str = "bench-registry";
 const REGISTRY_SECRET: &str = "bench-push";
 const POLL: Duration = Duration::from_millis(250);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// The user the operator authenticates as, so that the audit log tells its
+/// requests apart from the bench's, the simulators' and the control plane's.
+const OPERATOR_USER: &str = "kapsa-operator";
+/// The user of the raw phase's applies.
+const RAW_USER: &str = "kapsa-bench-raw";
+const MASTERS: &[&str] = &["system:masters"];
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Kapsa scale benchmark: operator vs raw server-side apply")]
@@ -85,6 +94,10 @@ struct Args {
     /// after a successful run.
     #[arg(long)]
     keep_logs: bool,
+    /// Run this `kapsa` binary as the operator instead of this build's (to
+    /// measure another commit with the same harness).
+    #[arg(long, value_name = "PATH")]
+    operator_binary: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -93,42 +106,137 @@ struct Args {
 // ---------------------------------------------------------------------------
 // The operator as a child process.
 
+/// The `kapsa` binary run as the operator, and which of the bench's
+/// `kapsa operator` flags it accepts (an older build may lack some).
+#[derive(Debug, Clone)]
+struct OperatorBinary {
+    path: PathBuf,
+    /// `--operator-binary` (not this build's).
+    other: bool,
+    /// `--no-leader-election`; without it the operator elects itself
+    /// through a Lease, whose writes the bench counts and shows apart.
+    no_leader_election: bool,
+    /// `--text-logs`; without it the log is JSON.
+    text_logs: bool,
+}
+
+impl OperatorBinary {
+    /// Checks the binary and reads its flags from `kapsa operator --help`.
+    fn detect(args: &Args) -> anyhow::Result<Self> {
+        let (path, other) = match &args.operator_binary {
+            Some(path) => (
+                std::fs::canonicalize(path)
+                    .with_context(|| format!("--operator-binary {}", path.display()))?,
+                true,
+            ),
+            None => (PathBuf::from(env!("CARGO_BIN_EXE_kapsa")), false),
+        };
+        let output = Command::new(&path)
+            .args(["operator", "--help"])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} operator --help", path.display()))?;
+        ensure!(
+            output.status.success(),
+            "{} operator --help failed ({}): {}",
+            path.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let help = String::from_utf8_lossy(&output.stdout);
+        let has = |flag: &str| {
+            help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .any(|word| word == flag)
+        };
+        ensure!(
+            has("--metrics-addr"),
+            "{} operator has no --metrics-addr flag: the bench needs its /metrics",
+            path.display()
+        );
+        Ok(Self {
+            no_leader_election: has("--no-leader-election"),
+            text_logs: has("--text-logs"),
+            path,
+            other,
+        })
+    }
+
+    fn args(&self, metrics_addr: &str) -> Vec<String> {
+        let mut args = vec!["operator".to_string()];
+        if self.no_leader_election {
+            args.push("--no-leader-election".into());
+        }
+        if self.text_logs {
+            args.push("--text-logs".into());
+        }
+        args.extend(["--metrics-addr".into(), metrics_addr.to_string()]);
+        args
+    }
+
+    /// The process name the kernel gives it: the file name, cut to 15 bytes.
+    fn comm(&self) -> String {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&name.as_bytes()[..name.len().min(15)]).into_owned()
+    }
+
+    fn describe(&self) -> String {
+        let mut text = format!(
+            "{} ({})",
+            self.path.display(),
+            if self.other {
+                "--operator-binary"
+            } else {
+                "this build"
+            }
+        );
+        if !self.no_leader_election {
+            text.push_str(", no --no-leader-election flag: runs with leader election");
+        }
+        if !self.text_logs {
+            text.push_str(", no --text-logs flag: JSON logs");
+        }
+        text
+    }
+}
+
 /// The `kapsa operator` child process; stopped (SIGTERM, then SIGKILL) on drop.
 struct OperatorProcess {
     child: Child,
     log: PathBuf,
     metrics_addr: String,
+    /// The process name expected in /proc/<pid>/comm.
+    comm: String,
     /// The highest resident set seen so far, in KiB.
     peak_kib: u64,
 }
 
 impl OperatorProcess {
-    fn start(kubeconfig: &Path, log: PathBuf) -> anyhow::Result<Self> {
+    /// Starts `binary` as the operator, with `kubeconfig` (the operator
+    /// user's) as its `KUBECONFIG`: `kapsa operator` has no kubeconfig flag.
+    fn start(binary: &OperatorBinary, kubeconfig: &Path, log: PathBuf) -> anyhow::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let metrics_addr = format!("127.0.0.1:{port}");
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let binary = env!("CARGO_BIN_EXE_kapsa");
-        let args = [
-            "operator",
-            "--no-leader-election",
-            "--text-logs",
-            "--metrics-addr",
-            &metrics_addr,
-        ];
         // setpriv makes the kernel kill the operator if this process dies
         // (it execs, so the pid is the operator's own).
         let mut command = if setpriv_available() {
             let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "--", binary]);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&binary.path);
             c
         } else {
-            Command::new(binary)
+            Command::new(&binary.path)
         };
         let child = command
-            .args(args)
+            .args(binary.args(&metrics_addr))
             .env("KUBECONFIG", kubeconfig)
             .env_remove("KAPSA_METRICS_ADDR")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -138,6 +246,7 @@ impl OperatorProcess {
             child,
             log,
             metrics_addr,
+            comm: binary.comm(),
             peak_kib: 0,
         })
     }
@@ -184,7 +293,7 @@ impl OperatorProcess {
             if scrape(&self.metrics_addr).await.is_ok() {
                 let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid()))?;
                 ensure!(
-                    comm.trim() == "kapsa",
+                    comm.trim() == self.comm,
                     "pid {} is {comm:?}, not the operator",
                     self.pid()
                 );
@@ -375,6 +484,102 @@ fn format_cpu(cpu: &BTreeMap<String, f64>) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// The API server's audit log: what one user asked of it.
+
+/// One user's finished requests in a window of the audit log. Keys are
+/// `resource[/subresource]` ([`AuditEvent::target`]). Leases are counted
+/// like everything else; [`Self::lease_writes`] shows them apart. The audit
+/// policy does not log reads of Leases and Events, so those are never among
+/// the GETs.
+#[derive(Debug, Default, Clone)]
+struct AuditFigures {
+    /// Writes (create, update, patch, delete, deletecollection) by kind.
+    writes: BTreeMap<String, usize>,
+    /// Writes by verb.
+    write_verbs: BTreeMap<String, usize>,
+    /// GETs (verb `get`) by kind.
+    gets: BTreeMap<String, usize>,
+    /// Every request by verb (a watch counts when it ends).
+    verbs: BTreeMap<String, usize>,
+    /// Requests whose response was not 2xx, by `verb kind code`.
+    failed: BTreeMap<String, usize>,
+    /// Bytes of audit log (all users) in the window.
+    log_bytes: u64,
+}
+
+impl AuditFigures {
+    fn of(events: &[AuditEvent], user: &str, log_bytes: u64) -> Self {
+        let mut out = Self {
+            log_bytes,
+            ..Self::default()
+        };
+        for event in events.iter().filter(|e| audit::by_user(user)(e)) {
+            let target = event.target();
+            *out.verbs.entry(event.verb.clone()).or_default() += 1;
+            if audit::writes(event) {
+                *out.writes.entry(target.clone()).or_default() += 1;
+                *out.write_verbs.entry(event.verb.clone()).or_default() += 1;
+            } else if event.verb == "get" {
+                *out.gets.entry(target.clone()).or_default() += 1;
+            }
+            if !(200..300).contains(&event.response_code) {
+                *out.failed
+                    .entry(format!("{} {target} {}", event.verb, event.response_code))
+                    .or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// `user`'s requests in the audit log since `mark`, up to now.
+    async fn since(log: &AuditLog, mark: AuditMark, user: &str) -> Self {
+        let events = log.events_since(mark).await;
+        let bytes = log.mark_now().offset().saturating_sub(mark.offset());
+        Self::of(&events, user, bytes)
+    }
+
+    fn total_writes(&self) -> usize {
+        self.writes.values().sum()
+    }
+
+    /// Writes to Leases (leader election), included in [`Self::total_writes`].
+    fn lease_writes(&self) -> usize {
+        self.writes
+            .iter()
+            .filter(|(kind, _)| kind.split('/').next() == Some("leases"))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn total_gets(&self) -> usize {
+        self.gets.values().sum()
+    }
+}
+
+/// `a 3, b 2, c 2`: largest first (then by name), or `none`. `{:.2}`
+/// gives fractions two decimals and leaves integers alone.
+fn format_counts<N: Copy + PartialOrd + std::fmt::Display>(counts: &BTreeMap<String, N>) -> String {
+    if counts.is_empty() {
+        return "none".to_string();
+    }
+    let mut sorted: Vec<(&String, &N)> = counts.iter().collect();
+    sorted.sort_by(|a, b| {
+        b.1.partial_cmp(a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.0.cmp(b.0))
+    });
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn per_minute(count: usize, window: Duration) -> f64 {
+    count as f64 * 60.0 / window.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
 // A fresh platform: control plane, CRDs, simulators, platform objects, git.
 
 /// Aborts the task on drop.
@@ -390,6 +595,7 @@ impl Drop for AbortOnDrop {
 /// before it.
 struct Platform {
     client: Client,
+    audit: AuditLog,
     _simulators: AbortOnDrop,
     _git: GitServer,
     repo_url: String,
@@ -398,7 +604,7 @@ struct Platform {
 }
 
 async fn platform(assets: &Path) -> anyhow::Result<Platform> {
-    let plane = ControlPlane::start(ControlPlaneOptions {
+    let plane = ControlPlane::start_with_audit_log(ControlPlaneOptions {
         state_dir: None,
         assets_dir: Some(assets.to_path_buf()),
     })
@@ -436,20 +642,14 @@ async fn platform(assets: &Path) -> anyhow::Result<Platform> {
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": PLATFORM_NAMESPACE}}),
     )
     .await?;
-    create(
-        ApiResource::from_gvk(&GroupVersionKind::gvk("kpack.io", "v1alpha2", "ClusterBuilder")),
-        None,
-        json!({"apiVersion": "kpack.io/v1alpha2", "kind": "ClusterBuilder", "metadata": {"name": "default"},
-            "spec": {"tag": "registry.example/builders/default"}}),
-    )
-    .await?;
-    create(
-        cluster_issuer_resource(),
-        None,
-        json!({"apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer", "metadata": {"name": ISSUER},
-            "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [{"http01": {"ingress": {}}}]}}}),
-    )
-    .await?;
+    let builder = external::kpack_cluster_builder();
+    let builder_manifest = json!({"apiVersion": builder.api_version, "kind": builder.kind, "metadata": {"name": "default"},
+        "spec": {"tag": "registry.example/builders/default"}});
+    create(builder, None, builder_manifest).await?;
+    let issuer = external::cert_manager_cluster_issuer();
+    let issuer_manifest = json!({"apiVersion": issuer.api_version, "kind": issuer.kind, "metadata": {"name": ISSUER},
+        "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [{"http01": {"ingress": {}}}]}}});
+    create(issuer, None, issuer_manifest).await?;
     create(
         secret,
         Some(PLATFORM_NAMESPACE),
@@ -473,6 +673,9 @@ async fn platform(assets: &Path) -> anyhow::Result<Platform> {
     let commit = repo.commit("main", "app.txt", "v1", "first")?;
     Ok(Platform {
         client,
+        audit: plane
+            .audit_log()
+            .context("the control plane has no audit log")?,
         _simulators: simulators,
         repo_url: repo.url().to_string(),
         _git: git,
@@ -587,10 +790,16 @@ struct OperatorFigures {
     /// Peak RSS including the idle window, and VmRSS at its end.
     peak_rss_after_idle_kib: u64,
     rss_after_idle_kib: u64,
-    /// Writes while rolling out, by kind.
+    /// The operator user's requests from its start until every Project was
+    /// Ready, from the audit log.
+    rollout_audit: AuditFigures,
+    /// The operator user's requests during the idle window, from the audit log.
+    idle_audit: AuditFigures,
+    /// The operator's own count (`kapsa_api_writes_total`) of its writes
+    /// while rolling out, by kind.
     rollout_writes: BTreeMap<String, u64>,
     rollout_reconciles: BTreeMap<String, u64>,
-    /// Writes during the idle window, by kind.
+    /// The operator's own count of its writes during the idle window, by kind.
     idle_writes: BTreeMap<String, u64>,
     /// Git polls during the idle window.
     idle_polls: u64,
@@ -601,19 +810,37 @@ struct OperatorFigures {
 }
 
 impl OperatorFigures {
+    /// Audit log: the operator user's writes per minute in the idle window.
     fn idle_writes_per_minute(&self) -> f64 {
-        self.idle_writes.values().sum::<u64>() as f64 * 60.0 / self.idle.as_secs_f64()
+        per_minute(self.idle_audit.total_writes(), self.idle)
+    }
+
+    /// Audit log: the operator user's GETs per minute in the idle window.
+    fn idle_gets_per_minute(&self) -> f64 {
+        per_minute(self.idle_audit.total_gets(), self.idle)
+    }
+
+    /// The operator's own count of its idle writes, per minute.
+    fn own_idle_writes_per_minute(&self) -> f64 {
+        per_minute(self.idle_writes.values().sum::<u64>() as usize, self.idle)
     }
 }
 
-async fn operator_phase(assets: &Path, args: &Args, run: usize) -> anyhow::Result<OperatorFigures> {
+async fn operator_phase(
+    assets: &Path,
+    args: &Args,
+    binary: &OperatorBinary,
+    run: usize,
+) -> anyhow::Result<OperatorFigures> {
     let mut platform = platform(assets).await?;
     let client = platform.client.clone();
     let log = std::env::temp_dir().join(format!(
         "kapsa-bench-scale-operator-{}-run{run}.log",
         std::process::id()
     ));
-    let mut operator = OperatorProcess::start(platform.plane.kubeconfig_path(), log.clone())?;
+    let kubeconfig = platform.plane.kubeconfig_as(OPERATOR_USER, MASTERS)?;
+    let started_mark = platform.audit.mark().await;
+    let mut operator = OperatorProcess::start(binary, &kubeconfig, log.clone())?;
     operator.wait_for_metrics(Duration::from_secs(30)).await?;
     eprintln!(
         "  operator pid {} (log {}), applying {} Projects",
@@ -724,6 +951,7 @@ async fn operator_phase(assets: &Path, args: &Args, run: usize) -> anyhow::Resul
     };
     let rollout_writes = operator.writes().await?;
     let rollout_reconciles = operator.reconciles().await?;
+    let rollout_audit = AuditFigures::since(&platform.audit, started_mark, OPERATOR_USER).await;
     eprintln!(
         "  all Environments Ready after {:.2}s, all Projects Ready after {:.2}s (Projects applied in {:.2}s); idle for {}s",
         ready.as_secs_f64(),
@@ -737,6 +965,7 @@ async fn operator_phase(assets: &Path, args: &Args, run: usize) -> anyhow::Resul
     let idle_since = k8s_openapi::jiff::Timestamp::now();
     let before = operator.writes().await?;
     let polls_before = operator.git_polls().await?;
+    let idle_mark = platform.audit.mark().await;
     let idle_started = Instant::now();
     while idle_started.elapsed() < idle {
         tokio::time::sleep(Duration::from_secs(1).min(idle.saturating_sub(idle_started.elapsed())))
@@ -745,21 +974,23 @@ async fn operator_phase(assets: &Path, args: &Args, run: usize) -> anyhow::Resul
         operator.sample_peak()?;
     }
     let idle = idle_started.elapsed();
+    let idle_audit = AuditFigures::since(&platform.audit, idle_mark, OPERATOR_USER).await;
     let after = operator.writes().await?;
     let idle_polls = operator.git_polls().await? - polls_before;
     let idle_writes = delta(&after, &before);
-    let (idle_events, idle_status_changes) = if idle_writes.is_empty() {
-        Default::default()
-    } else {
-        let mut changes = BTreeMap::new();
-        let statuses_after = statuses(&client).await?;
-        for (key, after) in &statuses_after {
-            let kind = key.split('/').next().unwrap_or_default();
-            let before = statuses_before.get(key).unwrap_or(&Value::Null);
-            changed_fields(before, after, kind.to_string(), &mut changes);
-        }
-        (events_since(&client, idle_since).await?, changes)
-    };
+    let (idle_events, idle_status_changes) =
+        if idle_writes.is_empty() && idle_audit.writes.is_empty() {
+            Default::default()
+        } else {
+            let mut changes = BTreeMap::new();
+            let statuses_after = statuses(&client).await?;
+            for (key, after) in &statuses_after {
+                let kind = key.split('/').next().unwrap_or_default();
+                let before = statuses_before.get(key).unwrap_or(&Value::Null);
+                changed_fields(before, after, kind.to_string(), &mut changes);
+            }
+            (kapsa_events_since(&client, idle_since).await?, changes)
+        };
     let figures = OperatorFigures {
         ready,
         environments_created: environments_created.unwrap_or(ready),
@@ -769,6 +1000,8 @@ async fn operator_phase(assets: &Path, args: &Args, run: usize) -> anyhow::Resul
         peak_rss_kib,
         peak_rss_after_idle_kib: operator.sample_peak()?,
         rss_after_idle_kib: operator.memory_kib("VmRSS")?,
+        rollout_audit,
+        idle_audit,
         rollout_writes,
         rollout_reconciles,
         idle_writes,
@@ -855,7 +1088,7 @@ fn changed_fields(before: &Value, after: &Value, path: String, out: &mut BTreeMa
 
 /// Kapsa's Events (events.k8s.io) emitted or repeated since `since`, by
 /// `reason (kind)`.
-async fn events_since(
+async fn kapsa_events_since(
     client: &Client,
     since: k8s_openapi::jiff::Timestamp,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
@@ -929,7 +1162,7 @@ async fn raw_project(
     let ingress = ingress(&inputs).context("the builders made no Ingress")?;
     let deployment = deployment(&inputs, &built);
     let service = service(&inputs);
-    let image_resource = kpack_image_api_resource();
+    let image_resource = external::kpack_image();
     tokio::try_join!(
         apply_dynamic(client, MANAGER, &image_resource, &image),
         apply(client, MANAGER, &deployment),
@@ -964,6 +1197,8 @@ struct RawFigures {
     /// First apply until the last apply returned.
     applied: Duration,
     cpu: BTreeMap<String, f64>,
+    /// The raw applies' user's requests, from the audit log.
+    audit: AuditFigures,
 }
 
 async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
@@ -978,22 +1213,35 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
         .await?
         .spec;
     let commit = platform.commit.clone();
+    // The applies go as a user of their own, so that the audit log counts them.
+    let raw_client = platform.plane.client_as(RAW_USER, MASTERS).await?;
     eprintln!("  applying the children of {} Projects", args.projects);
 
     let timeout = Duration::from_secs(args.timeout_seconds);
     let cpu_before = cpu_by_process(&platform.plane, None);
+    let mark = platform.audit.mark().await;
     let started = Instant::now();
-    let projects = apply_projects(&client, "bench-raw", args, &platform.repo_url).await?;
+    let projects = apply_projects(&raw_client, "bench-raw", args, &platform.repo_url).await?;
     futures::stream::iter(projects.iter())
-        .map(|p| raw_project(&client, p, &pool, &registry_source, &registry_spec, &commit))
+        .map(|p| {
+            raw_project(
+                &raw_client,
+                p,
+                &pool,
+                &registry_source,
+                &registry_spec,
+                &commit,
+            )
+        })
         .buffer_unordered(args.concurrency)
         .try_collect::<Vec<()>>()
         .await?;
     let applied = started.elapsed();
 
     let deployments: Api<Deployment> = Api::all(client.clone());
-    let images: Api<DynamicObject> = Api::all_with(client.clone(), &kpack_image_api_resource());
-    let certificates: Api<DynamicObject> = Api::all_with(client.clone(), &certificate_resource());
+    let images: Api<DynamicObject> = Api::all_with(client.clone(), &external::kpack_image());
+    let certificates: Api<DynamicObject> =
+        Api::all_with(client.clone(), &external::cert_manager_certificate());
     let (mut deployments_done, mut images_done, mut certificates_done) = (0, 0, 0);
     let mut last_progress = Instant::now();
     loop {
@@ -1030,7 +1278,13 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
                 applied.as_secs_f64()
             );
             let cpu = cpu_delta(&cpu_by_process(&platform.plane, None), &cpu_before);
-            return Ok(RawFigures { done, applied, cpu });
+            let audit = AuditFigures::since(&platform.audit, mark, RAW_USER).await;
+            return Ok(RawFigures {
+                done,
+                applied,
+                cpu,
+                audit,
+            });
         }
         let progress = format!(
             "Deployments Available {deployments_done}, Images built {images_done}, Certificates ready {certificates_done} of {}",
@@ -1077,31 +1331,90 @@ fn mib(kib: u64) -> f64 {
 
 fn print_run(run: usize, args: &Args, f: &RunFigures) {
     let o = &f.operator;
-    let writes: u64 = o.rollout_writes.values().sum();
+    let n = args.projects as f64;
+    let a = &o.rollout_audit;
     println!(
-        "run {run}: operator {:.2}s, raw {:.2}s, ratio {:.2}, peak RSS {:.1} MiB, idle writes {:.1}/min",
+        "run {run}: operator {:.2}s, raw {:.2}s, ratio {:.2}, peak RSS {:.1} MiB; audit log, user {OPERATOR_USER}: {} writes ({:.1}/Project, {} to Leases), {} GETs ({:.1}/Project); idle {:.1} writes/min, {:.1} GETs/min",
         o.ready.as_secs_f64(),
         f.raw.done.as_secs_f64(),
         f.ratio(),
         mib(o.peak_rss_kib),
-        o.idle_writes_per_minute()
+        a.total_writes(),
+        a.total_writes() as f64 / n,
+        a.lease_writes(),
+        a.total_gets(),
+        a.total_gets() as f64 / n,
+        o.idle_writes_per_minute(),
+        o.idle_gets_per_minute(),
     );
     println!(
-        "  detail: all Environments created at {:.2}s, all with a commit at {:.2}s, all Projects Ready at {:.2}s; {writes} writes until then ({:.1}/Project) {:?}; reconciles {:?}",
+        "  audit log, operator start until all Projects Ready ({:.2}s after the first apply):",
+        o.projects_ready.as_secs_f64()
+    );
+    let per_project = |counts: &BTreeMap<String, usize>| {
+        let per: BTreeMap<String, f64> = counts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as f64 / n))
+            .collect();
+        format_counts(&per)
+    };
+    println!("    writes per Project by kind: {}", per_project(&a.writes));
+    println!(
+        "    writes by kind: {}; by verb: {}",
+        format_counts(&a.writes),
+        format_counts(&a.write_verbs)
+    );
+    println!(
+        "    Lease writes (leader election, in the totals above): {}",
+        a.lease_writes()
+    );
+    println!(
+        "    GETs by kind: {} (reads of Leases and Events are not audited)",
+        format_counts(&a.gets)
+    );
+    println!(
+        "    finished requests by verb (a watch counts when it ends): {}; responses other than 2xx: {}; audit log {:.1} MiB (all users)",
+        format_counts(&a.verbs),
+        format_counts(&a.failed),
+        a.log_bytes as f64 / 1024.0 / 1024.0
+    );
+    let i = &o.idle_audit;
+    println!(
+        "  audit log, idle {:.0}s: {} writes ({}), of them {} to Leases; {} GETs ({}); responses other than 2xx: {}",
+        o.idle.as_secs_f64(),
+        i.total_writes(),
+        format_counts(&i.writes),
+        i.lease_writes(),
+        i.total_gets(),
+        format_counts(&i.gets),
+        format_counts(&i.failed)
+    );
+    println!(
+        "  raw phase, audit log, user {RAW_USER}: {} writes ({:.1}/Project)",
+        f.raw.audit.total_writes(),
+        f.raw.audit.total_writes() as f64 / n
+    );
+    let own: u64 = o.rollout_writes.values().sum();
+    println!(
+        "  the operator's own count (kapsa_api_writes_total): {own} writes until all Projects Ready ({:.1}/Project) {}; idle {:.1} writes/min {}",
+        own as f64 / n,
+        format_counts(&o.rollout_writes),
+        o.own_idle_writes_per_minute(),
+        format_counts(&o.idle_writes)
+    );
+    println!(
+        "  detail: all Environments created at {:.2}s, all with a commit at {:.2}s, all Projects Ready at {:.2}s; reconciles {}",
         o.environments_created.as_secs_f64(),
         o.commits_known.as_secs_f64(),
         o.projects_ready.as_secs_f64(),
-        writes as f64 / args.projects as f64,
-        o.rollout_writes,
-        o.rollout_reconciles
+        format_counts(&o.rollout_reconciles)
     );
     println!(
-        "  after {:.0}s idle: RSS {:.1} MiB, peak RSS {:.1} MiB, {} git polls, idle writes {:?}",
+        "  after {:.0}s idle: RSS {:.1} MiB, peak RSS {:.1} MiB, {} git polls",
         o.idle.as_secs_f64(),
         mib(o.rss_after_idle_kib),
         mib(o.peak_rss_after_idle_kib),
         o.idle_polls,
-        o.idle_writes
     );
     println!(
         "  CPU until Ready: operator phase {}; raw phase {} (raw applies done at {:.2}s)",
@@ -1109,7 +1422,7 @@ fn print_run(run: usize, args: &Args, f: &RunFigures) {
         format_cpu(&f.raw.cpu),
         f.raw.applied.as_secs_f64()
     );
-    if !o.idle_writes.is_empty() {
+    if !o.idle_writes.is_empty() || !o.idle_audit.writes.is_empty() {
         println!(
             "  idle Events {:?}; idle status changes {:?}",
             o.idle_events, o.idle_status_changes
@@ -1117,12 +1430,75 @@ fn print_run(run: usize, args: &Args, f: &RunFigures) {
     }
 }
 
-async fn one_run(assets: &Path, args: &Args, run: usize) -> anyhow::Result<RunFigures> {
+/// One figure of a run, e.g. its operator time in seconds.
+type Figure<'a> = &'a dyn Fn(&RunFigures) -> f64;
+
+/// The summary: medians, then one row per run and the medians as a
+/// Markdown table.
+fn print_summary(args: &Args, runs: &[RunFigures]) {
+    let n = args.projects as f64;
+    let pick = |f: &dyn Fn(&RunFigures) -> f64| median(runs.iter().map(f).collect());
+    let writes = |r: &RunFigures| r.operator.rollout_audit.total_writes() as f64 / n;
+    let leases = |r: &RunFigures| r.operator.rollout_audit.lease_writes() as f64;
+    let gets = |r: &RunFigures| r.operator.rollout_audit.total_gets() as f64 / n;
+    let raw_writes = |r: &RunFigures| r.raw.audit.total_writes() as f64 / n;
+    let own = |r: &RunFigures| r.operator.rollout_writes.values().sum::<u64>() as f64 / n;
+    println!(
+        "median of {} run(s), {} Projects: operator {:.2}s, raw {:.2}s, ratio {:.2} (target ≤ 1.5), peak RSS {:.1} MiB (target ≤ 64 at 1,000); audit log, user {OPERATOR_USER}: {:.1} writes/Project (raw {:.1}), {:.0} Lease writes, {:.1} GETs/Project, idle {:.1} writes/min (target 0), idle {:.1} GETs/min; the operator's own count: {:.1} writes/Project, idle {:.1} writes/min",
+        runs.len(),
+        args.projects,
+        pick(&|r| r.operator.ready.as_secs_f64()),
+        pick(&|r| r.raw.done.as_secs_f64()),
+        pick(&|r| r.ratio()),
+        pick(&|r| mib(r.operator.peak_rss_kib)),
+        pick(&writes),
+        pick(&raw_writes),
+        pick(&leases),
+        pick(&gets),
+        pick(&|r| r.operator.idle_writes_per_minute()),
+        pick(&|r| r.operator.idle_gets_per_minute()),
+        pick(&own),
+        pick(&|r| r.operator.own_idle_writes_per_minute()),
+    );
+    println!();
+    println!(
+        "| run | operator | raw apply | ratio | peak RSS | writes/Project (audit) | Lease writes | GETs/Project (audit) | idle writes/min (audit) | idle GETs/min (audit) | writes/Project (own count) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    // A row: `value` gives one figure of it (one run's, or the median).
+    let row = |label: String, f: &dyn Fn(Figure) -> f64| {
+        println!(
+            "| {label} | {:.2} s | {:.2} s | {:.2} | {:.1} MiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            f(&|r| r.operator.ready.as_secs_f64()),
+            f(&|r| r.raw.done.as_secs_f64()),
+            f(&|r| r.ratio()),
+            f(&|r| mib(r.operator.peak_rss_kib)),
+            f(&writes),
+            f(&leases),
+            f(&gets),
+            f(&|r| r.operator.idle_writes_per_minute()),
+            f(&|r| r.operator.idle_gets_per_minute()),
+            f(&own),
+        );
+    };
+    for (i, run) in runs.iter().enumerate() {
+        let first = if (i + 1) % 2 == 1 { "operator" } else { "raw" };
+        row(format!("{} ({first} first)", i + 1), &|f| f(run));
+    }
+    row("**median**".to_string(), &|f| pick(f));
+}
+
+async fn one_run(
+    assets: &Path,
+    args: &Args,
+    binary: &OperatorBinary,
+    run: usize,
+) -> anyhow::Result<RunFigures> {
     // Alternate which phase goes first, so that neither always runs on a
     // warmer (or more tired) machine.
     if run % 2 == 1 {
         eprintln!("run {run}: operator phase");
-        let operator = operator_phase(assets, args, run).await?;
+        let operator = operator_phase(assets, args, binary, run).await?;
         eprintln!("run {run}: raw-apply phase");
         let raw = raw_phase(assets, args).await?;
         Ok(RunFigures { operator, raw })
@@ -1130,7 +1506,7 @@ async fn one_run(assets: &Path, args: &Args, run: usize) -> anyhow::Result<RunFi
         eprintln!("run {run}: raw-apply phase");
         let raw = raw_phase(assets, args).await?;
         eprintln!("run {run}: operator phase");
-        let operator = operator_phase(assets, args, run).await?;
+        let operator = operator_phase(assets, args, binary, run).await?;
         Ok(RunFigures { operator, raw })
     }
 }
@@ -1148,6 +1524,7 @@ fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
+    let binary = OperatorBinary::detect(&args)?;
     let assets = find_assets()?;
     // The operator child is forked from this thread (block_on runs the
     // future here), which lives as long as the process: its parent-death
@@ -1155,28 +1532,22 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         println!(
-            "Kapsa scale benchmark: {} Projects, {} run(s), idle window {}s, {} applies in flight",
-            args.projects, args.runs, args.idle_seconds, args.concurrency
+            "Kapsa scale benchmark: {} Projects, {} run(s), idle window {}s, {} applies in flight; operator {}",
+            args.projects,
+            args.runs,
+            args.idle_seconds,
+            args.concurrency,
+            binary.describe()
         );
         let mut runs = Vec::new();
         for run in 1..=args.runs {
-            let figures = one_run(&assets, &args, run)
+            let figures = one_run(&assets, &args, &binary, run)
                 .await
                 .with_context(|| format!("run {run}"))?;
             print_run(run, &args, &figures);
             runs.push(figures);
         }
-        let pick = |f: &dyn Fn(&RunFigures) -> f64| median(runs.iter().map(f).collect());
-        println!(
-            "median of {} run(s), {} Projects: operator {:.2}s, raw {:.2}s, ratio {:.2} (target ≤ 1.5), peak RSS {:.1} MiB (target ≤ 64 at 1,000), idle writes {:.1}/min (target 0)",
-            runs.len(),
-            args.projects,
-            pick(&|r| r.operator.ready.as_secs_f64()),
-            pick(&|r| r.raw.done.as_secs_f64()),
-            pick(&|r| r.ratio()),
-            pick(&|r| mib(r.operator.peak_rss_kib)),
-            pick(&|r| r.operator.idle_writes_per_minute()),
-        );
+        print_summary(&args, &runs);
         anyhow::Ok(())
     })
 }
