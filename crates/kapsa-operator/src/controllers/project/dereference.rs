@@ -219,3 +219,19 @@ async fn credentials(
         Some(s) => Credentials::Fetched(Arc::new(s)),
     })
 }
+
+/// Whether a Project was refused its namespace, from the caches (for the
+/// poller: the git Secret of a refused namespace is never read).
+pub fn namespace_refused(
+    stores: &crate::context::Stores,
+    project: &Project,
+) -> Option<(&'static str, String)> {
+    let namespace = namespace_name(project);
+    let others = stores.projects.state();
+    super::plan::refused_namespace(
+        project,
+        &namespace,
+        others.iter().map(|p| p.as_ref()),
+        cached(&stores.namespaces, &namespace, None).as_deref(),
+    )
+}

@@ -359,7 +359,24 @@ pub(crate) fn namespace_problem(
     world: &ProjectWorld,
     namespace: &str,
 ) -> Option<(&'static str, String)> {
-    let project = world.project.as_ref();
+    refused_namespace(
+        world.project.as_ref(),
+        namespace,
+        world.others.iter().map(|p| p.as_ref()),
+        world.namespace.as_deref(),
+    )
+}
+
+/// Why `project` may not use `namespace`: reserved for the system, named
+/// first by another Project (of `others`), or existing (`existing`) and not
+/// this Project's. Kapsa never takes over a namespace, and reads no Secret of
+/// one it was refused.
+pub fn refused_namespace<'a>(
+    project: &Project,
+    namespace: &str,
+    mut others: impl Iterator<Item = &'a Project>,
+    existing: Option<&impl Resource>,
+) -> Option<(&'static str, String)> {
     if RESERVED_NAMESPACES.contains(&namespace) || namespace.starts_with("kube-") {
         return Some((
             "NamespaceForbidden",
@@ -367,8 +384,9 @@ pub(crate) fn namespace_problem(
         ));
     }
     // Another Project that names the same namespace and came first keeps it.
-    let rival = world.others.iter().find(|other| {
-        build::namespace_name(other) == namespace
+    let rival = others.find(|other| {
+        other.name_any() != project.name_any()
+            && build::namespace_name(other) == namespace
             && (other.creation_timestamp(), other.name_any())
                 < (project.creation_timestamp(), project.name_any())
     });
@@ -381,8 +399,8 @@ pub(crate) fn namespace_problem(
             ),
         ));
     }
-    match &world.namespace {
-        Some(ns) if !build::namespace_belongs_to(ns.as_ref(), project) => Some((
+    match existing {
+        Some(ns) if !build::namespace_belongs_to(ns, project) => Some((
             "NamespaceConflict",
             format!(
                 "namespace {namespace:?} exists and does not belong to this Project; Kapsa never takes over a namespace"
