@@ -11,12 +11,12 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kapsa_api::Project;
 use kube::api::Api;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
-use crate::context::{GitState, PollResult};
+use crate::context::{GitState, PollResult, Stores};
 use crate::git::{GitCredentials, backoff_delay, list_branches};
 use crate::metrics::Metrics;
 use crate::resources::project::namespace_name;
@@ -77,11 +77,12 @@ struct Schedule {
 /// controller's `reconcile_on`.
 pub async fn run(
     client: Client,
-    projects: Store<Project>,
+    stores: Stores,
     state: Arc<GitState>,
     metrics: Arc<Metrics>,
     trigger: mpsc::Sender<ObjectRef<Project>>,
 ) {
+    let projects = stores.projects.clone();
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_POLLS));
     let (done_tx, mut done_rx) = mpsc::channel::<(String, Outcome)>(256);
     let mut schedules: HashMap<String, Schedule> = HashMap::new();

@@ -536,7 +536,7 @@ pub async fn run(
             )
             .for_each(|result| log_failure("environment", result));
 
-    let poller = poller::run(client.clone(), projects, git, metrics, poll_tx);
+    let poller = poller::run(client.clone(), stores, git, metrics, poll_tx);
     let drivers = futures::future::join_all([
         project_driver,
         environment_driver,
