@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::common::ClusterIssuerReference;
 use crate::conditions::Condition;
 use crate::naming::MAX_BASE_DOMAIN_LEN;
-use crate::validation::{DNS_NAME, DNS_SUBDOMAIN, MAX_CONDITIONS, MAX_POOL_DOMAINS, matches_rule};
+use crate::validation::{
+    DNS_LABEL, DNS_NAME, DNS_SUBDOMAIN, MAX_CONDITIONS, MAX_POOL_DOMAINS, matches_rule,
+};
 
 /// How cert-manager proves control of a host. Values: `HTTP01` (one
 /// certificate per host, solved through the Ingress) or `DNS01` (one
@@ -24,6 +26,55 @@ pub enum Challenge {
     HTTP01,
     /// One wildcard certificate per Project, ACME DNS-01 challenge.
     DNS01,
+}
+
+// A Pod Security Standard level (Kubernetes Pod Security Admission), as
+// written in the `pod-security.kubernetes.io/*` namespace labels. (A plain
+// comment: a doc comment here would replace the description of the
+// `spec.podSecurity` field in the CRD.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSecurityLevel {
+    /// Unrestricted: pods may be privileged, use host namespaces and paths.
+    Privileged,
+    /// Minimally restrictive: known privilege escalations are refused.
+    Baseline,
+    /// Hardened: non-root, no privilege escalation, capabilities dropped,
+    /// RuntimeDefault seccomp.
+    #[default]
+    Restricted,
+}
+
+impl PodSecurityLevel {
+    /// The value of the `pod-security.kubernetes.io/*` labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Privileged => "privileged",
+            Self::Baseline => "baseline",
+            Self::Restricted => "restricted",
+        }
+    }
+}
+
+impl std::fmt::Display for PodSecurityLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PodSecurityLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "privileged" => Ok(Self::Privileged),
+            "baseline" => Ok(Self::Baseline),
+            "restricted" => Ok(Self::Restricted),
+            other => Err(format!(
+                "unknown Pod Security level {other:?} (privileged, baseline or restricted)"
+            )),
+        }
+    }
 }
 
 /// Base domains that Kapsa allocates application hosts from, with the TLS
@@ -133,6 +184,32 @@ pub struct DomainPoolSpec {
     #[serde(default = "default_ingress_class_name")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub ingress_class_name: String,
+
+    /// Names no Project receives under this pool's domains, e.g. `[www,
+    /// grafana, api]`: a Project named like one is refused a host (its
+    /// `DomainAllocated` condition says `HostReserved`). At most 256 DNS
+    /// labels (lower case, `[a-z0-9-]`, 1-63 characters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 63)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[x_kube(
+        validation = Rule::new(format!("self.all(n, {})", matches_rule("n", DNS_LABEL)))
+            .message("spec.reservedNames: every name must be a DNS label: 1-63 characters of [a-z0-9-], not starting or ending with '-'")
+    )]
+    pub reserved_names: Vec<String>,
+
+    /// Pod Security Standard enforced in the namespaces of the Projects
+    /// served by this pool (Pod Security Admission labels
+    /// `pod-security.kubernetes.io/enforce`, `warn` and `audit`):
+    /// `restricted` (hardened pods: non-root, no privilege escalation,
+    /// capabilities dropped, RuntimeDefault seccomp), `baseline` (known
+    /// privilege escalations refused) or `privileged` (unrestricted).
+    /// Optional: without it the
+    /// operator's `--pod-security` flag decides (default `restricted`).
+    /// Loosen it only for pools whose apps need it; Kapsa's own Deployments
+    /// meet `restricted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security: Option<PodSecurityLevel>,
 }
 
 fn default_ingress_class_name() -> String {

@@ -103,12 +103,14 @@ pub struct EnvironmentSpec {
     pub type_: EnvironmentType,
 
     /// Git branch to build from, e.g. `main` or `feature/login`. Exactly one
-    /// of `branch` and `image` is set. A valid git branch name of at most
-    /// 255 characters.
+    /// of `branch` and `image` is set. A branch name as `git
+    /// check-ref-format --branch` accepts it, without the `refs/heads/`
+    /// prefix (names starting with `refs/` and the name `@` are refused), at
+    /// most 255 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = MAX_BRANCH_NAME_LEN))]
     #[x_kube(validation = Rule::new(git_branch_rule("self"))
-        .message("spec.branch must be a valid git branch name: no spaces, control characters, '..', '//', '@{', or any of ~^:?*[\\; must not start with '-', '/' or '.', nor end with '/', '.' or '.lock'"))]
+        .message("spec.branch must be a valid git branch name without refs/heads/: no spaces, control characters, '..', '//', '@{', or any of ~^:?*[\\; no component starting with '.' or ending with '.lock'; must not start with '-', '/' or '.', nor end with '/' or '.', nor be HEAD or @, nor start with refs/"))]
     pub branch: Option<String>,
 
     /// Commit of `branch` to build and run: a full 40-character (SHA-1) or

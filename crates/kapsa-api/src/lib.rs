@@ -18,6 +18,7 @@
 pub mod common;
 pub mod conditions;
 pub mod domain_pool;
+pub mod duration;
 pub mod environment;
 pub mod external;
 pub mod naming;

@@ -14,13 +14,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::LocalObjectReference;
 use crate::conditions::Condition;
+use crate::duration::{MIN_POLL_INTERVAL, MIN_PREVIEW_TTL, as_seconds};
 use crate::environment::EnvironmentType;
 use crate::naming::{MAX_BRANCH_NAME_LEN, MAX_PROJECT_NAME_LEN};
 use crate::validation::{
-    BRANCH_GLOB, DNS_LABEL, DNS_SUBDOMAIN, DURATION, GIT_URL, GIT_URL_INSECURE, GIT_URL_LOOPBACK,
-    HTTP_PATH, MAX_BRANCH_GLOBS, MAX_CONDITIONS, MAX_DURATION_LEN, MAX_ENV_FROM_REFS,
-    MAX_GIT_URL_LEN, MAX_PATH_LEN, MAX_STATUS_ENVIRONMENTS, RESERVED_NAMESPACES,
-    RUNTIME_RESOURCE_NAMES, cel_list, git_branch_rule, matches_rule, min_duration_rule,
+    DNS_LABEL, DNS_SUBDOMAIN, DURATION, GIT_URL, GIT_URL_INSECURE, GIT_URL_LOOPBACK, HTTP_PATH,
+    INTEGER_QUOTA_RESOURCE_NAMES, MAX_BRANCH_GLOBS, MAX_CONDITIONS, MAX_DURATION_LEN,
+    MAX_ENV_FROM_REFS, MAX_GIT_URL_LEN, MAX_PATH_LEN, MAX_STATUS_ENVIRONMENTS, QUOTA_RESOURCE_NAME,
+    QUOTA_RESOURCE_NAMES, RESERVED_NAMESPACES, RUNTIME_RESOURCE_NAMES, branch_glob_rule, cel_list,
+    git_branch_rule, map_key_rule, matches_rule, min_duration_rule, quantity_schema,
     relative_path_rule,
 };
 
@@ -144,14 +146,17 @@ pub struct ProjectSource {
     pub git: GitSource,
 
     /// How often Kapsa polls the repository for new commits and branches
-    /// (refs only, no clone), as a Go duration such as `30s`, `5m` or
-    /// `1h30m`. Default `60s`; at least `10s`. Failed polls back off.
+    /// (refs only, no clone), as a duration such as `30s`, `5m` or `1h30m`:
+    /// one or more numbers (at most 5 digits, optionally with a fraction of
+    /// at most 9 digits, e.g. `1.5`), each followed by a unit `ns`, `us`,
+    /// `ms`, `s`, `m` or `h`; at most 32 characters. Default `60s`; at least
+    /// `10s`. Failed polls back off.
     #[serde(default = "default_poll_interval")]
     #[schemars(length(min = 1, max = MAX_DURATION_LEN))]
     #[x_kube(
         validation = Rule::new(matches_rule("self", DURATION))
-            .message("spec.source.pollInterval must be a duration such as 30s, 5m or 1h30m (units ns, us, ms, s, m, h)"),
-        validation = Rule::new(min_duration_rule("self", "10s")).message("spec.source.pollInterval must be at least 10s")
+            .message("spec.source.pollInterval must be a duration such as 30s, 5m or 1h30m: numbers of at most 5 digits (optionally with a fraction of at most 9 digits), each followed by a unit ns, us, ms, s, m or h"),
+        validation = Rule::new(min_duration_rule("self", &as_seconds(MIN_POLL_INTERVAL))).message(Message::Message(format!("spec.source.pollInterval must be at least {}", as_seconds(MIN_POLL_INTERVAL))))
     )]
     pub poll_interval: String,
 
@@ -176,30 +181,35 @@ fn default_poll_interval() -> String {
     matches_rule("self.url", GIT_URL_INSECURE),
     matches_rule("self.url", GIT_URL_LOOPBACK)
 ))
-.message("spec.source.git.url: plain http:// and git:// URLs are only allowed for a loopback host (localhost, 127.x.x.x, [::1]) unless spec.source.git.allowInsecureHttp is true; use https:// or ssh")
+.message("spec.source.git.url: plain http:// URLs are only allowed for a loopback host (localhost, 127.x.x.x, [::1]) unless spec.source.git.allowInsecureHttp is true; use https:// or ssh")
 .field_path(".url")
 .reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct GitSource {
     /// URL of the repository. Accepted forms: `https://host[:port]/path`,
     /// `ssh://[user@]host[:port]/path` and scp-like `user@host:path` (e.g.
-    /// `git@github.com:acme/shop.git`). `http://` and `git://` only for a
-    /// loopback host (`localhost`, `127.x.x.x`, `[::1]`) or with
-    /// `allowInsecureHttp: true`. Credentials never go in the URL; use
-    /// `secretRef`. At most 2048 characters.
+    /// `git@github.com:acme/shop.git`); a port is 1–65535, a user name does
+    /// not start with `-` or `.`. `http://` only for a loopback host
+    /// (`localhost`, `127.x.x.x`, `[::1]`) or with `allowInsecureHttp: true`.
+    /// `git://`, `file://`, local paths and other schemes are refused.
+    /// Credentials never go in the URL; use `secretRef`. At most 2048
+    /// characters.
     #[schemars(length(min = 1, max = MAX_GIT_URL_LEN))]
     #[x_kube(validation = Rule::new(matches_rule("self", GIT_URL))
-        .message("spec.source.git.url must be https://host/path, ssh://[user@]host[:port]/path or user@host:path (scp-like), without credentials or spaces, e.g. https://github.com/acme/shop.git or git@github.com:acme/shop.git"))]
+        .message("spec.source.git.url must be https://host[:port]/path, ssh://[user@]host[:port]/path or user@host:path (scp-like; http:// only for loopback or with allowInsecureHttp; no git://, file:// or other schemes), with a port 1-65535, a user not starting with '-' or '.', without credentials or spaces, e.g. https://github.com/acme/shop.git or git@github.com:acme/shop.git"))]
     pub url: String,
 
     /// The production branch: the production Environment is built from its
-    /// head. Default `main`. A valid git branch name (no spaces, `..`,
-    /// `~^:?*[\`, leading `-`, `/` or `.`, trailing `/`, `.` or `.lock`), at
-    /// most 255 characters.
+    /// head. Default `main`. A branch name as `git check-ref-format
+    /// --branch` accepts it (no spaces, control characters, `..`, `//`,
+    /// `@{`, `~^:?*[\`; no leading `-`, `/` or `.`, no component starting
+    /// with `.` or ending with `.lock`, no trailing `/` or `.`; not `HEAD`),
+    /// without the `refs/heads/` prefix (names starting with `refs/` and the
+    /// name `@` are refused), at most 255 characters.
     #[serde(default = "default_branch")]
     #[schemars(length(min = 1, max = MAX_BRANCH_NAME_LEN))]
     #[x_kube(validation = Rule::new(git_branch_rule("self"))
-        .message("spec.source.git.branch must be a valid git branch name: no spaces, control characters, '..', '//', '@{', or any of ~^:?*[\\; must not start with '-', '/' or '.', nor end with '/', '.' or '.lock'"))]
+        .message("spec.source.git.branch must be a valid git branch name without refs/heads/: no spaces, control characters, '..', '//', '@{', or any of ~^:?*[\\; no component starting with '.' or ending with '.lock'; must not start with '-', '/' or '.', nor end with '/' or '.', nor be HEAD or @, nor start with refs/"))]
     pub branch: String,
 
     /// Secret with credentials for the repository, in the project's
@@ -209,8 +219,7 @@ pub struct GitSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
 
-    /// Allow a plain `http://` or `git://` URL to a host that is not
-    /// loopback. Default `false`. Traffic, including credentials, is then
+    /// Allow a plain `http://` URL to a host that is not loopback. Default `false`. Traffic, including credentials, is then
     /// unencrypted; only for trusted networks.
     #[serde(default)]
     pub allow_insecure_http: bool,
@@ -387,25 +396,70 @@ fn default_replicas() -> i32 {
 }
 
 /// Compute resources of the app container.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[schemars(transform = requests_within_limits)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceRequirements {
     /// Resources the scheduler reserves, e.g. `{cpu: 100m, memory: 128Mi}`.
-    /// Keys: `cpu`, `memory`, `ephemeral-storage`; values are Kubernetes
-    /// quantities.
+    /// Keys: `cpu`, `memory`, `ephemeral-storage`; values are non-negative
+    /// Kubernetes quantities (e.g. `100m`, `"0.5"`, `2`, `128Mi`), each at
+    /// most the limit of the same resource.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 3))]
-    #[x_kube(validation = Rule::new(format!("self.all(k, k in {})", cel_list(&RUNTIME_RESOURCE_NAMES)))
-        .message("spec.runtime.resources.requests: keys must be cpu, memory or ephemeral-storage"))]
+    #[schemars(schema_with = "resource_requests_schema")]
     pub requests: BTreeMap<String, Quantity>,
 
     /// Upper bounds for the container, e.g. `{memory: 256Mi}`. Keys: `cpu`,
-    /// `memory`, `ephemeral-storage`; values are Kubernetes quantities.
+    /// `memory`, `ephemeral-storage`; values are non-negative Kubernetes
+    /// quantities.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 3))]
-    #[x_kube(validation = Rule::new(format!("self.all(k, k in {})", cel_list(&RUNTIME_RESOURCE_NAMES)))
-        .message("spec.runtime.resources.limits: keys must be cpu, memory or ephemeral-storage"))]
+    #[schemars(schema_with = "resource_limits_schema")]
     pub limits: BTreeMap<String, Quantity>,
+}
+
+/// Adds the rule "no request exceeds the limit of the same resource" (a Pod
+/// with such a container is refused) to the schema of
+/// [`ResourceRequirements`], naming the resource.
+fn requests_within_limits(schema: &mut schemars::Schema) {
+    const PREDICATE: &str = "!(k in self.limits) || !isQuantity(string(self.requests[k])) \
+        || !isQuantity(string(self.limits[k])) \
+        || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0";
+    const MESSAGE: &str =
+        "a request must not exceed the limit of the same resource in spec.runtime.resources.limits";
+    schema.insert(
+        "x-kubernetes-validations".to_owned(),
+        serde_json::json!([{
+            "rule": format!("!has(self.requests) || !has(self.limits) || self.requests.all(k, {PREDICATE})"),
+            "message": format!("spec.runtime.resources.requests: {MESSAGE}"),
+            "messageExpression": format!(
+                "'spec.runtime.resources.requests[' + self.requests.filter(k, !({PREDICATE}))[0] + ']: {MESSAGE}'"
+            ),
+            "fieldPath": ".requests",
+        }]),
+    );
+}
+
+/// A map of runtime resource names to quantities, named `field` in messages.
+fn runtime_resources_schema(field: &str) -> schemars::Schema {
+    let keys = cel_list(&RUNTIME_RESOURCE_NAMES);
+    schemars::Schema::try_from(serde_json::json!({
+        "type": "object",
+        "maxProperties": RUNTIME_RESOURCE_NAMES.len(),
+        "additionalProperties": quantity_schema(field),
+        "x-kubernetes-validations": [map_key_rule(
+            field,
+            &format!("k in {keys}"),
+            "not a resource Kapsa sets; keys must be cpu, memory or ephemeral-storage",
+        )],
+    }))
+    .expect("an object schema")
+}
+
+fn resource_requests_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    runtime_resources_schema("spec.runtime.resources.requests")
+}
+
+fn resource_limits_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    runtime_resources_schema("spec.runtime.resources.limits")
 }
 
 /// An HTTP health check of the app.
@@ -470,26 +524,31 @@ pub struct PreviewEnvironmentsSpec {
     pub enabled: bool,
 
     /// Branch globs that get a preview, e.g. `["feature/*", "fix-*"]`: `*`
-    /// matches within one path segment, `?` one character. Optional:
-    /// without it, every branch except the production branch. At most 32
-    /// globs of at most 255 characters of `[A-Za-z0-9._/*?-]`, not starting
-    /// with `/` or `-`, without `..`. The production branch never gets a
-    /// preview.
+    /// matches within one path segment, `?` one character (neither matches
+    /// `/`). Optional: without it, every branch except the production
+    /// branch. At most 32 globs of at most 255 characters of
+    /// `[A-Za-z0-9._/*?-]`, each able to match a valid branch name: not
+    /// starting with `/`, `-` or `.`, not ending with `/`, `.` or `.lock`,
+    /// without `..`, `//`, a component starting with `.` or a component
+    /// ending with `.lock`. The production branch never gets a preview.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_BRANCH_GLOBS), inner(length(min = 1, max = MAX_BRANCH_NAME_LEN)))]
-    #[x_kube(validation = Rule::new(format!("self.all(g, {} && !g.contains('..'))", matches_rule("g", BRANCH_GLOB)))
-        .message("spec.previewEnvironments.branches: every glob must use only A-Z a-z 0-9 . _ / * ? -, must not start with '/' or '-' and must not contain '..'"))]
+    #[x_kube(validation = Rule::new(format!("self.all(g, {})", branch_glob_rule("g")))
+        .message("spec.previewEnvironments.branches: every glob must use only A-Z a-z 0-9 . _ / * ? - and be able to match a git branch name: must not start with '/', '-' or '.', nor end with '/', '.' or '.lock', nor contain '..', '//', '/.' or '.lock/'"))]
     pub branches: Vec<String>,
 
-    /// How long a preview lives after the last commit on its branch, as a Go
-    /// duration such as `72h` or `30m`. Default `72h`; at least `1m`. A
-    /// preview is also deleted when its branch is deleted or merged.
+    /// How long a preview lives after the last commit on its branch, as a
+    /// duration such as `72h`, `30m` or `1h30m`: one or more numbers (at most
+    /// 5 digits, optionally with a fraction of at most 9 digits), each
+    /// followed by a unit `ns`, `us`, `ms`, `s`, `m` or `h`; at most 32
+    /// characters. Default `72h`; at least `1m`. A preview is also deleted
+    /// when its branch is deleted or merged.
     #[serde(default = "default_ttl")]
     #[schemars(length(min = 1, max = MAX_DURATION_LEN))]
     #[x_kube(
         validation = Rule::new(matches_rule("self", DURATION))
-            .message("spec.previewEnvironments.ttl must be a duration such as 72h, 90m or 1h30m (units ns, us, ms, s, m, h)"),
-        validation = Rule::new(min_duration_rule("self", "1m")).message("spec.previewEnvironments.ttl must be at least 1m")
+            .message("spec.previewEnvironments.ttl must be a duration such as 72h, 90m or 1h30m: numbers of at most 5 digits (optionally with a fraction of at most 9 digits), each followed by a unit ns, us, ms, s, m or h"),
+        validation = Rule::new(min_duration_rule("self", &as_seconds(MIN_PREVIEW_TTL))).message("spec.previewEnvironments.ttl must be at least 1m")
     )]
     pub ttl: String,
 
@@ -525,9 +584,56 @@ fn default_max_environments() -> i32 {
 pub struct ResourceQuotaSpec {
     /// Hard limits, as in a Kubernetes ResourceQuota's `spec.hard`, e.g.
     /// `{requests.cpu: "4", limits.memory: 16Gi, pods: "50"}`. One to 32
-    /// entries.
-    #[schemars(extend("minProperties" = 1, "maxProperties" = 32))]
+    /// entries. Keys are quota resource names: `cpu`, `memory`,
+    /// `ephemeral-storage`, `requests.*` and `limits.*` of these,
+    /// `requests.storage`, `hugepages-<size>`, `requests.hugepages-<size>`,
+    /// object counts (`pods`, `services`, `secrets`, `configmaps`,
+    /// `persistentvolumeclaims`, `replicationcontrollers`, `resourcequotas`,
+    /// `services.nodeports`, `services.loadbalancers`,
+    /// `count/<resource>[.<group>]`) or other names with a domain prefix
+    /// (`requests.nvidia.com/gpu`). Values are non-negative Kubernetes
+    /// quantities; object counts and other prefixed names take whole
+    /// numbers.
+    #[schemars(schema_with = "quota_hard_schema")]
     pub hard: BTreeMap<String, Quantity>,
+}
+
+fn quota_hard_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    const FIELD: &str = "spec.resourceQuota.hard";
+    // Kubernetes' rule for which quota resources count whole things: the
+    // object counts, and every name with a `/` that is neither a `requests.`
+    // resource nor a `kubernetes.io/` one (extended resources, `count/...`).
+    let integer = format!(
+        "k in {} || (k.contains('/') && !k.startsWith('requests.') && !k.contains('kubernetes.io/'))",
+        cel_list(&INTEGER_QUOTA_RESOURCE_NAMES)
+    );
+    schemars::Schema::try_from(serde_json::json!({
+        "type": "object",
+        "minProperties": 1,
+        "maxProperties": 32,
+        "additionalProperties": quantity_schema(FIELD),
+        "x-kubernetes-validations": [
+            map_key_rule(
+                FIELD,
+                &matches_rule("k", QUOTA_RESOURCE_NAME),
+                "not a resource name; keys are names such as requests.cpu, limits.memory, pods, count/deployments.apps or requests.nvidia.com/gpu: an optional DNS prefix and '/', then 1-63 characters of [A-Za-z0-9._-] starting and ending with a letter or digit",
+            ),
+            map_key_rule(
+                FIELD,
+                &format!(
+                    "k.contains('/') || k in {} || k.startsWith('hugepages-') || k.startsWith('requests.hugepages-')",
+                    cel_list(&QUOTA_RESOURCE_NAMES)
+                ),
+                "not a standard quota resource; a key without '/' must be cpu, memory, ephemeral-storage, requests.cpu, requests.memory, requests.storage, requests.ephemeral-storage, limits.cpu, limits.memory, limits.ephemeral-storage, pods, services, secrets, configmaps, persistentvolumeclaims, replicationcontrollers, resourcequotas, services.nodeports, services.loadbalancers, hugepages-<size> or requests.hugepages-<size>",
+            ),
+            map_key_rule(
+                FIELD,
+                &format!("!({integer}) || !isQuantity(string(self[k])) || quantity(string(self[k])).isInteger()"),
+                "must be a whole number: object counts (pods, services, secrets, count/<resource>, ...) and extended resources are counted in units",
+            ),
+        ],
+    }))
+    .expect("an object schema")
 }
 
 /// Observed state of a Project, written by the operator.

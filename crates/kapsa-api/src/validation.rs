@@ -23,8 +23,13 @@ pub const DNS_SUBDOMAIN: &str =
 pub const DNS_NAME: &str =
     "^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?[.])+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 
-/// A Go-style duration as CEL's `duration()` parses it: `30s`, `5m`, `1h30m`, `1.5h`.
-pub const DURATION: &str = "^([0-9]{1,9}([.][0-9]{1,9})?(ns|us|ms|s|m|h))+$";
+/// A duration: one or more numbers (1–5 digits, optionally `.` and 1–9
+/// digits), each followed by a unit `ns`, `us`, `ms`, `s`, `m` or `h`, e.g.
+/// `30s`, `5m`, `1h30m`, `1.5h`. A subset of Go's durations (what CEL's
+/// `duration()` parses), small enough that `duration()` never overflows
+/// within [`MAX_DURATION_LEN`] characters; [`crate::duration::parse`] accepts
+/// exactly this language.
+pub const DURATION: &str = "^([0-9]{1,5}([.][0-9]{1,9})?(ns|us|ms|s|m|h))+$";
 
 /// A container registry host with an optional port, no scheme, no path.
 pub const REGISTRY_SERVER: &str = "^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|[[][0-9A-Fa-f:.]+[]])(:[0-9]{1,5})?$";
@@ -38,25 +43,54 @@ pub const IMAGE_REFERENCE: &str = "^([A-Za-z0-9][-A-Za-z0-9.]*(:[0-9]{1,5})?/)?[
 /// A full git commit SHA: 40 (SHA-1) or 64 (SHA-256) lower-case hex digits.
 pub const COMMIT_SHA: &str = "^([0-9a-f]{40}|[0-9a-f]{64})$";
 
-/// A git URL Kapsa accepts: `https://host[:port]/path`, `ssh://[user@]host[:port]/path`,
-/// `user@host:path` (scp-like), and `http://` / `git://` URLs (which a
-/// separate rule limits to loopback hosts unless insecure HTTP is opted in).
-/// No credentials in the URL: https URLs take no `user@`.
+/// A host name or an IPv6 address in brackets, as git URLs take it.
+macro_rules! git_host {
+    () => {
+        "([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|[[][0-9A-Fa-f:.]+[]])"
+    };
+}
+
+/// A TCP port 1–65535 without leading zeros.
+macro_rules! tcp_port {
+    () => {
+        "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+    };
+}
+
+/// An ssh user name: it must not start with `-` (an ssh command line could
+/// take it for an option) or `.`.
+macro_rules! ssh_user {
+    () => {
+        "[A-Za-z0-9_][A-Za-z0-9._-]*"
+    };
+}
+
+/// A git URL Kapsa accepts: `https://host[:port]/path`,
+/// `ssh://[user@]host[:port]/path`, `user@host:path` (scp-like), and
+/// `http://` URLs (which a separate rule limits to loopback hosts unless
+/// insecure HTTP is opted in). These are the transports the operator's git
+/// client speaks; `git://`, `file://`, local paths and remote helpers are
+/// refused by both. No credentials in the URL: https URLs take no `user@`.
 pub const GIT_URL: &str = concat!(
-    "^(((https|http|git)://|ssh://([A-Za-z0-9._-]+@)?)",
-    "([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|[[][0-9A-Fa-f:.]+[]])",
-    "(:[0-9]{1,5})?/[-A-Za-z0-9._~%+/]+",
-    "|[A-Za-z0-9._-]+@",
-    "([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*)",
+    "^(((https|http)://|ssh://(",
+    ssh_user!(),
+    "@)?)",
+    git_host!(),
+    "(:",
+    tcp_port!(),
+    ")?/[-A-Za-z0-9._~%+/]+",
+    "|",
+    ssh_user!(),
+    "@([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*)",
     ":[A-Za-z0-9._~%+/][-A-Za-z0-9._~%+/]*)$"
 );
 
-/// An unencrypted git URL (`http://` or `git://`).
-pub const GIT_URL_INSECURE: &str = "^(http|git)://";
+/// An unencrypted git URL (`http://`).
+pub const GIT_URL_INSECURE: &str = "^http://";
 
 /// An unencrypted git URL whose host is loopback: `localhost`, `127.x.y.z` or `[::1]`.
 pub const GIT_URL_LOOPBACK: &str =
-    "^(http|git)://(localhost|127[.][0-9]{1,3}[.][0-9]{1,3}[.][0-9]{1,3}|[[]::1[]])(:[0-9]{1,5})?/";
+    "^http://(localhost|127[.][0-9]{1,3}[.][0-9]{1,3}[.][0-9]{1,3}|[[]::1[]])(:[0-9]{1,5})?/";
 
 /// A relative path inside the repository (no leading `/`, no `..` component).
 pub const RELATIVE_PATH: &str = "^[-A-Za-z0-9._+@][-A-Za-z0-9._/+@]*$";
@@ -68,8 +102,10 @@ pub const DOT_DOT_COMPONENT: &str = "(^|/)[.][.](/|$)";
 /// (As a CEL raw string: the backslash must reach RE2 escaped.)
 pub const GIT_REF_FORBIDDEN_CHARS: &str = r"[[:cntrl:] ~^:?*[\\]";
 
-/// A branch glob: `[A-Za-z0-9._/*?-]`, not starting with `/` or `-`.
-pub const BRANCH_GLOB: &str = "^[A-Za-z0-9._*?][-A-Za-z0-9._/*?]*$";
+/// A branch glob: `[A-Za-z0-9._/*?-]`, not starting with `/`, `-` or `.`.
+/// [`branch_glob_rule`] adds what else a glob needs to be able to match a
+/// valid branch name.
+pub const BRANCH_GLOB: &str = "^[A-Za-z0-9_*?][-A-Za-z0-9._/*?]*$";
 
 /// An HTTP path for probes and metrics: starts with `/`, printable ASCII, no spaces.
 pub const HTTP_PATH: &str = "^/[!-~]*$";
@@ -86,6 +122,54 @@ pub const RESERVED_NAMESPACES: [&str; 5] = [
 /// Resource names allowed in `spec.runtime.resources.{requests,limits}`.
 pub const RUNTIME_RESOURCE_NAMES: [&str; 3] = ["cpu", "memory", "ephemeral-storage"];
 
+/// The resource names a ResourceQuota's `spec.hard` takes without a `/`
+/// (Kubernetes' standard quota resources); `hugepages-<size>` and
+/// `requests.hugepages-<size>` are standard too. Names with a `/` are
+/// object counts (`count/deployments.apps`), extended resources
+/// (`requests.nvidia.com/gpu`) or storage-class scoped
+/// (`gold.storageclass.storage.k8s.io/requests.storage`).
+pub const QUOTA_RESOURCE_NAMES: [&str; 19] = [
+    "cpu",
+    "memory",
+    "ephemeral-storage",
+    "requests.cpu",
+    "requests.memory",
+    "requests.storage",
+    "requests.ephemeral-storage",
+    "limits.cpu",
+    "limits.memory",
+    "limits.ephemeral-storage",
+    "pods",
+    "resourcequotas",
+    "services",
+    "replicationcontrollers",
+    "secrets",
+    "persistentvolumeclaims",
+    "configmaps",
+    "services.nodeports",
+    "services.loadbalancers",
+];
+
+/// Quota resources that count objects, so their limit is a whole number.
+pub const INTEGER_QUOTA_RESOURCE_NAMES: [&str; 9] = [
+    "pods",
+    "resourcequotas",
+    "services",
+    "replicationcontrollers",
+    "secrets",
+    "persistentvolumeclaims",
+    "configmaps",
+    "services.nodeports",
+    "services.loadbalancers",
+];
+
+/// A Kubernetes resource name as a quota takes it (a qualified name): an
+/// optional DNS-subdomain prefix and `/`, then 1–63 characters of
+/// `[A-Za-z0-9._-]`, starting and ending with a letter or digit.
+pub const QUOTA_RESOURCE_NAME: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+/// Maximum length of a quantity written as a string (e.g. `1500m`, `128Mi`).
+pub const MAX_QUANTITY_LEN: usize = 64;
 /// Maximum length of a git URL.
 pub const MAX_GIT_URL_LEN: usize = 2048;
 /// Maximum length of a duration string.
@@ -131,15 +215,33 @@ pub fn cel_list(items: &[&str]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-/// The CEL rule "`expr` is a valid git branch name" (git check-ref-format
-/// rules, applied to the branch name).
+/// The CEL rule "`expr` is a valid git branch name": the rules of `git
+/// check-ref-format --branch` (no control characters, space, `~^:?*[\`,
+/// `..`, `//`, `@{`; no component starting with `.` or ending with `.lock`;
+/// not starting with `-` or `/`, not ending with `/` or `.`; not `HEAD`),
+/// plus two that git allows but that never mean what they say: `@` (git's
+/// shorthand for `HEAD`) and names starting with `refs/` (a branch named
+/// `refs/heads/main` is not `main`).
 pub fn git_branch_rule(expr: &str) -> String {
     format!(
         "!{expr}.matches({forbidden}) && !{expr}.startsWith('-') && !{expr}.startsWith('/') && !{expr}.startsWith('.') \
          && !{expr}.endsWith('/') && !{expr}.endsWith('.') && !{expr}.endsWith('.lock') && !{expr}.contains('..') \
          && !{expr}.contains('//') && !{expr}.contains('/.') && !{expr}.contains('.lock/') && !{expr}.contains('@{{') \
-         && {expr} != '@'",
+         && {expr} != '@' && {expr} != 'HEAD' && !{expr}.startsWith('refs/')",
         forbidden = cel_quote(GIT_REF_FORBIDDEN_CHARS),
+    )
+}
+
+/// The CEL rule "`expr` is a branch glob that can match a valid branch
+/// name": [`BRANCH_GLOB`]'s characters, and none of what no branch name has
+/// (`..`, `//`, a component starting with `.`, a `.lock` component end, a
+/// trailing `/` or `.`). `*` and `?` never match `/`, so these hold for any
+/// branch the glob matches.
+pub fn branch_glob_rule(expr: &str) -> String {
+    format!(
+        "{matches} && !{expr}.contains('..') && !{expr}.contains('//') && !{expr}.contains('/.') \
+         && !{expr}.contains('.lock/') && !{expr}.endsWith('.lock') && !{expr}.endsWith('/') && !{expr}.endsWith('.')",
+        matches = matches_rule(expr, BRANCH_GLOB),
     )
 }
 
@@ -160,6 +262,45 @@ pub fn min_duration_rule(expr: &str, min: &str) -> String {
         re = cel_quote(DURATION),
         min = cel_quote(min),
     )
+}
+
+/// The schema of a Kubernetes quantity in a map named `field` (e.g.
+/// `spec.runtime.resources.requests`): an int-or-string that CEL's
+/// `isQuantity` accepts and that is not negative. A failure names the map
+/// and the key (`spec.runtime.resources.requests[cpu]`).
+pub fn quantity_schema(field: &str) -> serde_json::Value {
+    serde_json::json!({
+        "description": "A Kubernetes quantity, as an integer or a string of at most 64 characters: a non-negative number with an optional suffix m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or an exponent, e.g. 2, 100m, \"0.5\", 128Mi, 1G. Quote decimals in YAML: an unquoted 0.5 is a floating-point number and is refused.",
+        "x-kubernetes-int-or-string": true,
+        "maxLength": MAX_QUANTITY_LEN,
+        "x-kubernetes-validations": [
+            {
+                "rule": "isQuantity(string(self))",
+                "message": format!("{field}: every value must be a Kubernetes quantity such as 100m, 0.5, 2, 128Mi or 1G (a number with an optional suffix m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)"),
+            },
+            {
+                "rule": "!isQuantity(string(self)) || !quantity(string(self)).isLessThan(quantity('0'))",
+                "message": format!("{field}: a quantity must not be negative"),
+            },
+        ],
+    })
+}
+
+/// A rule on a map named `field` that every key `k` satisfies `predicate`
+/// (a CEL expression over `k` and `self`). The message names the first
+/// offending key the way the API server names map entries
+/// (`spec.resourceQuota.hard[cpus]: ...`); `message` is the fallback the
+/// API server shows if the message expression cannot be evaluated.
+pub fn map_key_rule(field: &str, predicate: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "rule": format!("self.all(k, {predicate})"),
+        "message": format!("{field}: {message}"),
+        "messageExpression": format!(
+            "{} + self.filter(k, !({predicate}))[0] + {}",
+            cel_quote(&format!("{field}[")),
+            cel_quote(&format!("]: {message}")),
+        ),
+    })
 }
 
 /// The CEL rule "`expr` matches `re`".
@@ -197,6 +338,7 @@ mod tests {
             DOT_DOT_COMPONENT,
             BRANCH_GLOB,
             HTTP_PATH,
+            QUOTA_RESOURCE_NAME,
         ] {
             assert!(!re.contains('\''), "{re}");
             assert!(!re.contains('\\'), "{re}");
@@ -216,5 +358,34 @@ mod tests {
             )
         );
         assert!(relative_path_rule("self").starts_with("self.matches("));
+        let glob = branch_glob_rule("g");
+        assert!(glob.starts_with(&matches_rule("g", BRANCH_GLOB)), "{glob}");
+        let branch = git_branch_rule("self");
+        assert!(branch.contains("self != 'HEAD'"), "{branch}");
+        assert!(branch.contains("!self.startsWith('refs/')"), "{branch}");
+    }
+
+    #[test]
+    fn integer_quota_resources_are_quota_resources() {
+        for name in INTEGER_QUOTA_RESOURCE_NAMES {
+            assert!(QUOTA_RESOURCE_NAMES.contains(&name), "{name}");
+        }
+    }
+
+    #[test]
+    fn quantity_schema_names_the_field() {
+        let schema = quantity_schema("spec.x");
+        assert_eq!(schema["x-kubernetes-int-or-string"], true);
+        for rule in schema["x-kubernetes-validations"]
+            .as_array()
+            .expect("rules")
+        {
+            assert!(
+                rule["message"]
+                    .as_str()
+                    .expect("message")
+                    .starts_with("spec.x: ")
+            );
+        }
     }
 }

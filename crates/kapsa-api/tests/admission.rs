@@ -162,7 +162,7 @@ async fn every_invalid_object_is_refused_naming_the_field() {
             Err(e) => failures.push(format!("{}: {e}", file.display())),
         }
     }
-    assert!(files.len() >= 40, "the corpus holds at least 40 objects");
+    assert!(files.len() >= 130, "the corpus holds at least 130 objects");
     assert!(
         failures.is_empty(),
         "{} of {} not refused as expected:\n{}",

@@ -485,3 +485,135 @@ fn serde_defaults_match_schema_defaults() {
     assert!(!pool.spec.default);
     assert!(pool.spec.cluster_issuer_ref.is_none());
 }
+
+/// The CEL rules of a property, as `(rule, message)` pairs.
+fn rules_at(kind: &str, path: &str) -> Vec<(String, String)> {
+    let crd = crd(kind);
+    at(root_schema(&crd), path)
+        .x_kubernetes_validations
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.rule, r.message.unwrap_or_default()))
+        .collect()
+}
+
+#[test]
+fn duration_rules_are_the_parsers_language_and_minimums() {
+    use kapsa_api::duration;
+    use kapsa_api::validation::cel_quote;
+    for (path, min) in [
+        ("spec.source.pollInterval", duration::MIN_POLL_INTERVAL),
+        ("spec.previewEnvironments.ttl", duration::MIN_PREVIEW_TTL),
+    ] {
+        let rules = rules_at("Project", path);
+        let pattern = format!("self.matches({})", cel_quote(duration::DURATION));
+        assert!(
+            rules.iter().any(|(rule, _)| rule == &pattern),
+            "{path}: {rules:?}"
+        );
+        let minimum = format!("duration('{}')", duration::as_seconds(min));
+        assert!(
+            rules.iter().any(|(rule, _)| rule.contains(&minimum)),
+            "{path}: {rules:?}"
+        );
+        let crd = crd("Project");
+        let schema = at(root_schema(&crd), path);
+        assert_eq!(
+            schema.max_length,
+            Some(duration::MAX_DURATION_LEN as i64),
+            "{path}"
+        );
+        let default = schema.default.as_ref().expect("a default").0.clone();
+        let parsed = duration::parse(default.as_str().expect("a string"));
+        assert!(
+            parsed.is_some_and(|d| d >= min),
+            "{path}: default {default}"
+        );
+    }
+}
+
+#[test]
+fn quantity_maps_check_every_value() {
+    for (kind, path) in [
+        ("Project", "spec.runtime.resources.requests"),
+        ("Project", "spec.runtime.resources.limits"),
+        ("Project", "spec.resourceQuota.hard"),
+    ] {
+        let crd = crd(kind);
+        let map = at(root_schema(&crd), path);
+        assert!(map.max_properties.is_some(), "{path}: maxProperties");
+        let values = match &map.additional_properties {
+            Some(JSONSchemaPropsOrBool::Schema(s)) => s.as_ref(),
+            other => panic!("{path}: additionalProperties {other:?}"),
+        };
+        assert_eq!(values.x_kubernetes_int_or_string, Some(true), "{path}");
+        assert!(values.max_length.is_some(), "{path}: maxLength");
+        let rules: Vec<&str> = values
+            .x_kubernetes_validations
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.rule.as_str())
+            .collect();
+        assert!(
+            rules.contains(&"isQuantity(string(self))"),
+            "{path}: {rules:?}"
+        );
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains("isLessThan(quantity('0'))")),
+            "{path}: {rules:?}"
+        );
+    }
+}
+
+#[test]
+fn git_urls_refuse_what_the_operator_refuses() {
+    let rules = rules_at("Project", "spec.source.git.url");
+    let all: String = rules.iter().map(|(r, _)| r.as_str()).collect();
+    assert!(!all.contains("git://"), "{all}");
+    assert!(!all.contains("|git)"), "{all}");
+    let crd = crd("Project");
+    let description = at(root_schema(&crd), "spec.source.git.url")
+        .description
+        .clone()
+        .unwrap_or_default();
+    assert!(description.contains("`git://`"), "{description}");
+    assert!(description.contains("refused"), "{description}");
+}
+
+#[test]
+fn map_key_rules_name_the_key() {
+    for (path, field) in [
+        (
+            "spec.runtime.resources.requests",
+            "spec.runtime.resources.requests[",
+        ),
+        (
+            "spec.runtime.resources.limits",
+            "spec.runtime.resources.limits[",
+        ),
+        ("spec.resourceQuota.hard", "spec.resourceQuota.hard["),
+        ("spec.runtime.resources", "spec.runtime.resources.requests["),
+    ] {
+        let crd = crd("Project");
+        let rules = at(root_schema(&crd), path)
+            .x_kubernetes_validations
+            .clone()
+            .unwrap_or_default();
+        assert!(!rules.is_empty(), "{path}");
+        for rule in rules {
+            let expression = rule.message_expression.unwrap_or_default();
+            assert!(
+                expression.starts_with(&format!("'{field}' + ")),
+                "{path}: {expression:?}"
+            );
+            assert!(
+                rule.message.is_some_and(|m| m.starts_with("spec.")),
+                "{path}: a fallback message"
+            );
+        }
+    }
+}

@@ -50,6 +50,9 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub ingresses: Store<Ingress>,
+    /// Every Ingress in the cluster, trimmed to its hosts and owners (for
+    /// host allocation: a host another Ingress routes is not given out).
+    pub ingress_hosts: Store<Ingress>,
     pub images: Store<DynamicObject>,
     pub certificates: Store<DynamicObject>,
     /// Which optional APIs the cluster serves (found at start-up).
@@ -72,6 +75,11 @@ impl Stores {
     /// watches may need. (kpack's and cert-manager's caches count only
     /// where those are installed: elsewhere they never fill.)
     pub fn ready(&self) -> bool {
+        self.unsynced().is_empty()
+    }
+
+    /// The caches that have not had their first full listing yet.
+    pub fn unsynced(&self) -> Vec<&'static str> {
         use futures::FutureExt;
         fn filled<K>(store: &Store<K>) -> bool
         where
@@ -80,27 +88,37 @@ impl Stores {
         {
             store.wait_until_ready().now_or_never().is_some()
         }
-        filled(&self.projects)
-            && filled(&self.environments)
-            && filled(&self.pools)
-            && filled(&self.service_accounts)
-            && filled(&self.roles)
-            && filled(&self.role_bindings)
-            && filled(&self.secrets)
-            && filled(&self.quotas)
-            && filled(&self.deployments)
-            && filled(&self.services)
-            && filled(&self.ingresses)
-            && filled(&self.cluster_registries)
-            && filled(&self.registries)
-            && filled(&self.namespaces)
-            && filled(&self.secret_metadata)
-            && filled(&self.config_map_metadata)
-            && (!self.installed.kpack
-                || (filled(&self.images)
-                    && filled(&self.cluster_builders)
-                    && filled(&self.builders)))
-            && (!self.installed.cert_manager || filled(&self.certificates))
+        let (kpack, cert_manager) = (self.installed.kpack, self.installed.cert_manager);
+        [
+            ("projects", filled(&self.projects)),
+            ("environments", filled(&self.environments)),
+            ("domainpools", filled(&self.pools)),
+            ("serviceaccounts", filled(&self.service_accounts)),
+            ("roles", filled(&self.roles)),
+            ("rolebindings", filled(&self.role_bindings)),
+            ("secrets", filled(&self.secrets)),
+            ("resourcequotas", filled(&self.quotas)),
+            ("deployments", filled(&self.deployments)),
+            ("services", filled(&self.services)),
+            ("ingresses", filled(&self.ingresses)),
+            ("ingress hosts", filled(&self.ingress_hosts)),
+            ("clusterregistries", filled(&self.cluster_registries)),
+            ("registries", filled(&self.registries)),
+            ("namespaces", filled(&self.namespaces)),
+            ("secret metadata", filled(&self.secret_metadata)),
+            ("configmap metadata", filled(&self.config_map_metadata)),
+            ("kpack images", !kpack || filled(&self.images)),
+            (
+                "kpack clusterbuilders",
+                !kpack || filled(&self.cluster_builders),
+            ),
+            ("kpack builders", !kpack || filled(&self.builders)),
+            ("certificates", !cert_manager || filled(&self.certificates)),
+        ]
+        .into_iter()
+        .filter(|(_, synced)| !synced)
+        .map(|(name, _)| name)
+        .collect()
     }
 }
 
@@ -183,6 +201,9 @@ pub struct Context {
     pub stores: Stores,
     pub metrics: Arc<Metrics>,
     pub git: Arc<GitState>,
+    /// The Pod Security Standard of project namespaces whose DomainPool
+    /// sets none (`--pod-security`).
+    pub pod_security_default: kapsa_api::domain_pool::PodSecurityLevel,
     /// Consecutive failed reconciles per object, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
     recorder: Recorder,
@@ -208,6 +229,7 @@ impl Context {
             metrics,
             git,
             failures: Default::default(),
+            pod_security_default: Default::default(),
         }
     }
 

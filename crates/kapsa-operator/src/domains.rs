@@ -23,6 +23,14 @@ pub enum AllocationError {
     SeveralDefaultPools(Vec<String>),
     /// The host is, or lies under or over, a host another Project holds.
     HostConflict { host: String, holder: String },
+    /// The pool reserves the Project's name (`spec.reservedNames`).
+    HostReserved { host: String, pool: String },
+    /// The host is a pool's base domain, or lies above one: taking it would
+    /// block that base for everyone.
+    HostIsBase { host: String, base: String },
+    /// An Ingress Kapsa does not manage already routes the host (or a host
+    /// under it).
+    HostInUse { host: String, by: String },
 }
 
 impl AllocationError {
@@ -33,6 +41,9 @@ impl AllocationError {
             Self::NoDefaultPool => "NoDefaultDomainPool",
             Self::SeveralDefaultPools(_) => "SeveralDefaultDomainPools",
             Self::HostConflict { .. } => "HostConflict",
+            Self::HostReserved { .. } => "HostReserved",
+            Self::HostIsBase { .. } => "HostIsBase",
+            Self::HostInUse { .. } => "HostInUse",
         }
     }
 }
@@ -53,6 +64,18 @@ impl std::fmt::Display for AllocationError {
             Self::HostConflict { host, holder } => write!(
                 f,
                 "host {host} overlaps hosts of Project {holder:?}, which holds them already"
+            ),
+            Self::HostReserved { host, pool } => write!(
+                f,
+                "host {host} is reserved by DomainPool {pool:?} (spec.reservedNames); rename the Project or use another pool"
+            ),
+            Self::HostIsBase { host, base } => write!(
+                f,
+                "host {host} would cover the base domain {base} of a DomainPool; rename the Project or use another pool"
+            ),
+            Self::HostInUse { host, by } => write!(
+                f,
+                "host {host} is already routed by Ingress {by}, which Kapsa does not manage"
             ),
         }
     }
@@ -113,6 +136,30 @@ pub fn choose_base_domain(
         .cloned()
 }
 
+/// What else there is to allocate around: every pool's base domains, the
+/// names the Project's pool reserves, and the hosts Ingresses Kapsa does not
+/// manage already route.
+#[derive(Clone, Debug, Default)]
+pub struct Landscape {
+    /// Base domains of every DomainPool.
+    pub bases: Vec<String>,
+    /// The pool, if it reserves the Project's name.
+    pub reserving_pool: Option<String>,
+    /// `(host, "<namespace>/<ingress>")` of Ingresses Kapsa does not manage.
+    pub foreign_hosts: Vec<(String, String)>,
+}
+
+impl Landscape {
+    /// A base domain that is `host` or lies under it, if any.
+    pub fn base_at_or_under(&self, host: &str) -> Option<&str> {
+        let suffix = format!(".{host}");
+        self.bases
+            .iter()
+            .find(|b| *b == host || b.ends_with(&suffix))
+            .map(String::as_str)
+    }
+}
+
 /// Whether two claimed domains overlap: equal, or one under the other.
 pub fn claims_overlap(a: &str, b: &str) -> bool {
     a == b || a.ends_with(&format!(".{b}")) || b.ends_with(&format!(".{a}"))
@@ -125,10 +172,37 @@ pub fn allocate_host(
     project: &Project,
     base: &str,
     others: &[&Project],
+    landscape: &Landscape,
 ) -> Result<String, AllocationError> {
     let host = production_host(&project.name_any(), base);
     let mine_recorded =
         project.status.as_ref().and_then(|s| s.host.as_deref()) == Some(host.as_str());
+    if let Some(pool) = &landscape.reserving_pool
+        && !mine_recorded
+    {
+        return Err(AllocationError::HostReserved {
+            host,
+            pool: pool.clone(),
+        });
+    }
+    // Bases win over Projects, whenever the base was added.
+    if let Some(base) = landscape.base_at_or_under(&host) {
+        return Err(AllocationError::HostIsBase {
+            host,
+            base: base.to_string(),
+        });
+    }
+    if !mine_recorded
+        && let Some((_, by)) = landscape
+            .foreign_hosts
+            .iter()
+            .find(|(h, _)| h == &host || h.ends_with(&format!(".{host}")))
+    {
+        return Err(AllocationError::HostInUse {
+            host,
+            by: by.clone(),
+        });
+    }
     for other in others {
         if other.name_any() == project.name_any() {
             continue;
@@ -147,6 +221,10 @@ pub fn allocate_host(
         let Some(other_host) = other_host else {
             continue;
         };
+        // A claim on a base (or above one) is void: it holds nothing.
+        if landscape.base_at_or_under(&other_host).is_some() {
+            continue;
+        }
         if !claims_overlap(&host, &other_host) {
             continue;
         }
@@ -292,7 +370,13 @@ spec: {domains: [a.example.com, b.example.com], default: true}
             "2026-01-02T00:00:00Z",
         );
         let api = project("api", None, None, "2026-01-01T00:00:00Z");
-        let err = allocate_host(&api, "shop.apps.example.com", &[&shop]).unwrap_err();
+        let err = allocate_host(
+            &api,
+            "shop.apps.example.com",
+            &[&shop],
+            &Landscape::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             err,
             AllocationError::HostConflict {
@@ -308,7 +392,13 @@ spec: {domains: [a.example.com, b.example.com], default: true}
             "2026-01-01T00:00:00Z",
         );
         assert_eq!(
-            allocate_host(&shop, "apps.example.com", &[&api_pending]).unwrap(),
+            allocate_host(
+                &shop,
+                "apps.example.com",
+                &[&api_pending],
+                &Landscape::default()
+            )
+            .unwrap(),
             "shop.apps.example.com"
         );
     }
@@ -327,7 +417,15 @@ spec: {domains: [a.example.com, b.example.com], default: true}
             None,
             "2026-01-02T00:00:00Z",
         );
-        assert!(allocate_host(&new, "shop.apps.example.com", &[&old]).is_err());
-        assert!(allocate_host(&old, "apps.example.com", &[&new]).is_ok());
+        assert!(
+            allocate_host(
+                &new,
+                "shop.apps.example.com",
+                &[&old],
+                &Landscape::default()
+            )
+            .is_err()
+        );
+        assert!(allocate_host(&old, "apps.example.com", &[&new], &Landscape::default()).is_ok());
     }
 }

@@ -67,8 +67,22 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, hea
         .route(
             "/readyz",
             get(move || {
+                let unsynced = for_ready
+                    .stores
+                    .get()
+                    .map(|s| s.unsynced().join(", "))
+                    .unwrap_or_else(|| "all (not leading yet)".into());
                 let ok = for_ready.ready();
-                async move { answer(ok, "caches not synced") }
+                async move {
+                    if ok {
+                        (StatusCode::OK, "ok".to_string())
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("caches not synced: {unsynced}"),
+                        )
+                    }
+                }
             }),
         )
         .with_state(metrics);

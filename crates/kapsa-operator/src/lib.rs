@@ -19,6 +19,7 @@ pub mod controllers;
 pub mod domains;
 pub mod error;
 pub mod git;
+pub mod hosts;
 pub mod http;
 pub mod leader;
 pub mod metrics;

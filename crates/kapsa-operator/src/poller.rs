@@ -2,6 +2,13 @@
 //! Project's `pollInterval` with jitter, backing off exponentially while the
 //! repository fails. A poll that changes a Project's heads or reachability
 //! triggers a reconcile of that Project (`reconcile_on`); nothing else does.
+//!
+//! Tenants are hostile: a Project that was refused its namespace
+//! (NamespaceConflict, NamespaceForbidden) is not polled at all — its git
+//! Secret is never read (it would be another tenant's) and no git server is
+//! contacted for it; its poll result says why. Every listing runs under the
+//! operator's [`HostPolicy`] and the limits of [`ListOptions`], and error
+//! texts are bounded before they reach a status or an Event.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +24,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::context::{GitState, PollResult, Stores};
-use crate::git::{GitCredentials, backoff_delay, list_branches};
+use crate::controllers::project::dereference::namespace_refused;
+use crate::git::{
+    GitCredentials, HostPolicy, ListOptions, MAX_MESSAGE_BYTES, backoff_delay, bounded,
+    list_branches,
+};
 use crate::metrics::Metrics;
 use crate::resources::project::namespace_name;
 
@@ -28,43 +39,23 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the schedule is checked for due polls.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Parses a Go-style duration such as `60s`, `5m` or `1h30m`.
+/// A Go-style duration (`pollInterval`), exactly as the CRD admits it
+/// (`kapsa_api::duration`: `ns` and `us` included, no silent fallback).
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = 0f64;
-    let mut number = String::new();
-    let mut chars = text.chars().peekable();
-    let mut any = false;
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() || c == '.' {
-            number.push(c);
-            continue;
-        }
-        let mut unit = c.to_string();
-        if c == 'm' && chars.peek() == Some(&'s') {
-            unit.push(chars.next()?);
-        }
-        let value: f64 = number.parse().ok()?;
-        number.clear();
-        total += value
-            * match unit.as_str() {
-                "h" => 3600.0,
-                "m" => 60.0,
-                "s" => 1.0,
-                "ms" => 0.001,
-                _ => return None,
-            };
-        any = true;
-    }
-    (any && number.is_empty()).then(|| Duration::from_secs_f64(total))
+    kapsa_api::duration::parse(text)
 }
 
 /// How soon a Project whose git secret is missing or unusable is polled again.
 const CREDENTIALS_RETRY: Duration = Duration::from_secs(3);
+/// How soon a Project refused its namespace is looked at again (from the
+/// caches only: nothing is read or contacted while it stays refused).
+const REFUSED_RECHECK: Duration = Duration::from_secs(5);
 
 enum Outcome {
     Polled,
     RemoteFailed,
     NoCredentials,
+    Refused,
 }
 
 struct Schedule {
@@ -74,14 +65,23 @@ struct Schedule {
 }
 
 /// Runs the poller until the process ends. `trigger` feeds the Project
-/// controller's `reconcile_on`.
+/// controller's `reconcile_on`; `hosts` says which internal addresses git
+/// URLs may reach.
 pub async fn run(
     client: Client,
     stores: Stores,
     state: Arc<GitState>,
     metrics: Arc<Metrics>,
     trigger: mpsc::Sender<ObjectRef<Project>>,
+    hosts: HostPolicy,
 ) {
+    // Whether a Project was refused its namespace is read from the Project
+    // and Namespace caches: nothing is polled before both are filled, so
+    // that a refusal is never missed for want of the rival in the cache.
+    let _ = stores.projects.wait_until_ready().await;
+    let _ = stores.namespaces.wait_until_ready().await;
+    let stores = Arc::new(stores);
+    let options = Arc::new(ListOptions::new(POLL_TIMEOUT).with_hosts(hosts));
     let projects = stores.projects.clone();
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_POLLS));
     let (done_tx, mut done_rx) = mpsc::channel::<(String, Outcome)>(256);
@@ -111,6 +111,7 @@ pub async fn run(
                         // A missing secret is usually being created right now
                         // (it lives in the namespace Kapsa just made): look again soon.
                         Outcome::NoCredentials => CREDENTIALS_RETRY.min(interval),
+                        Outcome::Refused => REFUSED_RECHECK,
                     };
                     s.next = Instant::now() + delay;
                 }
@@ -142,8 +143,10 @@ pub async fn run(
                 continue;
             }
             schedule.running = true;
-            let (client, state, metrics, trigger, done, permits) = (
+            let (client, stores, options, state, metrics, trigger, done, permits) = (
                 client.clone(),
+                stores.clone(),
+                options.clone(),
                 state.clone(),
                 metrics.clone(),
                 trigger.clone(),
@@ -152,70 +155,86 @@ pub async fn run(
             );
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let outcome = poll_once(&client, &project, &state, &metrics, &trigger).await;
+                let poll = Poll {
+                    client: &client,
+                    stores: &stores,
+                    options: &options,
+                    state: &state,
+                    metrics: &metrics,
+                    trigger: &trigger,
+                };
+                let outcome = poll.once(&project).await;
                 let _ = done.send((name, outcome)).await;
             });
         }
     }
 }
 
-async fn poll_once(
-    client: &Client,
-    project: &Project,
-    state: &GitState,
-    metrics: &Metrics,
-    trigger: &mpsc::Sender<ObjectRef<Project>>,
-) -> Outcome {
-    let name = project.name_any();
-    let previous = state.get(&name).unwrap_or_default();
-    let credentials = match credentials(client, project).await {
-        Ok(c) => c,
-        Err(message) => {
-            record(
-                state,
-                trigger,
-                &name,
-                PollResult {
-                    error: Some(message),
-                    consecutive_failures: previous.consecutive_failures + 1,
-                    ..previous
-                },
-            )
-            .await;
-            metrics.record_git_poll("credentials_error");
-            return Outcome::NoCredentials;
+/// What one poll needs.
+struct Poll<'a> {
+    client: &'a Client,
+    stores: &'a Stores,
+    options: &'a ListOptions,
+    state: &'a GitState,
+    metrics: &'a Metrics,
+    trigger: &'a mpsc::Sender<ObjectRef<Project>>,
+}
+
+impl Poll<'_> {
+    async fn once(&self, project: &Project) -> Outcome {
+        let name = project.name_any();
+        let previous = self.state.get(&name).unwrap_or_default();
+        let failed = |message: String| PollResult {
+            error: Some(bounded(&message, MAX_MESSAGE_BYTES)),
+            consecutive_failures: previous.consecutive_failures + 1,
+            ..previous.clone()
+        };
+        // A Project refused its namespace reads nothing from it and reaches
+        // no git server: its Secret would be another tenant's, and its URL
+        // could be anyone's.
+        if let Some((reason, message)) = namespace_refused(self.stores, project) {
+            let result = failed(format!(
+                "not polled: the Project was refused its namespace ({reason}: {message}); \
+                 Kapsa reads no git credentials from that namespace and contacts no git server for this Project"
+            ));
+            record(self.state, self.trigger, &name, result).await;
+            self.metrics.record_git_poll("refused");
+            return Outcome::Refused;
         }
-    };
-    match list_branches(
-        &project.spec.source.git.url,
-        credentials.as_ref(),
-        POLL_TIMEOUT,
-    )
-    .await
-    {
-        Ok(heads) => {
-            metrics.record_git_poll("success");
-            let result = PollResult {
-                branches: Some(heads.branches),
-                error: None,
-                consecutive_failures: 0,
-                last_success: Some(Time(k8s_openapi::jiff::Timestamp::now())),
-            };
-            record(state, trigger, &name, result).await;
-            Outcome::Polled
-        }
-        Err(error) => {
-            metrics.record_git_poll("failure");
-            tracing::info!(project = %name, %error, "git poll failed");
-            // Keep the last known heads: an unreachable repository never
-            // changes or deletes what runs.
-            let result = PollResult {
-                error: Some(error.to_string()),
-                consecutive_failures: previous.consecutive_failures + 1,
-                ..previous
-            };
-            record(state, trigger, &name, result).await;
-            Outcome::RemoteFailed
+        let credentials = match credentials(self.client, project).await {
+            Ok(c) => c,
+            Err(message) => {
+                record(self.state, self.trigger, &name, failed(message)).await;
+                self.metrics.record_git_poll("credentials_error");
+                return Outcome::NoCredentials;
+            }
+        };
+        match list_branches(
+            &project.spec.source.git.url,
+            credentials.as_ref(),
+            self.options,
+        )
+        .await
+        {
+            Ok(heads) => {
+                self.metrics.record_git_poll("success");
+                let result = PollResult {
+                    branches: Some(heads.branches),
+                    error: None,
+                    consecutive_failures: 0,
+                    last_success: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+                };
+                record(self.state, self.trigger, &name, result).await;
+                Outcome::Polled
+            }
+            Err(error) => {
+                self.metrics.record_git_poll("failure");
+                tracing::info!(project = %name, reason = error.reason(), %error, "git poll failed");
+                // Keep the last known heads: an unreachable repository never
+                // changes or deletes what runs.
+                record(self.state, self.trigger, &name, failed(error.to_string())).await;
+                Outcome::RemoteFailed
+            }
         }
     }
 }
@@ -267,6 +286,11 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("10"), None);
+        assert_eq!(
+            parse_duration("10s500us"),
+            Some(Duration::from_micros(10_000_500)),
+            "units the CRD admits are honoured, never replaced by 60 s"
+        );
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("3d"), None);
         assert_eq!(parse_duration(""), None);

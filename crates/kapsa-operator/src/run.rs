@@ -46,6 +46,15 @@ pub struct OperatorConfig {
     /// Reconciles running at once, per controller. Bounded: unbounded
     /// concurrency at start-up has OOM-killed kube-rs operators.
     pub concurrency: u16,
+    /// The internal addresses (loopback, private ranges, ...) that Projects'
+    /// git URLs may reach; none by default.
+    pub allow_internal_git_hosts: crate::git::HostPolicy,
+    /// The Pod Security Standard enforced in project namespaces whose
+    /// DomainPool sets none (`spec.podSecurity`).
+    pub pod_security: kapsa_api::domain_pool::PodSecurityLevel,
+    /// Namespace of the host-ownership table (ConfigMap `kapsa-host-owners`)
+    /// that the shipped ValidatingAdmissionPolicy reads; `None` keeps none.
+    pub host_owners_namespace: Option<String>,
 }
 
 impl Default for OperatorConfig {
@@ -54,6 +63,9 @@ impl Default for OperatorConfig {
             metrics_addr: None,
             lease: None,
             concurrency: 16,
+            allow_internal_git_hosts: crate::git::HostPolicy::none(),
+            pod_security: kapsa_api::domain_pool::PodSecurityLevel::Restricted,
+            host_owners_namespace: None,
         }
     }
 }
@@ -64,6 +76,153 @@ fn managed() -> watcher::Config {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type EventStream<K> = BoxStream<Result<watcher::Event<K>, watcher::Error>>;
+
+/// The watch events of a kind with a Rust type, as they come.
+fn watch<K>(api: Api<K>, config: watcher::Config) -> EventStream<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, config).default_backoff().boxed()
+}
+
+/// The watch events of one of Kapsa's own kinds, decoded object by object:
+/// one that does not decode (written under an older schema, say) is
+/// reported ([`Malformed`]) and skipped, and every other object is cached
+/// and reconciled as usual. (A typed watch would fail its whole listing on
+/// one such object and stop the operator for everyone.) A malformed edit of
+/// an object Kapsa had read keeps the last version it could read.
+fn decoded<K>(client: &Client, malformed: Malformed) -> EventStream<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let resource = ApiResource::erase::<K>(&());
+    // Any object that decoded: with the metadata of an undecodable one, it
+    // removes that one from the cache when it is deleted (the cache keys on
+    // metadata only). No second copy of the objects is kept.
+    let template: Arc<std::sync::Mutex<Option<K>>> = Default::default();
+    watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &resource),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .try_filter_map(move |event| {
+        let decode = |o: DynamicObject, deleting: bool| -> Option<K> {
+            match serde_json::to_value(&o).and_then(serde_json::from_value::<K>) {
+                Ok(object) => {
+                    if let Ok(mut template) = template.lock()
+                        && template.is_none()
+                    {
+                        *template = Some(object.clone());
+                    }
+                    Some(object)
+                }
+                Err(error) => {
+                    malformed.report(&resource, &o, &error);
+                    if !deleting {
+                        return None;
+                    }
+                    let mut tombstone = template.lock().ok()?.clone()?;
+                    *tombstone.meta_mut() = o.metadata;
+                    Some(tombstone)
+                }
+            }
+        };
+        let event = match event {
+            watcher::Event::Apply(o) => decode(o, false).map(watcher::Event::Apply),
+            watcher::Event::InitApply(o) => decode(o, false).map(watcher::Event::InitApply),
+            watcher::Event::Delete(o) => decode(o, true).map(watcher::Event::Delete),
+            watcher::Event::Init => Some(watcher::Event::Init),
+            watcher::Event::InitDone => Some(watcher::Event::InitDone),
+        };
+        futures::future::ready(Ok(event))
+    })
+    .boxed()
+}
+
+/// Reports objects of Kapsa's kinds that this operator cannot read: a log
+/// line and a Warning Event on the object, once per version.
+#[derive(Clone)]
+struct Malformed {
+    reports:
+        tokio::sync::mpsc::UnboundedSender<(k8s_openapi::api::core::v1::ObjectReference, String)>,
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Malformed {
+    /// The reporter and the task that publishes its Events.
+    fn new(client: &Client) -> (Self, BoxFuture) {
+        let (reports, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+            k8s_openapi::api::core::v1::ObjectReference,
+            String,
+        )>();
+        let recorder = kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "kapsa".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        let publisher = async move {
+            while let Some((object, note)) = rx.recv().await {
+                let event = kube::runtime::events::Event {
+                    type_: kube::runtime::events::EventType::Warning,
+                    reason: "Malformed".into(),
+                    note: Some(note),
+                    action: "Decode".into(),
+                    secondary: None,
+                };
+                if let Err(error) = recorder.publish(&event, &object).await {
+                    tracing::warn!(%error, "publishing a Malformed Event failed");
+                }
+            }
+        };
+        (
+            Self {
+                reports,
+                seen: Default::default(),
+            },
+            Box::pin(publisher),
+        )
+    }
+
+    fn report(&self, resource: &ApiResource, object: &DynamicObject, error: &serde_json::Error) {
+        let version = format!(
+            "{}/{}",
+            object.uid().unwrap_or_default(),
+            object.resource_version().unwrap_or_default()
+        );
+        if let Ok(mut seen) = self.seen.lock() {
+            if seen.len() > 10_000 {
+                seen.clear();
+            }
+            if !seen.insert(version) {
+                return;
+            }
+        }
+        let mut message = error.to_string();
+        message.truncate(512);
+        tracing::warn!(
+            kind = %resource.kind,
+            namespace = ?object.namespace(),
+            name = %object.name_any(),
+            error = %message,
+            "skipping an object this operator cannot read"
+        );
+        let note = format!(
+            "{} {} cannot be read by this version of Kapsa and is skipped until it is fixed: {message}",
+            resource.kind,
+            object.name_any()
+        );
+        let _ = self.reports.send((object.object_ref(resource), note));
+    }
+}
 
 /// A cache and the watch stream that fills it (it must be polled). Objects
 /// the watch sees deleted are forgotten by the applier, so a child deleted
@@ -75,6 +234,7 @@ fn cache<K>(
     dyntype: K::DynamicType,
     trim: fn(&mut K),
     applier: Arc<Applier>,
+    owners: Option<Owners>,
 ) -> (Store<K>, BoxStream<Result<K, watcher::Error>>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -82,8 +242,12 @@ where
 {
     let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
-    let stream = watcher(api, config)
-        .default_backoff()
+    let events = watcher(api, config).default_backoff();
+    let events: EventStream<K> = match owners {
+        None => events.boxed(),
+        Some(owners) => owners.admit(events),
+    };
+    let stream = events
         .inspect_ok(move |event| {
             if let watcher::Event::Delete(object) = event {
                 applier.forget(&ChildKey::new(
@@ -103,12 +267,101 @@ where
     (reader, stream.boxed())
 }
 
+/// Kapsa's Projects and Environments, to check that an object claiming to be
+/// Kapsa's really is before it is cached.
+#[derive(Clone)]
+struct Owners {
+    projects: Store<Project>,
+    environments: Store<Environment>,
+}
+
+impl Owners {
+    /// Whether Kapsa made this object: its controller is a Project or
+    /// Environment that exists with that uid, and it is where (and, for an
+    /// Environment's children, named as) that owner puts its children. A
+    /// label and an owner reference are both writable by a tenant; this
+    /// bounds what a tenant can make Kapsa cache to the objects Kapsa itself
+    /// would make, one per name.
+    fn owns(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+        let Some(owner) = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+        else {
+            return false;
+        };
+        if !owner.api_version.starts_with("kapsa.dev/") {
+            return false;
+        }
+        // Until Projects and Environments are listed, an owner cannot be
+        // looked up: Kapsa's label and owner reference must do. That is the
+        // start-up listing only; afterwards every owner is checked.
+        let starting = {
+            use futures::FutureExt;
+            self.projects.wait_until_ready().now_or_never().is_none()
+                || self
+                    .environments
+                    .wait_until_ready()
+                    .now_or_never()
+                    .is_none()
+        };
+        let uid_matches = |uid: Option<String>| uid.as_deref() == Some(owner.uid.as_str());
+        match owner.kind.as_str() {
+            "Environment" => {
+                let Some(namespace) = meta.namespace.as_deref() else {
+                    return false;
+                };
+                meta.name.as_deref() == Some(owner.name.as_str())
+                    && match self
+                        .environments
+                        .get(&ObjectRef::new(&owner.name).within(namespace))
+                    {
+                        Some(e) => uid_matches(e.uid()),
+                        None => starting,
+                    }
+            }
+            "Project" => match self.projects.get(&ObjectRef::new(&owner.name)) {
+                Some(p) => {
+                    uid_matches(p.uid())
+                        && meta.namespace.as_deref()
+                            == Some(crate::resources::project::namespace_name(&p).as_str())
+                }
+                None => starting,
+            },
+            _ => false,
+        }
+    }
+
+    /// The events of a watch of Kapsa's children, with everything Kapsa did
+    /// not make left out (an object that stops qualifying leaves the cache).
+    fn admit<K>(
+        self,
+        events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    ) -> EventStream<K>
+    where
+        K: Resource + Send + 'static,
+    {
+        events
+            .try_filter_map(move |event| {
+                let event = match event {
+                    watcher::Event::Apply(o) if !self.owns(o.meta()) => {
+                        Some(watcher::Event::Delete(o))
+                    }
+                    watcher::Event::InitApply(o) if !self.owns(o.meta()) => None,
+                    other => Some(other),
+                };
+                futures::future::ready(Ok(event))
+            })
+            .boxed()
+    }
+}
+
 /// A cache read by both controllers: the store, the driver that fills it
 /// (it must be polled) and two subscriptions to its changes.
 #[allow(clippy::type_complexity)]
 fn shared_cache<K>(
-    api: Api<K>,
-    config: watcher::Config,
+    events: EventStream<K>,
     dyntype: K::DynamicType,
     trim: fn(&mut K),
     applier: Arc<Applier>,
@@ -141,8 +394,7 @@ where
             .ok_or_else(|| anyhow::anyhow!("subscribe"))?,
         second_deletes,
     );
-    let driver = watcher(api, config)
-        .default_backoff()
+    let driver = events
         .modify(move |o: &mut K| {
             o.managed_fields_mut().clear();
             trim(o);
@@ -172,6 +424,36 @@ fn keep_all<K>(_: &mut K) {}
 /// (`kubectl.kubernetes.io/last-applied-configuration`).
 fn metadata_only<K>(object: &mut PartialObjectMeta<K>) {
     object.metadata.annotations = None;
+}
+
+/// Of an Ingress only its hosts and owners are kept.
+fn ingress_hosts_only(ingress: &mut Ingress) {
+    use k8s_openapi::api::networking::v1::{IngressRule, IngressSpec, IngressTLS};
+    ingress.metadata.annotations = None;
+    ingress.metadata.labels = None;
+    ingress.status = None;
+    if let Some(spec) = ingress.spec.take() {
+        ingress.spec = Some(IngressSpec {
+            rules: spec.rules.map(|rules| {
+                rules
+                    .into_iter()
+                    .map(|r| IngressRule {
+                        host: r.host,
+                        http: None,
+                    })
+                    .collect()
+            }),
+            tls: spec.tls.map(|tls| {
+                tls.into_iter()
+                    .map(|t| IngressTLS {
+                        hosts: t.hosts,
+                        secret_name: None,
+                    })
+                    .collect()
+            }),
+            ..IngressSpec::default()
+        });
+    }
 }
 
 /// Of a Namespace's annotations only Kapsa's own are kept.
@@ -260,11 +542,12 @@ pub async fn run(
     );
     let applier = Arc::new(Applier::new(client.clone(), metrics.clone()));
 
-    // Read by both controllers: shared caches.
+    // Read by both controllers: shared caches. Kapsa's own kinds are decoded
+    // object by object, so that one malformed object stops nothing.
+    let (malformed, malformed_publisher) = Malformed::new(&client);
     let (projects, project_driver, projects_for_projects, projects_for_environments) =
         shared_cache(
-            Api::<Project>::all(client.clone()),
-            watcher::Config::default(),
+            decoded::<Project>(&client, malformed.clone()),
             (),
             keep_all,
             applier.clone(),
@@ -275,31 +558,27 @@ pub async fn run(
         environments_for_environments,
         environments_for_projects,
     ) = shared_cache(
-        Api::<Environment>::all(client.clone()),
-        watcher::Config::default(),
+        decoded::<Environment>(&client, malformed.clone()),
         (),
         keep_all,
         applier.clone(),
     )?;
     let (pools, pool_driver, pools_for_projects, pools_for_environments) = shared_cache(
-        Api::<DomainPool>::all(client.clone()),
-        watcher::Config::default(),
+        decoded::<DomainPool>(&client, malformed.clone()),
         (),
         keep_all,
         applier.clone(),
     )?;
     let (cluster_registries, cluster_registry_driver, cr_for_projects, cr_for_environments) =
         shared_cache(
-            Api::<ClusterRegistry>::all(client.clone()),
-            watcher::Config::default(),
+            decoded::<ClusterRegistry>(&client, malformed.clone()),
             (),
             keep_all,
             applier.clone(),
         )?;
     let (registries, registry_driver, registries_for_projects, registries_for_environments) =
         shared_cache(
-            Api::<Registry>::all(client.clone()),
-            watcher::Config::default(),
+            decoded::<Registry>(&client, malformed),
             (),
             keep_all,
             applier.clone(),
@@ -307,8 +586,10 @@ pub async fn run(
     // Secrets and ConfigMaps: metadata only (never a cache of Secret data).
     let (secret_metadata, secret_metadata_driver, secrets_for_projects, secrets_for_environments) =
         shared_cache(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-            watcher::Config::default(),
+            watch(
+                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+                watcher::Config::default(),
+            ),
             (),
             metadata_only,
             applier.clone(),
@@ -320,6 +601,7 @@ pub async fn run(
         (),
         metadata_only,
         applier.clone(),
+        None,
     );
     let (namespaces, namespace_stream) = cache(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
@@ -328,28 +610,56 @@ pub async fn run(
         (),
         namespace_metadata,
         applier.clone(),
+        None,
     );
 
+    // What Kapsa made: label-filtered, then owner-checked before caching.
+    let owners = Owners {
+        projects: projects.clone(),
+        environments: environments.clone(),
+    };
     macro_rules! managed_cache {
-        ($kind:ty) => {
+        ($kind:ty, $config:expr) => {
             cache(
                 Api::<$kind>::all(client.clone()),
-                managed(),
+                $config,
                 ApiResource::erase::<$kind>(&()),
                 (),
                 keep_all,
                 applier.clone(),
+                Some(owners.clone()),
             )
+        };
+        ($kind:ty) => {
+            managed_cache!($kind, managed())
         };
     }
     let (service_accounts, sa_stream) = managed_cache!(ServiceAccount);
     let (roles, role_stream) = managed_cache!(Role);
     let (role_bindings, binding_stream) = managed_cache!(RoleBinding);
-    let (secrets, secret_stream) = managed_cache!(Secret);
+    // Of Secrets only the registry copies, by name: no tenant can make Kapsa
+    // cache other Secrets, whatever labels they carry.
+    let (secrets, secret_stream) = managed_cache!(
+        Secret,
+        managed().fields(&format!(
+            "metadata.name={}",
+            crate::resources::project::REGISTRY_SECRET
+        ))
+    );
     let (quotas, quota_stream) = managed_cache!(ResourceQuota);
     let (deployments, deployment_stream) = managed_cache!(Deployment);
     let (services, service_stream) = managed_cache!(Service);
     let (ingresses, ingress_stream) = managed_cache!(Ingress);
+    // Every Ingress's hosts (allocation skips hosts others already route).
+    let (ingress_hosts, ingress_hosts_stream) = cache(
+        Api::<Ingress>::all(client.clone()),
+        watcher::Config::default(),
+        ApiResource::erase::<Ingress>(&()),
+        (),
+        ingress_hosts_only,
+        applier.clone(),
+        None,
+    );
 
     // kpack and cert-manager: watched only where installed.
     let cluster_builder_resource =
@@ -362,6 +672,7 @@ pub async fn run(
         image_resource.clone(),
         keep_all,
         applier.clone(),
+        Some(owners.clone()),
     );
     let (cluster_builders, cluster_builder_stream) = cache(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(
@@ -373,6 +684,7 @@ pub async fn run(
         cluster_builder_resource.clone(),
         metadata_only,
         applier.clone(),
+        None,
     );
     let (builders, builder_stream) = cache(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &builder_resource),
@@ -381,6 +693,7 @@ pub async fn run(
         builder_resource.clone(),
         metadata_only,
         applier.clone(),
+        None,
     );
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
@@ -391,6 +704,7 @@ pub async fn run(
         certificate_resource.clone(),
         trim_certificate,
         applier.clone(),
+        None,
     );
     let only_if = |on: bool, stream: BoxStream<Result<DynamicObject, watcher::Error>>| {
         if on {
@@ -429,19 +743,22 @@ pub async fn run(
         deployments,
         services,
         ingresses,
+        ingress_hosts,
         images,
         certificates,
         installed,
     };
     let _ = health.stores.set(stores.clone());
     let git = Arc::new(GitState::default());
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         applier,
         stores.clone(),
         metrics.clone(),
         git.clone(),
-    ));
+    );
+    ctx.pod_security_default = config.pod_security;
+    let ctx = Arc::new(ctx);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 
     let (poll_tx, poll_rx) = tokio::sync::mpsc::channel::<ObjectRef<Project>>(1024);
@@ -473,6 +790,10 @@ pub async fn run(
             mappers.clone().projects_of_registry(),
         )
         .watches_shared_stream(secrets_for_projects, mappers.clone().projects_of_secret())
+        .watches_stream(
+            ingress_hosts_stream,
+            mappers.clone().projects_without_host(),
+        )
         .reconcile_on(polled)
         .graceful_shutdown_on(stop.clone())
         .run(
@@ -536,14 +857,27 @@ pub async fn run(
             )
             .for_each(|result| log_failure("environment", result));
 
-    let poller = poller::run(client.clone(), stores, git, metrics, poll_tx);
+    let host_owners: BoxFuture = match config.host_owners_namespace.clone() {
+        Some(namespace) => Box::pin(crate::hosts::run(client.clone(), stores.clone(), namespace)),
+        None => Box::pin(futures::future::pending()),
+    };
+    let poller = poller::run(
+        client.clone(),
+        stores,
+        git,
+        metrics,
+        poll_tx,
+        config.allow_internal_git_hosts.clone(),
+    );
     let drivers = futures::future::join_all([
+        host_owners,
         project_driver,
         environment_driver,
         pool_driver,
         cluster_registry_driver,
         registry_driver,
         secret_metadata_driver,
+        malformed_publisher,
     ]);
     tracing::info!("Kapsa operator running");
     let stopping = stop.clone();
@@ -619,6 +953,11 @@ impl Mappers {
 
     fn all_projects(self) -> impl Fn(Arc<DomainPool>) -> Vec<ObjectRef<Project>> + Send + Sync {
         move |_| self.projects_where(|_| true)
+    }
+
+    /// A host freed or taken by some Ingress matters to Projects that have none.
+    fn projects_without_host(self) -> impl Fn(Ingress) -> Vec<ObjectRef<Project>> + Send + Sync {
+        move |_| self.projects_where(|p| p.status.as_ref().is_none_or(|s| s.host.is_none()))
     }
 
     fn projects_of_cluster_registry(

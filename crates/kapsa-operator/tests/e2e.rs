@@ -327,11 +327,13 @@ async fn dns01_pool_gets_one_wildcard_certificate_per_project() {
 }
 
 #[tokio::test]
-async fn overlapping_host_is_refused_to_the_second_project() {
+async fn hosts_never_collide_with_bases_reserved_names_or_foreign_ingresses() {
     let (_, client) = cluster().await;
     shared_operator().await;
     let outer = platform(&client, "outer", "HTTP01", false).await;
-    // A second pool whose base lies under the first Project's host.
+    // A second pool whose base is what a Project named `taken` would get on
+    // the first; the first pool reserves `www`; a foreign Ingress routes a
+    // host under `blog.<base>`.
     let inner_base = format!("taken.{}", outer.base);
     create(
         &Api::<kapsa_api::DomainPool>::all(client.clone()),
@@ -339,45 +341,64 @@ async fn overlapping_host_is_refused_to_the_second_project() {
             "spec": {"domains": [inner_base]}}),
     )
     .await;
+    Api::<kapsa_api::DomainPool>::all(client.clone())
+        .patch(
+            &outer.pool,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"reservedNames": ["www", "grafana"]}})),
+        )
+        .await
+        .unwrap();
+    create_ignoring_conflict(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "legacy-blog"}}),
+    )
+    .await;
+    create(
+        &Api::<Ingress>::namespaced(client.clone(), "legacy-blog"),
+        json!({"metadata": {"name": "blog"}, "spec": {"rules": [{"host": format!("www.blog.{}", outer.base),
+            "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "blog", "port": {"number": 80}}}}]}}]}}),
+    )
+    .await;
     let git = GitServer::start(None).await.unwrap();
     let repo = git.create_repo("app").unwrap();
     repo.commit("main", "a", "1", "one").unwrap();
     let projects: Api<Project> = Api::all(client.clone());
-    create(
-        &projects,
-        project_manifest("taken", repo.url(), &outer, None),
-    )
-    .await;
-    eventually("the first project's host", || async {
-        let p = projects.get("taken").await.ok()?;
-        p.status?
+    for name in ["taken", "www", "blog"] {
+        create(&projects, project_manifest(name, repo.url(), &outer, None)).await;
+    }
+    let mut inner = project_manifest("web", repo.url(), &outer, None);
+    inner["spec"]["domainPoolRef"] = json!({"name": "inner-pool"});
+    create(&projects, inner).await;
+
+    for (name, reason, names) in [
+        ("taken", "HostIsBase", inner_base.clone()),
+        ("www", "HostReserved", outer.pool.clone()),
+        ("blog", "HostInUse", "legacy-blog/blog".to_string()),
+    ] {
+        let (_, got, message) = eventually(&format!("{name}: {reason}"), || async {
+            project_condition(&client, name, "DomainAllocated")
+                .await
+                .filter(|c| c.0 == "False")
+        })
+        .await;
+        assert_eq!(got, reason, "{name}: {message}");
+        assert!(message.contains(&names), "{name}: {message}");
+        let project = projects.get(name).await.unwrap();
+        assert!(
+            project.status.unwrap().host.is_none(),
+            "{name} gets no host"
+        );
+    }
+    // The base is not blocked: the inner pool's Project gets its host.
+    eventually("web's host under the inner base", || async {
+        let web = projects.get("web").await.ok()?;
+        web.status?
             .host
-            .filter(|h| *h == format!("taken.{}", outer.base))
+            .filter(|h| *h == format!("web.{inner_base}"))
     })
     .await;
-    let mut second = project_manifest("web", repo.url(), &outer, None);
-    second["spec"]["domainPoolRef"] = json!({"name": "inner-pool"});
-    create(&projects, second).await;
-    let (status, reason, message) = eventually("the conflict condition", || async {
-        project_condition(&client, "web", "DomainAllocated")
-            .await
-            .filter(|c| c.0 == "False")
-    })
-    .await;
-    assert_eq!(status, "False");
-    assert_eq!(reason, "HostConflict");
-    assert!(message.contains("taken"), "{message}");
-    let web = projects.get("web").await.unwrap();
-    assert!(
-        web.status.unwrap().host.is_none(),
-        "the second project gets no host"
-    );
-    // The holder keeps its host.
-    let taken = projects.get("taken").await.unwrap();
-    assert_eq!(
-        taken.status.unwrap().host,
-        Some(format!("taken.{}", outer.base))
-    );
 }
 
 #[tokio::test]

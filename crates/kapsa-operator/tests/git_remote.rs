@@ -8,11 +8,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kapsa_operator::git::{GitCredentials, GitError, list_branches};
+use kapsa_operator::git::{GitCredentials, GitError, HostPolicy, ListOptions, list_branches};
 use kapsa_testenv::git_server::GitServer;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "gh-t0ken-Zq81xVb3";
+
+/// Every repository here is on loopback, which only an explicit allowance
+/// reaches.
+fn loopback(timeout: Duration) -> ListOptions {
+    ListOptions::new(timeout).with_hosts(HostPolicy::loopback())
+}
 
 fn basic(username: &str, password: &str) -> GitCredentials {
     GitCredentials::Basic {
@@ -38,7 +44,9 @@ async fn lists_branches_and_follows_changes() {
         .unwrap();
     let b = repo.commit("fix-42", "fix.txt", "fix\n", "fix").unwrap();
 
-    let heads = list_branches(repo.url(), None, TIMEOUT).await.unwrap();
+    let heads = list_branches(repo.url(), None, &loopback(TIMEOUT))
+        .await
+        .unwrap();
     let expected = BTreeMap::from([
         ("main".to_string(), main.clone()),
         ("feature/login".to_string(), a.clone()),
@@ -63,13 +71,17 @@ async fn lists_branches_and_follows_changes() {
         .commit("main", "README.md", "# shop v2\n", "v2")
         .unwrap();
     assert_ne!(main2, main);
-    let heads = list_branches(repo.url(), None, TIMEOUT).await.unwrap();
+    let heads = list_branches(repo.url(), None, &loopback(TIMEOUT))
+        .await
+        .unwrap();
     assert_eq!(heads.get("main"), Some(main2.as_str()));
     assert_eq!(heads.get("feature/login"), Some(a.as_str()));
 
     // A deleted branch disappears.
     repo.delete_branch("feature/login").unwrap();
-    let heads = list_branches(repo.url(), None, TIMEOUT).await.unwrap();
+    let heads = list_branches(repo.url(), None, &loopback(TIMEOUT))
+        .await
+        .unwrap();
     assert_eq!(heads.get("feature/login"), None);
     assert_eq!(heads.branches.len(), 2);
 }
@@ -78,14 +90,16 @@ async fn lists_branches_and_follows_changes() {
 async fn empty_repository_has_no_branches() {
     let server = GitServer::start(None).await.unwrap();
     let repo = server.create_repo("empty").unwrap();
-    let heads = list_branches(repo.url(), None, TIMEOUT).await.unwrap();
+    let heads = list_branches(repo.url(), None, &loopback(TIMEOUT))
+        .await
+        .unwrap();
     assert!(heads.branches.is_empty(), "{heads:?}");
 }
 
 #[tokio::test]
 async fn missing_repository_is_not_found() {
     let server = GitServer::start(None).await.unwrap();
-    let err = list_branches(&server.url("nope"), None, TIMEOUT)
+    let err = list_branches(&server.url("nope"), None, &loopback(TIMEOUT))
         .await
         .unwrap_err();
     assert!(matches!(err, GitError::NotFound(_)), "{err:?}");
@@ -100,32 +114,46 @@ async fn basic_auth() {
     let main = repo.commit("main", "a.txt", "a\n", "a").unwrap();
 
     // Right credentials.
-    let heads = list_branches(repo.url(), Some(&basic("ci-bot", PASSWORD)), TIMEOUT)
-        .await
-        .unwrap();
+    let heads = list_branches(
+        repo.url(),
+        Some(&basic("ci-bot", PASSWORD)),
+        &loopback(TIMEOUT),
+    )
+    .await
+    .unwrap();
     assert_eq!(heads.get("main"), Some(main.as_str()));
 
     // Wrong password.
     let wrong = format!("{PASSWORD}-wrong");
-    let err = list_branches(repo.url(), Some(&basic("ci-bot", &wrong)), TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = list_branches(
+        repo.url(),
+        Some(&basic("ci-bot", &wrong)),
+        &loopback(TIMEOUT),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, GitError::AuthenticationFailed(_)), "{err:?}");
     for text in texts(&err) {
         assert!(!text.contains(PASSWORD), "{text}");
     }
 
     // Wrong user, right password: the password is not echoed either.
-    let err = list_branches(repo.url(), Some(&basic("someone", PASSWORD)), TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = list_branches(
+        repo.url(),
+        Some(&basic("someone", PASSWORD)),
+        &loopback(TIMEOUT),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, GitError::AuthenticationFailed(_)), "{err:?}");
     for text in texts(&err) {
         assert!(!text.contains(PASSWORD), "{text}");
     }
 
     // None at all.
-    let err = list_branches(repo.url(), None, TIMEOUT).await.unwrap_err();
+    let err = list_branches(repo.url(), None, &loopback(TIMEOUT))
+        .await
+        .unwrap_err();
     assert!(matches!(err, GitError::AuthenticationFailed(_)), "{err:?}");
 }
 
@@ -194,7 +222,7 @@ async fn child_list_branches() {
     let Ok(url) = std::env::var("KAPSA_TEST_CHILD_URL") else {
         return;
     };
-    match list_branches(&url, None, TIMEOUT).await {
+    match list_branches(&url, None, &loopback(TIMEOUT)).await {
         Ok(_) => println!("CHILD-RESULT: ok"),
         Err(GitError::AuthenticationFailed(_)) => println!("CHILD-RESULT: AuthenticationFailed"),
         Err(e) => println!("CHILD-RESULT: {e:?}"),
@@ -208,9 +236,13 @@ async fn closed_port_is_unreachable_quickly() {
         listener.local_addr().unwrap().port()
     };
     let started = Instant::now();
-    let err = list_branches(&format!("http://127.0.0.1:{port}/shop.git"), None, TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = list_branches(
+        &format!("http://127.0.0.1:{port}/shop.git"),
+        None,
+        &loopback(TIMEOUT),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, GitError::Unreachable(_)), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -229,7 +261,7 @@ async fn https_client_is_built_without_a_process_crypto_provider() {
         listener.local_addr().unwrap().port()
     };
     let url = format!("https://127.0.0.1:{port}/shop.git");
-    let err = list_branches(&url, Some(&basic("ci-bot", PASSWORD)), TIMEOUT)
+    let err = list_branches(&url, Some(&basic("ci-bot", PASSWORD)), &loopback(TIMEOUT))
         .await
         .unwrap_err();
     assert!(matches!(err, GitError::Unreachable(_)), "{err:?}");
@@ -251,9 +283,13 @@ async fn timeout_is_honoured() {
     });
     let timeout = Duration::from_millis(1500);
     let started = Instant::now();
-    let err = list_branches(&format!("http://127.0.0.1:{port}/shop.git"), None, timeout)
-        .await
-        .unwrap_err();
+    let err = list_branches(
+        &format!("http://127.0.0.1:{port}/shop.git"),
+        None,
+        &loopback(timeout),
+    )
+    .await
+    .unwrap_err();
     let elapsed = started.elapsed();
     assert_eq!(err, GitError::Timeout(timeout));
     assert!(
@@ -289,7 +325,7 @@ async fn ssh_to_a_closed_port_is_unreachable_and_the_key_is_removed() {
         // scp-like (port 22; no sshd on loopback here, or one that refuses this key).
         "git@127.0.0.1:acme/shop.git".to_string(),
     ] {
-        let err = list_branches(&url, Some(&creds), TIMEOUT)
+        let err = list_branches(&url, Some(&creds), &loopback(TIMEOUT))
             .await
             .unwrap_err();
         if url.starts_with("ssh://") {

@@ -3,7 +3,11 @@
 //! control plane, then the operator runs in-process authenticated only as the
 //! `kapsa` ServiceAccount (a TokenRequest token, no client certificate) and
 //! takes a Project live with no reconcile error, while things it must not do
-//! are refused.
+//! are refused. The operator's admission policy (deploy/operator/admission.yaml)
+//! is installed too: under it the operator still works end to end, and its
+//! ServiceAccount is refused writes of Secrets, Deployments and RoleBindings in
+//! `kube-system` and in a namespace without Kapsa's ownership label, which
+//! RBAC alone would allow.
 
 mod support;
 
@@ -17,6 +21,7 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceQuota, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kapsa_api::conditions::READY;
 use kapsa_api::{ConditionStatus, Environment, EnvironmentPhase, Project};
@@ -186,6 +191,66 @@ async fn kapsa_events(client: &Client, namespace: &str, kind: &str, name: &str) 
         .collect()
 }
 
+/// Writes the operator's ServiceAccount attempts in `namespace`, as dry runs
+/// (admission runs, nothing is stored): a Secret, a Deployment and a
+/// RoleBinding (handing the operator's own ClusterRole to the namespace's
+/// `default` ServiceAccount, which RBAC's escalation check allows) created, and the `kapsa-registry` Secret deleted (RBAC lets it
+/// delete that name anywhere; the probe skips it where it does not exist).
+async fn probe_writes(
+    client: &Client,
+    namespace: &str,
+) -> Vec<(&'static str, Result<(), kube::Error>)> {
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let name = "kapsa-reach-probe";
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"a": "b"}}))
+            .unwrap();
+    let deployment: Deployment = serde_json::from_value(json!({"metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "registry.example/probe"}]}}}}))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({"metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kapsa-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}]}))
+    .unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let mut writes = vec![
+        ("Secret", secrets.create(&dry, &secret).await.map(|_| ())),
+        (
+            "Deployment",
+            Api::<Deployment>::namespaced(client.clone(), namespace)
+                .create(&dry, &deployment)
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "RoleBinding",
+            Api::<RoleBinding>::namespaced(client.clone(), namespace)
+                .create(&dry, &binding)
+                .await
+                .map(|_| ()),
+        ),
+    ];
+    let delete = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    match secrets.delete("kapsa-registry", &delete).await {
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        result => writes.push(("Secret deletion", result.map(|_| ()))),
+    }
+    writes
+}
+
+/// Whether a write was refused by admission.yaml's policy (not by RBAC).
+fn refused_by_policy(result: &Result<(), kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("kapsa-operator-reach"))
+}
+
 #[tokio::test]
 async fn the_packaged_rbac_is_enough_for_the_operator_and_no_more() {
     let (env, admin) = cluster().await;
@@ -327,16 +392,64 @@ async fn the_packaged_rbac_is_enough_for_the_operator_and_no_more() {
         other => panic!("deleting a kube-system Secret was not refused: {other:?}"),
     }
 
+    // RBAC alone lets the ServiceAccount write Secrets, Deployments and
+    // RoleBindings anywhere (a project namespace does not exist until the
+    // operator makes it) ...
+    let foreign = "rbac-foreign";
+    create(
+        &Api::<Namespace>::all(admin.clone()),
+        json!({"metadata": {"name": foreign}}),
+    )
+    .await;
+    create(
+        &Api::<Secret>::namespaced(admin.clone(), foreign),
+        json!({"metadata": {"name": "kapsa-registry"}, "stringData": {"a": "b"}}),
+    )
+    .await;
+    for namespace in ["kube-system", foreign] {
+        for (kind, result) in probe_writes(&client, namespace).await {
+            result.unwrap_or_else(|e| {
+                panic!("RBAC alone should admit a {kind} in {namespace} (the gap the policy closes): {e}")
+            });
+        }
+    }
+    // ... so admission.yaml bounds it: only namespaces carrying Kapsa's
+    // ownership label, never a reserved one.
+    let admission = apply_all(&admin, &manifest("admission.yaml")).await;
+    let kinds: Vec<String> = admission
+        .iter()
+        .map(|o| o.types.as_ref().unwrap().kind.clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
+        ]
+    );
+    eventually(
+        "the policy to refuse the operator in kube-system",
+        || async {
+            let writes = probe_writes(&client, "kube-system").await;
+            writes
+                .iter()
+                .all(|(_, result)| refused_by_policy(result))
+                .then_some(())
+        },
+    )
+    .await;
+
     // The operator, in this runtime, as the ServiceAccount, with leader election.
     let metrics = std::sync::Arc::new(Metrics::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = OperatorConfig {
-        lease: Some(LeaseConfig {
-            namespace: SYSTEM_NAMESPACE.into(),
-            name: "kapsa-rbac-test".into(),
-            identity: "rbac-test".into(),
-            duration: Duration::from_secs(15),
-        }),
+        lease: Some(LeaseConfig::new(
+            SYSTEM_NAMESPACE,
+            "kapsa-rbac-test",
+            "rbac-test",
+        )),
+        // The test's git server listens on loopback.
+        allow_internal_git_hosts: kapsa_operator::git::HostPolicy::loopback(),
         ..OperatorConfig::default()
     };
     let running = tokio::spawn(kapsa_operator::run(
@@ -396,6 +509,41 @@ async fn the_packaged_rbac_is_enough_for_the_operator_and_no_more() {
         status.url.as_deref(),
         Some(format!("https://{name}.{}", platform.base).as_str())
     );
+    // The project namespace enforces the `restricted` Pod Security
+    // Standard: the app's pods were admitted under it (the Environment is
+    // Ready), and a privileged pod is refused there.
+    let labels = Api::<Namespace>::all(admin.clone())
+        .get(name)
+        .await
+        .unwrap()
+        .labels()
+        .clone();
+    for mode in ["enforce", "warn", "audit"] {
+        assert_eq!(
+            labels
+                .get(&format!("pod-security.kubernetes.io/{mode}"))
+                .map(String::as_str),
+            Some("restricted"),
+            "{mode}"
+        );
+    }
+    let privileged: Pod = serde_json::from_value(json!({"metadata": {"name": "privileged"},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/probe",
+            "securityContext": {"privileged": true}}]}}))
+    .unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    match Api::<Pod>::namespaced(admin.clone(), name)
+        .create(&dry, &privileged)
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert!(s.code == 403 && s.message.contains("PodSecurity"), "{s:?}")
+        }
+        other => panic!("a privileged pod was not refused in the project namespace: {other:?}"),
+    }
     eventually("the Project to be Ready", || async {
         let project = Api::<Project>::all(admin.clone()).get(name).await.ok()?;
         let ready = project
@@ -448,6 +596,40 @@ async fn the_packaged_rbac_is_enough_for_the_operator_and_no_more() {
         })
         .await;
     }
+
+    // Under the policy the operator did all of the above; its
+    // ServiceAccount is still refused every write outside project
+    // namespaces, and may not claim a foreign namespace by labelling it.
+    for namespace in ["kube-system", foreign] {
+        for (kind, result) in probe_writes(&client, namespace).await {
+            assert!(
+                refused_by_policy(&result),
+                "the operator's {kind} write in {namespace} was not refused by the policy: {result:?}"
+            );
+        }
+    }
+    for (kind, result) in probe_writes(&client, name).await {
+        result.unwrap_or_else(|e| panic!("a {kind} in the project namespace is refused: {e}"));
+    }
+    let dry_patch = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let claim =
+        Patch::Merge(json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "kapsa"}}}));
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let result = namespaces
+        .patch(foreign, &dry_patch, &claim)
+        .await
+        .map(|_| ());
+    assert!(
+        refused_by_policy(&result),
+        "the operator labelled a foreign namespace as its own: {result:?}"
+    );
+    namespaces
+        .patch(name, &dry_patch, &claim)
+        .await
+        .expect("the operator may patch its own namespace");
 
     // No reconcile failed for want of a permission (or anything else).
     assert!(successes(&metrics, "project") > 0 && successes(&metrics, "environment") > 0);

@@ -71,23 +71,20 @@ async fn a_project_that_loses_its_host_loses_its_ingress_and_certificate() {
     })
     .await;
 
-    // The platform team moves the loser's pool under the holder's host: the
-    // loser's host now overlaps the holder's, who had it first.
+    // The platform team removes the loser's DomainPool: its host goes.
     Api::<DomainPool>::all(client.clone())
-        .patch(
-            &loser.platform.pool,
-            &PatchParams::default(),
-            &merge(json!({"spec": {"domains": [format!("holder.{}", holder.platform.base)]}})),
-        )
+        .delete(&loser.platform.pool, &Default::default())
         .await
         .unwrap();
-    eventually("HostConflict on the loser", || async {
+    eventually("DomainPoolNotFound on the loser", || async {
         let project = Api::<Project>::all(client.clone())
             .get("loser")
             .await
             .ok()?;
-        (condition_of(&project.status?.conditions, "DomainAllocated")?.1 == "HostConflict")
-            .then_some(())
+        let status = project.status?;
+        (condition_of(&status.conditions, "DomainAllocated")?.1 == "DomainPoolNotFound"
+            && status.host.is_none())
+        .then_some(())
     })
     .await;
     gone(&ingresses, "production", "the loser's Ingress to be pruned").await;
@@ -99,7 +96,15 @@ async fn a_project_that_loses_its_host_loses_its_ingress_and_certificate() {
     .await;
     let env = production(&client, "loser").await.unwrap();
     assert_eq!(env.spec.host, None, "the Environment holds no host");
-    // The holder still serves.
+    // The app itself still runs; only its route is gone.
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), "loser")
+            .get_opt("production")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Another Project, on another pool, still serves.
     let holder_ingress = Api::<Ingress>::namespaced(client.clone(), "holder")
         .get("production")
         .await
@@ -561,10 +566,15 @@ async fn readyz_answers_once_the_caches_are_synced() {
             let _ = until.await;
         },
     ));
-    eventually("/readyz to answer 200", || async {
-        (http_get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    let mut last = None;
+    for _ in 0..120 {
+        last = http_get(addr, "/readyz").await;
+        if last.as_ref().is_some_and(|r| r.0 == 200) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(last.as_ref().map(|r| r.0), Some(200), "/readyz: {last:?}");
     assert_eq!(http_get(addr, "/healthz").await.map(|r| r.0), Some(200));
     let (code, metrics) = http_get(addr, "/metrics").await.unwrap();
     assert_eq!(code, 200);

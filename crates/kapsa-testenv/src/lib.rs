@@ -13,6 +13,7 @@ pub mod audit;
 pub mod control_plane;
 pub mod crds;
 pub mod git_server;
+pub mod hostile_git;
 pub mod pki;
 pub mod process;
 pub mod shared;

@@ -118,6 +118,9 @@ struct OperatorBinary {
     no_leader_election: bool,
     /// `--text-logs`; without it the log is JSON.
     text_logs: bool,
+    /// `--allow-internal-git-hosts`: the bench's git server is on loopback,
+    /// which a build with this flag refuses unless it is allowed.
+    allow_internal_git_hosts: bool,
 }
 
 impl OperatorBinary {
@@ -156,6 +159,7 @@ impl OperatorBinary {
         Ok(Self {
             no_leader_election: has("--no-leader-election"),
             text_logs: has("--text-logs"),
+            allow_internal_git_hosts: has("--allow-internal-git-hosts"),
             path,
             other,
         })
@@ -168,6 +172,9 @@ impl OperatorBinary {
         }
         if self.text_logs {
             args.push("--text-logs".into());
+        }
+        if self.allow_internal_git_hosts {
+            args.extend(["--allow-internal-git-hosts".into(), "loopback".into()]);
         }
         args.extend(["--metrics-addr".into(), metrics_addr.to_string()]);
         args

@@ -44,7 +44,9 @@ pub struct UpArgs {
     #[arg(long)]
     detach: bool,
     /// Do not run Kapsa's operator (to run your own build of it against the
-    /// printed KUBECONFIG instead).
+    /// printed KUBECONFIG instead; give it `--allow-internal-git-hosts
+    /// loopback` for git repositories served on this machine). The operator
+    /// that `dev up` runs allows loopback git hosts.
     #[arg(long)]
     no_operator: bool,
     /// Also set up a platform and a git repository, and show a Project going
@@ -152,7 +154,11 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
             if !options.operator {
                 return futures::future::pending().await;
             }
-            let config = kapsa_operator::OperatorConfig::default();
+            // The demo's git repository is served on loopback.
+            let config = kapsa_operator::OperatorConfig {
+                allow_internal_git_hosts: kapsa_operator::git::HostPolicy::loopback(),
+                ..Default::default()
+            };
             let metrics = std::sync::Arc::new(kapsa_operator::metrics::Metrics::default());
             let stop = async move {
                 let _ = stop_rx.await;

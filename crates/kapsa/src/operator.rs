@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use kapsa_operator::leader::LeaseConfig;
+use kapsa_api::domain_pool::PodSecurityLevel;
+use kapsa_operator::leader::{LeaseConfig, release};
 use kapsa_operator::metrics::Metrics;
 use kapsa_operator::{OperatorConfig, run as run_operator};
 
@@ -24,15 +25,60 @@ pub struct OperatorArgs {
     /// This replica's identity in leader election.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Leader election: seconds a lease stays valid after its holder last
+    /// renewed it, counted by each replica on its own monotonic clock.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Leader election: seconds the leader keeps failing to renew before it
+    /// steps down (stops reconciling); less than the lease duration.
+    #[arg(long, default_value_t = 10)]
+    renew_deadline_seconds: u64,
+    /// Leader election: seconds between two attempts to take or renew the lease.
+    #[arg(long, default_value_t = 2)]
+    retry_period_seconds: u64,
     /// Reconciles running at once, per controller.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// Internal addresses that Projects' git URLs may reach. By default none:
+    /// a URL whose host is or resolves to a loopback (127.0.0.0/8, ::1),
+    /// link-local (169.254.0.0/16 — cloud metadata —, fe80::/10), private
+    /// (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7), unspecified,
+    /// multicast or reserved address is refused, and the Project's
+    /// SourceReachable condition says so. Values, comma-separated: `none`,
+    /// `loopback`, `link-local`, `private`, CIDR networks or single addresses
+    /// (`10.20.0.0/16,fd12::/16`), or `all` (no check). Example:
+    /// `--allow-internal-git-hosts 10.20.0.0/16` for a git server inside the
+    /// company network.
+    #[arg(
+        long,
+        env = "KAPSA_ALLOW_INTERNAL_GIT_HOSTS",
+        default_value = "none",
+        value_name = "LIST"
+    )]
+    allow_internal_git_hosts: kapsa_operator::git::HostPolicy,
+    /// Pod Security Standard enforced in project namespaces whose DomainPool
+    /// sets none (`spec.podSecurity`): restricted, baseline or privileged.
+    #[arg(long, env = "KAPSA_POD_SECURITY", default_value = "restricted")]
+    pod_security: PodSecurityLevel,
+    /// Namespace of the host-ownership table (ConfigMap kapsa-host-owners)
+    /// read by the ValidatingAdmissionPolicy of
+    /// deploy/admission/host-ownership.yaml. Default: the lease namespace.
+    #[arg(long, env = "KAPSA_HOST_OWNERS_NAMESPACE")]
+    host_owners_namespace: Option<String>,
+    /// Keep no host-ownership table (when that policy is not installed).
+    #[arg(long)]
+    no_host_owners: bool,
     /// Log as human-readable text instead of JSON.
     #[arg(long)]
     text_logs: bool,
 }
 
 pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let host_owners_namespace = (!args.no_host_owners).then(|| {
+        args.host_owners_namespace
+            .clone()
+            .unwrap_or_else(|| args.lease_namespace.clone())
+    });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
     let builder = tracing_subscriber::fmt()
@@ -46,15 +92,25 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let identity = args
         .identity
         .unwrap_or_else(|| format!("kapsa-{}", std::process::id()));
+    let lease = (!args.no_leader_election).then(|| {
+        LeaseConfig::new(args.lease_namespace, "kapsa-operator", identity).with_timing(
+            Duration::from_secs(args.lease_duration_seconds),
+            Duration::from_secs(args.renew_deadline_seconds),
+            Duration::from_secs(args.retry_period_seconds),
+        )
+    });
+    if let Some(lease) = &lease {
+        lease
+            .validate()
+            .map_err(|e| anyhow::anyhow!("leader election: {e}"))?;
+    }
     let config = OperatorConfig {
         metrics_addr: Some(args.metrics_addr),
-        lease: (!args.no_leader_election).then(|| LeaseConfig {
-            namespace: args.lease_namespace,
-            name: "kapsa-operator".into(),
-            identity,
-            duration: Duration::from_secs(15),
-        }),
+        lease: lease.clone(),
         concurrency: args.concurrency,
+        allow_internal_git_hosts: args.allow_internal_git_hosts,
+        pod_security: args.pod_security,
+        host_owners_namespace,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let client = kube::Client::try_default().await?;
@@ -67,6 +123,22 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 _ = terminate.recv() => {}
             }
         };
-        run_operator(client, config, Arc::new(Metrics::default()), shutdown).await
+        let result = run_operator(
+            client.clone(),
+            config,
+            Arc::new(Metrics::default()),
+            shutdown,
+        )
+        .await;
+        // The controllers have stopped: give the lease up, so that another
+        // replica takes over at once instead of waiting it out.
+        if let Some(lease) = &lease {
+            match tokio::time::timeout(lease.renew_deadline, release(&client, lease)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "releasing the lease failed"),
+                Err(_) => tracing::warn!("releasing the lease timed out"),
+            }
+        }
+        result
     })
 }

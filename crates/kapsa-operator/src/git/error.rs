@@ -1,5 +1,30 @@
 use std::time::Duration;
 
+/// The longest message a [`GitError`] carries, in bytes. Messages end up in
+/// a Project's status and in Events (whose note is limited to 1 KiB): text
+/// that a git server sent must never make those writes fail.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// `text` on one line (control characters become spaces) and at most `max`
+/// bytes long, cut at a character boundary and marked with `…` when cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() <= max {
+        return clean;
+    }
+    let ellipsis = '…';
+    let mut end = max.saturating_sub(ellipsis.len_utf8());
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = clean[..end].to_owned();
+    cut.push(ellipsis);
+    cut
+}
+
 /// Why a remote repository could not be listed.
 ///
 /// The texts never contain a password, token or private key: errors are
@@ -35,6 +60,18 @@ pub enum GitError {
     /// or reset connections, TLS errors, server errors, protocol errors).
     #[error("git remote unreachable: {0}")]
     Unreachable(String),
+    /// The URL's host is, or resolves only to, an internal address (loopback,
+    /// link-local, a private range, ...) that the operator does not allow
+    /// (see [`HostPolicy`](super::HostPolicy)).
+    #[error("git URL refused: {0}")]
+    HostNotAllowed(String),
+    /// The server answered with a redirect. Kapsa follows none: a redirect
+    /// could lead credentials or requests to another host.
+    #[error("git server redirected: {0}")]
+    Redirected(String),
+    /// The server sent more refs or more bytes than Kapsa accepts.
+    #[error("git server sent too much: {0}")]
+    LimitExceeded(String),
     /// No answer within the given time.
     #[error("git remote did not answer within {0:?}")]
     Timeout(Duration),
@@ -54,6 +91,9 @@ impl GitError {
             GitError::HostKeyVerificationFailed(_) => "HostKeyVerificationFailed",
             GitError::NotFound(_) => "RepositoryNotFound",
             GitError::Unreachable(_) => "Unreachable",
+            GitError::HostNotAllowed(_) => "HostNotAllowed",
+            GitError::Redirected(_) => "Redirected",
+            GitError::LimitExceeded(_) => "LimitExceeded",
             GitError::Timeout(_) => "Timeout",
             GitError::Internal(_) => "InternalError",
         }
@@ -83,6 +123,12 @@ impl GitError {
         })
     }
 
+    /// The same error with its message made safe to show: control
+    /// characters replaced, at most [`MAX_MESSAGE_BYTES`] long.
+    pub(crate) fn bounded(self) -> Self {
+        self.map_message(|m| bounded(&m, MAX_MESSAGE_BYTES))
+    }
+
     fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
         match self {
             GitError::InvalidUrl(m) => GitError::InvalidUrl(f(m)),
@@ -92,8 +138,32 @@ impl GitError {
             GitError::HostKeyVerificationFailed(m) => GitError::HostKeyVerificationFailed(f(m)),
             GitError::NotFound(m) => GitError::NotFound(f(m)),
             GitError::Unreachable(m) => GitError::Unreachable(f(m)),
+            GitError::HostNotAllowed(m) => GitError::HostNotAllowed(f(m)),
+            GitError::Redirected(m) => GitError::Redirected(f(m)),
+            GitError::LimitExceeded(m) => GitError::LimitExceeded(f(m)),
             GitError::Internal(m) => GitError::Internal(f(m)),
             GitError::Timeout(d) => GitError::Timeout(d),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_bounded_and_on_one_line() {
+        assert_eq!(bounded("short", 10), "short");
+        assert_eq!(bounded("a\nb\r\tc\u{1b}[31m", 100), "a b  c [31m");
+        let long = "x".repeat(32 * 1024);
+        let cut = bounded(&long, MAX_MESSAGE_BYTES);
+        assert_eq!(cut.len(), MAX_MESSAGE_BYTES);
+        assert!(cut.ends_with('…'));
+        // Never a split character.
+        let wide = "é".repeat(1000);
+        let cut = bounded(&wide, 101);
+        assert!(cut.len() <= 101 && cut.ends_with('…'), "{}", cut.len());
+        let err = GitError::Unreachable(long).bounded();
+        assert!(err.to_string().len() < MAX_MESSAGE_BYTES + 40);
     }
 }

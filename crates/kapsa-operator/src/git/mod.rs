@@ -11,7 +11,7 @@
 //!   like `ext::`) is refused with [`GitError::InvalidUrl`].
 //! - Library: gitoxide (`gix`), pure Rust. HTTP(S) goes through reqwest with
 //!   rustls (ring provider, the platform's trust store); SSH through the
-//!   system `ssh` program.
+//!   system `ssh` program, which the operator starts itself.
 //! - Isolation: the host's git configuration (system, global, `~/.gitconfig`,
 //!   `GIT_*` environment), its credential helpers, prompts, `~/.ssh/config`,
 //!   its ssh keys and agent are never consulted, so a result does not depend
@@ -20,6 +20,17 @@
 //!   `kubernetes.io/basic-auth` (a password or a token) or
 //!   `kubernetes.io/ssh-auth` (a private key and optional `known_hosts`).
 //!   They are never written into a URL, a log line or an error message.
+//! - Where it connects ([`HostPolicy`]): a URL whose host is, or resolves
+//!   only to, an internal address (loopback, link-local such as the cloud
+//!   metadata service, private ranges, ...) is refused unless the operator
+//!   allows it (`--allow-internal-git-hosts`); the connection goes to exactly
+//!   the addresses that were checked. No redirect is followed, and
+//!   credentials go to the URL's own scheme, host and port only.
+//! - A hostile server is bounded ([`ListOptions`]): at most
+//!   [`MAX_ADVERTISEMENT_BYTES`] read and [`MAX_REFS`] refs per listing, and
+//!   one timeout for all of it, after which the ssh process is killed.
+//!   Error texts are bounded ([`MAX_MESSAGE_BYTES`]) and never quote a
+//!   server's response body.
 //! - Polling cadence: [`backoff_delay`] gives the delay before the next poll,
 //!   with jitter, and exponential backoff after failures.
 //!
@@ -29,11 +40,15 @@
 mod backoff;
 mod credentials;
 mod error;
+mod hosts;
+mod limits;
 mod remote;
 mod ssh;
 mod url;
 
 pub use backoff::{MAX_BACKOFF, backoff_delay};
 pub use credentials::GitCredentials;
-pub use error::GitError;
-pub use remote::{RemoteHeads, list_branches};
+pub use error::{GitError, MAX_MESSAGE_BYTES, bounded};
+pub use hosts::{AddressClass, HostPolicy, Network, classify};
+pub use limits::{MAX_ADVERTISEMENT_BYTES, MAX_REFS};
+pub use remote::{ListOptions, RemoteHeads, list_branches};

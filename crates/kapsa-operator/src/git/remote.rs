@@ -2,25 +2,32 @@
 
 use std::{
     collections::BTreeMap,
+    io::BufReader,
+    net::SocketAddr,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
 use gix::{
     credentials::{helper::Action, protocol::Outcome},
+    error::ErrorExt,
     protocol::{
         handshake::Ref,
         transport::{
             Protocol,
-            client::blocking_io::{http, ssh},
+            client::{blocking_io::http, git as git_transport},
+            packetline,
         },
     },
-    remote::Direction,
+    remote::{Direction, fetch::RefMap},
 };
 use rustls_platform_verifier::BuilderVerifierExt;
 
 use super::{
-    GitCredentials, GitError,
+    GitCredentials, GitError, HostPolicy,
+    error::bounded,
+    hosts::allowed_addresses,
+    limits::{Bounded, Budget, ChildSlot, MAX_ADVERTISEMENT_BYTES, MAX_REFS},
     ssh::{SshSession, classify_failure},
     url::{self, RemoteUrl, Transport},
 };
@@ -40,86 +47,174 @@ impl RemoteHeads {
     }
 }
 
+/// How [`list_branches`] may reach a server, and how much it accepts.
+#[derive(Debug, Clone)]
+pub struct ListOptions {
+    /// Time for the whole listing, from the DNS lookup to the last byte. On
+    /// timeout the ssh process is killed and every read fails.
+    pub timeout: Duration,
+    /// The internal addresses the URL's host may resolve to (none by default).
+    pub hosts: HostPolicy,
+    /// The most refs the server may advertise ([`MAX_REFS`]).
+    pub max_refs: usize,
+    /// The most bytes read from the server, all responses together
+    /// ([`MAX_ADVERTISEMENT_BYTES`]).
+    pub max_bytes: u64,
+    /// The ssh client to run for ssh URLs: `ssh`, found on `PATH`, by default.
+    pub ssh_program: std::path::PathBuf,
+}
+
+impl ListOptions {
+    /// `timeout`, the default limits, and no internal address allowed.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            hosts: HostPolicy::default(),
+            max_refs: MAX_REFS,
+            max_bytes: MAX_ADVERTISEMENT_BYTES,
+            ssh_program: "ssh".into(),
+        }
+    }
+
+    /// The same options with `hosts` as the host policy.
+    pub fn with_hosts(mut self, hosts: HostPolicy) -> Self {
+        self.hosts = hosts;
+        self
+    }
+}
+
 /// The refspec whose sources are listed: every branch, nothing else.
 const BRANCHES_REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
 
+/// The longest part of a git client error shown in a message.
+const MAX_PART_CHARS: usize = 200;
+
 /// List the branches of the repository at `url`, refs only (no clone, no
-/// objects fetched), with `credentials` if given, giving up after `timeout`.
+/// objects fetched), with `credentials` if given, within `options`.
 ///
 /// - `url`: `https://`, `http://`, `ssh://` or scp-like `user@host:path`.
+/// - Where it connects: the URL's host resolves once; every address is
+///   checked against `options.hosts` ([`GitError::HostNotAllowed`] when none
+///   is allowed), and the connection goes to exactly the allowed addresses
+///   (http: a pinned resolver that answers no other name; ssh:
+///   `HostName=<address>`), so a DNS answer that changes after the check
+///   changes nothing. Redirects are never followed ([`GitError::Redirected`]),
+///   and every request is checked to go to the URL's own scheme, host and
+///   port.
 /// - `credentials`: [`GitCredentials::Basic`] for http(s), only sent when the
-///   server asks for them and only to the URL's host;
+///   server asks for them and only to the URL's own scheme, host and port;
 ///   [`GitCredentials::SshKey`] for ssh (required there). A mismatch is
 ///   [`GitError::UnsupportedSecret`].
+/// - Bounds: at most `options.max_bytes` read from the server and
+///   `options.max_refs` refs ([`GitError::LimitExceeded`]), and
+///   `options.timeout` in all ([`GitError::Timeout`]): on timeout the
+///   caller is answered at once, the ssh process is killed, and any read
+///   still waiting fails when its data or its HTTP client's read timeout
+///   (also `options.timeout`) comes.
 /// - The host's git and ssh configuration, credential helpers, keys and
 ///   agent are never used.
 ///
 /// Errors: [`GitError::InvalidUrl`], [`GitError::AuthenticationFailed`]
 /// (refused or missing credentials), [`GitError::NotFound`],
 /// [`GitError::Unreachable`], [`GitError::Timeout`] and others; none of
-/// their texts contains a secret.
-///
-/// The blocking work runs on tokio's blocking pool. On timeout the caller is
-/// answered at once; the abandoned attempt ends on its own shortly after
-/// (its HTTP client and ssh connect/keep-alive timeouts derive from
-/// `timeout`).
+/// their texts contains a secret or a server's response body, and none is
+/// longer than [`MAX_MESSAGE_BYTES`](super::error::MAX_MESSAGE_BYTES).
 pub async fn list_branches(
     url: &str,
     credentials: Option<&GitCredentials>,
-    timeout: Duration,
+    options: &ListOptions,
 ) -> Result<RemoteHeads, GitError> {
     let secrets: Vec<String> = credentials
         .map(|c| c.secret_values().into_iter().map(str::to_owned).collect())
         .unwrap_or_default();
-    let scrub = |e: GitError| e.scrub(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
+    let scrub = |e: GitError| {
+        e.scrub(&secrets.iter().map(String::as_str).collect::<Vec<_>>())
+            .bounded()
+    };
 
     let remote = url::parse(url).map_err(scrub)?;
     match (remote.transport, credentials) {
         (Transport::Http, Some(GitCredentials::SshKey { .. })) => {
-            return Err(GitError::UnsupportedSecret(format!(
+            return Err(scrub(GitError::UnsupportedSecret(format!(
                 "an ssh-auth Secret cannot be used with the http(s) URL {}; use a basic-auth Secret or an ssh URL",
                 remote.display
-            )));
+            ))));
         }
         (Transport::Ssh, Some(GitCredentials::Basic { .. })) => {
-            return Err(GitError::UnsupportedSecret(format!(
+            return Err(scrub(GitError::UnsupportedSecret(format!(
                 "a basic-auth Secret cannot be used with the ssh URL {}; use an ssh-auth Secret or an https URL",
                 remote.display
-            )));
+            ))));
         }
         (Transport::Http, Some(GitCredentials::Basic { .. }))
             if remote.url.scheme == gix::url::Scheme::Http && !is_loopback(&remote.url) =>
         {
-            return Err(GitError::UnsupportedSecret(format!(
+            return Err(scrub(GitError::UnsupportedSecret(format!(
                 "credentials are only sent over https (plain http only to loopback), not to {}",
                 remote.display
-            )));
+            ))));
         }
         (Transport::Ssh, None) => {
-            return Err(GitError::AuthenticationFailed(format!(
+            return Err(scrub(GitError::AuthenticationFailed(format!(
                 "the ssh URL {} needs credentials: reference a kubernetes.io/ssh-auth Secret",
                 remote.display
-            )));
+            ))));
         }
         _ => {}
     }
 
+    let budget = Budget::new(options.timeout, options.max_bytes);
+    let child = Arc::new(ChildSlot::default());
+    // Whatever way this function ends (an answer, a timeout, the caller
+    // dropping it), the work it started stops: the ssh process is killed
+    // and every further read of server data fails.
+    let _give_up = GiveUpOnDrop {
+        budget: budget.clone(),
+        child: child.clone(),
+    };
     let credentials = credentials.cloned();
-    let work =
-        tokio::task::spawn_blocking(move || list_blocking(&remote, credentials.as_ref(), timeout));
-    let outcome = match tokio::time::timeout(timeout, work).await {
-        Err(_elapsed) => Err(GitError::Timeout(timeout)),
+    let work = {
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || {
+            list_blocking(&remote, credentials.as_ref(), &options, &budget, &child)
+        })
+    };
+    let outcome = match tokio::time::timeout(options.timeout, work).await {
+        Err(_elapsed) => Err(GitError::Timeout(options.timeout)),
         Ok(Err(join)) => Err(GitError::Internal(format!("the git worker failed: {join}"))),
         Ok(Ok(result)) => result,
     };
     outcome.map_err(scrub)
 }
 
+struct GiveUpOnDrop {
+    budget: Arc<Budget>,
+    child: Arc<ChildSlot>,
+}
+
+impl Drop for GiveUpOnDrop {
+    fn drop(&mut self) {
+        self.budget.cancel();
+        self.child.kill();
+    }
+}
+
 fn list_blocking(
     remote: &RemoteUrl,
     credentials: Option<&GitCredentials>,
-    timeout: Duration,
+    options: &ListOptions,
+    budget: &Arc<Budget>,
+    child: &ChildSlot,
 ) -> Result<RemoteHeads, GitError> {
+    // Where to connect, before anything connects.
+    let host = remote.url.host().unwrap_or_default().to_ascii_lowercase();
+    let port = remote
+        .url
+        .port_or_default()
+        .ok_or_else(|| GitError::InvalidUrl(format!("{}: no port", remote.display)))?;
+    let addresses =
+        allowed_addresses(&host, port, &options.hosts).map_err(|e| e.prefixed(&remote.display))?;
+
     // gix needs a repository to hang a remote on: an empty bare one in a
     // temporary folder, opened with only its own configuration (no system,
     // global or user config, no GIT_* environment).
@@ -150,62 +245,40 @@ fn list_blocking(
         .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
         .map_err(|e| GitError::InvalidUrl(format!("{}: {}", remote.display, describe(&e))))?;
 
-    let options = gix::remote::ref_map::Options::default();
-    let ref_map = match remote.transport {
-        Transport::Http => {
-            let transport_options = http_options(&repo, remote, timeout)?;
-            let host = remote.url.host().unwrap_or_default().to_owned();
-            let basic = match credentials {
-                Some(GitCredentials::Basic { username, password }) => {
-                    Some((username.clone(), password.clone()))
-                }
-                _ => None,
-            };
-            let connection = gremote
-                .connect(Direction::Fetch)
-                .map_err(|e| classify(&e, remote, false))?
-                .with_transport_options(transport_options)
-                .with_credentials(move |action| basic_auth(action, &host, basic.as_ref()));
-            let with_credentials = credentials.is_some();
-            connection
-                .ref_map(gix::progress::Discard, options)
-                .map_err(|e| classify(&e, remote, with_credentials))?
-                .0
-        }
-        Transport::Ssh => {
-            let Some(GitCredentials::SshKey {
-                private_key,
-                known_hosts,
-            }) = credentials
-            else {
-                return Err(GitError::Internal("ssh without a key".into()));
-            };
-            let session = SshSession::new(private_key, known_hosts.as_deref(), timeout)?;
-            let transport = ssh::connect(
-                remote.url.clone(),
-                Protocol::V2,
-                ssh::connect::Options {
-                    command: Some(session.command().into()),
-                    disallow_shell: false,
-                    kind: Some(ssh::ProgramKind::Ssh),
-                },
-                false,
-            )
-            .map_err(|e| GitError::InvalidUrl(format!("{}: {e}", remote.display)))?;
-            let connection = gremote
-                .to_connection_with_transport(transport)
-                .with_credentials(|_| Ok(None));
-            match connection.ref_map(gix::progress::Discard, options) {
-                Ok((map, _handshake)) => map,
-                Err(e) => {
-                    return Err(match classify_failure(&session.stderr()) {
-                        Some(from_ssh) => from_ssh.prefixed(&remote.display),
-                        None => classify(&e, remote, true),
-                    });
-                }
-            }
-        }
+    let listed = match remote.transport {
+        Transport::Http => list_http(
+            &repo,
+            &gremote,
+            remote,
+            credentials,
+            options.timeout,
+            addresses,
+            budget,
+        ),
+        Transport::Ssh => list_ssh(
+            &gremote,
+            remote,
+            credentials,
+            options,
+            addresses[0].ip(),
+            budget,
+            child,
+        ),
     };
+    // A limit that was hit explains a failure better than what the git
+    // client made of the failed read.
+    let ref_map = match (listed, budget.tripped()) {
+        (_, Some(limit)) => return Err(limit.prefixed(&remote.display)),
+        (listed, None) => listed?,
+    };
+    if ref_map.remote_refs.len() > options.max_refs {
+        return Err(GitError::LimitExceeded(format!(
+            "{}: the server advertised {} refs; Kapsa lists at most {}",
+            remote.display,
+            ref_map.remote_refs.len(),
+            options.max_refs
+        )));
+    }
 
     let mut branches = BTreeMap::new();
     for r in ref_map.remote_refs {
@@ -236,12 +309,271 @@ fn list_blocking(
     Ok(RemoteHeads { branches })
 }
 
+fn list_http(
+    repo: &gix::Repository,
+    gremote: &gix::Remote<'_>,
+    remote: &RemoteUrl,
+    credentials: Option<&GitCredentials>,
+    timeout: Duration,
+    addresses: Vec<SocketAddr>,
+    budget: &Arc<Budget>,
+) -> Result<RefMap, GitError> {
+    let transport_options = http_options(repo, remote, timeout, addresses)?;
+    let origin = Origin::of(&remote.url);
+    let basic = match credentials {
+        Some(GitCredentials::Basic { username, password }) => {
+            Some((username.clone(), password.clone()))
+        }
+        _ => None,
+    };
+    let transport = http::connect_http(
+        BoundedHttp {
+            inner: http::reqwest::Remote::default(),
+            budget: budget.clone(),
+        },
+        remote.url.clone(),
+        Protocol::V2,
+        false,
+    );
+    let connection = gremote
+        .to_connection_with_transport(transport)
+        .with_transport_options(transport_options)
+        .with_credentials(move |action| basic_auth(action, &origin, basic.as_ref()));
+    connection
+        .ref_map(
+            gix::progress::Discard,
+            gix::remote::ref_map::Options::default(),
+        )
+        .map(|(map, _handshake)| map)
+        .map_err(|e| classify(&e, remote, credentials.is_some()))
+}
+
+fn list_ssh(
+    gremote: &gix::Remote<'_>,
+    remote: &RemoteUrl,
+    credentials: Option<&GitCredentials>,
+    options: &ListOptions,
+    connect_to: std::net::IpAddr,
+    budget: &Arc<Budget>,
+    child: &ChildSlot,
+) -> Result<RefMap, GitError> {
+    let Some(GitCredentials::SshKey {
+        private_key,
+        known_hosts,
+    }) = credentials
+    else {
+        return Err(GitError::Internal("ssh without a key".into()));
+    };
+    let session = SshSession::new(private_key, known_hosts.as_deref(), options.timeout)?;
+    let mut process = session
+        .command(&options.ssh_program, &remote.url, connect_to)?
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                GitError::Internal("the ssh program is not installed".into())
+            }
+            _ => GitError::Internal(format!("cannot start ssh: {e}")),
+        })?;
+    let (Some(stdout), Some(stdin)) = (process.stdout.take(), process.stdin.take()) else {
+        return Err(GitError::Internal("ssh has no pipes".into()));
+    };
+    if !child.put(process) {
+        return Err(GitError::Timeout(options.timeout));
+    }
+    let transport = git_transport::blocking_io::Connection::new(
+        Bounded::new(BufReader::new(stdout), budget.clone()),
+        stdin,
+        Protocol::V2,
+        remote.url.path.clone(),
+        None::<(String, Option<u16>)>,
+        git_transport::ConnectMode::Process,
+        false,
+    )
+    .custom_url(Some(remote.url.to_bstring()));
+    let listed = gremote
+        .to_connection_with_transport(transport)
+        .with_credentials(|_| Ok(None))
+        .ref_map(
+            gix::progress::Discard,
+            gix::remote::ref_map::Options::default(),
+        );
+    // The connection is gone: ssh has nothing left to do.
+    child.reap();
+    match listed {
+        Ok((map, _handshake)) => Ok(map),
+        Err(e) => Err(match classify_failure(&session.stderr()) {
+            Some(from_ssh) => from_ssh.prefixed(&remote.display),
+            None => classify(&e, remote, true),
+        }),
+    }
+}
+
+/// gix's HTTP client with every response body read through the listing's
+/// [`Budget`], and every response that names another location (a redirect,
+/// which the client never follows) refused.
+struct BoundedHttp {
+    inner: http::reqwest::Remote,
+    budget: Arc<Budget>,
+}
+
+type Inner = http::reqwest::Remote;
+
+/// The most bytes of response headers read (hyper bounds them further).
+const MAX_HEADER_BYTES: u64 = 64 * 1024;
+
+/// Response headers, read whole on first use (not before: a POST's body is
+/// sent only after gix has the response in hand). A response that names
+/// another location (a redirect, which the client never follows) is refused
+/// there; an error of the response (a 401 asking for credentials, say) is
+/// handed on unchanged.
+struct CheckedHeaders {
+    pending: Option<<Inner as http::Http>::Headers>,
+    read: std::io::Cursor<Vec<u8>>,
+    error: Option<std::io::Error>,
+    budget: Arc<Budget>,
+}
+
+impl CheckedHeaders {
+    fn new(headers: <Inner as http::Http>::Headers, budget: Arc<Budget>) -> Self {
+        Self {
+            pending: Some(headers),
+            read: Default::default(),
+            error: None,
+            budget,
+        }
+    }
+
+    fn load(&mut self) -> std::io::Result<()> {
+        use std::io::Read;
+        if let Some(headers) = self.pending.take() {
+            let mut bytes = Vec::new();
+            let result = headers.take(MAX_HEADER_BYTES).read_to_end(&mut bytes);
+            let location = String::from_utf8_lossy(&bytes).lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("location")
+                    .then(|| value.trim().to_owned())
+            });
+            self.read = std::io::Cursor::new(bytes);
+            self.error = result.err();
+            if let Some(location) = location {
+                self.budget.refuse(GitError::Redirected(format!(
+                    "the server redirects to {}, and Kapsa follows no redirect (credentials and requests go to the URL's own host only); set the URL to the repository's final location",
+                    bounded(&location, MAX_PART_CHARS)
+                )));
+                self.error = Some(std::io::Error::other("redirect refused"));
+            }
+        }
+        match self.error.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::io::Read for CheckedHeaders {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.load()?;
+        self.read.read(buf)
+    }
+}
+
+impl std::io::BufRead for CheckedHeaders {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.load()?;
+        self.read.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.read.consume(amount);
+    }
+}
+
+impl http::Http for BoundedHttp {
+    type Headers = CheckedHeaders;
+    type ResponseBody = Bounded<<Inner as http::Http>::ResponseBody>;
+    type PostBody = <Inner as http::Http>::PostBody;
+
+    fn get(
+        &mut self,
+        url: &str,
+        base_url: &str,
+        headers: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> gix::Result<http::GetResponse<Self::Headers, Self::ResponseBody>> {
+        let response = self.inner.get(url, base_url, headers)?;
+        Ok(http::GetResponse {
+            headers: CheckedHeaders::new(response.headers, self.budget.clone()),
+            body: Bounded::new(response.body, self.budget.clone()),
+        })
+    }
+
+    fn post(
+        &mut self,
+        url: &str,
+        base_url: &str,
+        headers: impl IntoIterator<Item = impl AsRef<str>>,
+        body: http::PostBodyDataKind,
+    ) -> gix::Result<http::PostResponse<Self::Headers, Self::ResponseBody, Self::PostBody>> {
+        let response = self.inner.post(url, base_url, headers, body)?;
+        Ok(http::PostResponse {
+            post_body: response.post_body,
+            headers: CheckedHeaders::new(response.headers, self.budget.clone()),
+            body: Bounded::new(response.body, self.budget.clone()),
+        })
+    }
+
+    fn configure(&mut self, config: &dyn std::any::Any) -> gix::Result {
+        self.inner.configure(config)
+    }
+
+    fn redirected_base_url(&self) -> Option<String> {
+        self.inner.redirected_base_url()
+    }
+}
+
+/// Scheme, host and port: where credentials may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    fn new(scheme: &str, host: &str, port: Option<u16>) -> Self {
+        Self {
+            scheme: scheme.to_ascii_lowercase(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase(),
+            port,
+        }
+    }
+
+    fn of(url: &gix::url::Url) -> Self {
+        Self::new(
+            url.scheme.as_str(),
+            url.host().unwrap_or_default(),
+            url.port_or_default(),
+        )
+    }
+
+    fn of_request(url: &reqwest::Url) -> Self {
+        Self::new(
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default(),
+        )
+    }
+}
+
 /// Answer gix's credential requests with the Secret's username and password,
-/// only for the URL's own host (a redirect elsewhere gets nothing); never a
-/// helper program or a prompt.
+/// only for the URL's own scheme, host and port (a request about any other
+/// URL, or about no URL, gets nothing); never a helper program or a prompt.
 fn basic_auth(
     action: Action,
-    host: &str,
+    origin: &Origin,
     basic: Option<&(String, String)>,
 ) -> gix::Result<Option<Outcome>> {
     let Action::Get(context) = action else {
@@ -251,12 +583,12 @@ fn basic_auth(
     let Some((username, password)) = basic else {
         return Ok(None);
     };
-    let same_host = context
+    let same_origin = context
         .url
         .as_ref()
         .and_then(|u| gix::url::parse(u.as_slice()).ok())
-        .is_none_or(|u| u.host() == Some(host));
-    if !same_host {
+        .is_some_and(|u| Origin::of(&u) == *origin);
+    if !same_origin {
         return Ok(None);
     }
     Ok(Some(Outcome {
@@ -269,13 +601,29 @@ fn basic_auth(
     }))
 }
 
+/// Answers no name: the one name a listing connects to is pinned to its
+/// checked addresses, and nothing else is looked up.
+struct NoOtherNames;
+
+impl reqwest::dns::Resolve for NoOtherNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_owned();
+        Box::pin(async move {
+            Err(format!("{name} is not the git URL's host; Kapsa connects nowhere else").into())
+        })
+    }
+}
+
 /// gix's HTTP options for this URL (from the isolated configuration), with
-/// our reqwest client: ring-based rustls with the platform's trust store, and
-/// an overall request timeout.
+/// our reqwest client: ring-based rustls with the platform's trust store, a
+/// request and read timeout, the URL's host pinned to `addresses` (no other
+/// name resolves), no redirect followed (the 3xx answer itself is refused by
+/// [`BoundedHttp`]), and a check that every request goes to the URL's origin.
 fn http_options(
     repo: &gix::Repository,
     remote: &RemoteUrl,
     timeout: Duration,
+    addresses: Vec<SocketAddr>,
 ) -> Result<Box<dyn std::any::Any>, GitError> {
     let mut options = repo
         .transport_options(
@@ -290,15 +638,36 @@ fn http_options(
     let tls = tls_config()?;
     options.connect_timeout = Some(timeout.min(Duration::from_secs(30)));
     options.user_agent = Some(format!("kapsa/{}", env!("CARGO_PKG_VERSION")));
+    options.follow_redirects = http::options::FollowRedirects::None;
+    let origin = Origin::of(&remote.url);
+    let host = origin.host.clone();
+    let pinned = host.parse::<std::net::IpAddr>().is_err();
     options.backend = Some(Arc::new(Mutex::new(http::reqwest::Options {
         configure_client: Some(Box::new(move |builder| {
-            Ok(builder
+            let builder = builder
                 .timeout(timeout)
                 .connect_timeout(timeout.min(Duration::from_secs(30)))
                 .no_proxy()
-                .tls_backend_preconfigured((*tls).clone()))
+                .tls_backend_preconfigured((*tls).clone())
+                .dns_resolver(Arc::new(NoOtherNames));
+            Ok(if pinned {
+                builder.resolve_to_addrs(&host, &addresses)
+            } else {
+                builder
+            })
         })),
-        configure_request: None,
+        configure_request: Some(Box::new(move |request| {
+            let to = Origin::of_request(request.url());
+            if to != origin {
+                return Err(gix::error::message!(
+                    "refusing a request to {}://{} (not the git URL's origin)",
+                    to.scheme,
+                    to.host
+                )
+                .raise());
+            }
+            Ok(())
+        })),
     })));
     Ok(Box::new(options))
 }
@@ -323,18 +692,29 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, GitError> {
     Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
 }
 
-/// Whether the URL's host is this machine (`localhost`, 127.0.0.0/8, `::1`).
+/// Whether the URL's host is this machine (`localhost`, 127.0.0.0/8, `::1`,
+/// `::ffff:127.0.0.1`).
 fn is_loopback(url: &gix::url::Url) -> bool {
     let host = url.host().unwrap_or_default();
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Map a gix error to ours by its classification.
 fn classify(err: &gix::Error, remote: &RemoteUrl, with_credentials: bool) -> GitError {
+    let redirected = err.iter_errors().any(|e| {
+        e.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_redirect)
+    });
+    if redirected {
+        return GitError::Redirected(format!(
+            "{}: the server answered with a redirect, and Kapsa follows no redirect (credentials and requests go to the URL's own host only); set the URL to the repository's final location",
+            remote.display
+        ));
+    }
     let description = describe(err);
     let http_404 = err.iter_errors().any(|e| {
         e.downcast_ref::<reqwest::Error>()
@@ -357,11 +737,33 @@ fn classify(err: &gix::Error, remote: &RemoteUrl, with_credentials: bool) -> Git
     }
 }
 
-/// The error's message and its causes, de-duplicated, on one line.
+/// The error's message and its causes, de-duplicated, on one line, each
+/// part bounded. What a server sent is shown only as the git protocol's own
+/// error line (`ERR ...`, bounded); an answer that is not git is described,
+/// never quoted.
 fn describe(err: &gix::Error) -> String {
+    let err_line = err.iter_errors().find_map(|e| {
+        e.downcast_ref::<packetline::read::Error>()
+            .map(|line| line.message.to_string())
+            .or_else(|| {
+                e.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<packetline::read::Error>())
+                    .map(|line| line.message.to_string())
+            })
+    });
+    if let Some(line) = err_line {
+        return format!(
+            "the server refused: {}",
+            bounded(line.trim(), MAX_PART_CHARS)
+        );
+    }
+    if err.is_corrupted() {
+        return "the server's answer is not a valid git ref advertisement".into();
+    }
     let mut parts: Vec<String> = Vec::new();
     for e in err.iter_errors() {
-        let text = e.to_string();
+        let text = bounded(e.to_string().trim(), MAX_PART_CHARS);
         let text = text.trim();
         if text.is_empty() || parts.iter().any(|p| p.contains(text)) {
             continue;
@@ -380,38 +782,44 @@ mod tests {
     }
 
     #[test]
-    fn basic_auth_answers_only_for_the_urls_host() {
+    fn basic_auth_answers_only_for_the_urls_origin() {
         let c = creds();
-        let get = |url: &str| Action::get_for_url(url);
-        let outcome = basic_auth(
-            get("https://git.example.com/a.git"),
-            "git.example.com",
-            Some(&c),
-        )
-        .unwrap()
-        .expect("credentials for the same host");
-        assert_eq!(outcome.identity.username, "alice");
-        assert_eq!(outcome.identity.password, "t0ken-value");
+        let origin = Origin::of(&url::parse("https://git.example.com/a.git").unwrap().url);
+        let answer = |url: &str| {
+            basic_auth(Action::get_for_url(url), &origin, Some(&c))
+                .unwrap()
+                .map(|o| o.identity)
+        };
+        let identity = answer("https://git.example.com/other.git").expect("the same origin");
+        assert_eq!(identity.username, "alice");
+        assert_eq!(identity.password, "t0ken-value");
+        assert!(answer("https://GIT.example.com:443/a.git").is_some());
+        for elsewhere in [
+            "https://evil.example.net/a.git",
+            "https://git.example.com:8443/a.git",
+            "http://git.example.com/a.git",
+            "ssh://git@git.example.com/a.git",
+            "not a url at all",
+        ] {
+            assert!(answer(elsewhere).is_none(), "{elsewhere}");
+        }
+        // A request that names no URL gets nothing either.
+        let mut no_url = Action::get_for_url("https://git.example.com/a.git");
+        if let Action::Get(context) = &mut no_url {
+            context.url = None;
+        }
+        assert!(basic_auth(no_url, &origin, Some(&c)).unwrap().is_none());
         assert!(
             basic_auth(
-                get("https://evil.example.net/a.git"),
-                "git.example.com",
-                Some(&c)
-            )
-            .unwrap()
-            .is_none()
-        );
-        assert!(
-            basic_auth(
-                get("https://git.example.com/a.git"),
-                "git.example.com",
+                Action::get_for_url("https://git.example.com/a.git"),
+                &origin,
                 None
             )
             .unwrap()
             .is_none()
         );
         assert!(
-            basic_auth(Action::Erase("x".into()), "git.example.com", Some(&c))
+            basic_auth(Action::Erase("x".into()), &origin, Some(&c))
                 .unwrap()
                 .is_none()
         );
@@ -427,6 +835,8 @@ mod tests {
             ("http://git.example.com/a.git", false),
             ("http://10.0.0.1/a.git", false),
             ("http://127.0.0.1.example.com/a.git", false),
+            ("http://[::ffff:127.0.0.1]/a.git", true),
+            ("http://[::ffff:10.0.0.1]/a.git", false),
         ] {
             let parsed = url::parse(url).unwrap();
             assert_eq!(is_loopback(&parsed.url), expected, "{url}");
@@ -443,7 +853,7 @@ mod tests {
             private_key: "KEY".into(),
             known_hosts: None,
         };
-        let t = Duration::from_secs(5);
+        let t = &ListOptions::new(Duration::from_secs(5));
         assert!(matches!(
             list_branches("https://git.invalid/a.git", Some(&key), t).await,
             Err(GitError::UnsupportedSecret(_))

@@ -10,8 +10,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kapsa_api::domain_pool::PodSecurityLevel;
 use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
-use kapsa_api::{Environment, EnvironmentSpec, EnvironmentType, Project};
+use kapsa_api::{DomainPool, Environment, EnvironmentSpec, EnvironmentType, Project};
 use kube::{Resource, ResourceExt};
 
 use super::environment::{BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT};
@@ -46,8 +47,39 @@ fn meta(project: &Project, name: &str, namespace: Option<&str>) -> ObjectMeta {
     }
 }
 
+/// The Pod Security Admission labels of a project namespace: the level is
+/// enforced (pods that break it are refused), and also warned about and
+/// audited, so `kubectl apply` of a Deployment that breaks it warns at once.
+pub const POD_SECURITY_LABELS: [&str; 3] = [
+    "pod-security.kubernetes.io/enforce",
+    "pod-security.kubernetes.io/warn",
+    "pod-security.kubernetes.io/audit",
+];
+
+/// The Pod Security level of a project namespace: its DomainPool's
+/// `spec.podSecurity` if set, else the operator's default (the
+/// `--pod-security` flag, `restricted` unless changed).
+pub fn pod_security_level(
+    pool: Option<&DomainPool>,
+    operator_default: PodSecurityLevel,
+) -> PodSecurityLevel {
+    pool.and_then(|p| p.spec.pod_security)
+        .unwrap_or(operator_default)
+}
+
+/// The project namespace, enforcing the `restricted` Pod Security Standard.
 pub fn namespace(project: &Project) -> Namespace {
+    namespace_with_pod_security(project, PodSecurityLevel::default())
+}
+
+/// The project namespace, enforcing the Pod Security Standard `level` (see
+/// [`pod_security_level`]).
+pub fn namespace_with_pod_security(project: &Project, level: PodSecurityLevel) -> Namespace {
     let mut metadata = meta(project, &namespace_name(project), None);
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(POD_SECURITY_LABELS.map(|label| (label.to_string(), level.as_str().to_string())));
     metadata.annotations = Some(BTreeMap::from([(
         OWNER_ANNOTATION.to_string(),
         project.name_any(),
@@ -285,6 +317,44 @@ mod tests {
         assert_eq!(ns.owner_references()[0].kind, "Project");
         assert_eq!(ns.owner_references()[0].controller, Some(true));
         assert!(namespace_belongs_to(&ns, &p));
+    }
+
+    #[test]
+    fn the_namespace_enforces_restricted_pod_security_unless_configured() {
+        let p = project();
+        let labels = namespace(&p).labels().clone();
+        for label in POD_SECURITY_LABELS {
+            assert_eq!(labels.get(label).map(String::as_str), Some("restricted"));
+        }
+        assert_eq!(
+            labels
+                .get(crate::resources::MANAGED_BY_LABEL)
+                .map(String::as_str),
+            Some(crate::resources::MANAGED_BY_VALUE),
+            "the ownership label the operator's admission policy checks"
+        );
+        let baseline = namespace_with_pod_security(&p, PodSecurityLevel::Baseline);
+        assert_eq!(
+            baseline
+                .labels()
+                .get(POD_SECURITY_LABELS[0])
+                .map(String::as_str),
+            Some("baseline")
+        );
+
+        let mut pool: DomainPool = serde_yaml_ng::from_str(
+            "apiVersion: kapsa.dev/v1alpha1\nkind: DomainPool\nmetadata: {name: p}\nspec: {domains: [apps.example.com]}",
+        )
+        .unwrap();
+        let flag = PodSecurityLevel::Baseline;
+        assert_eq!(pod_security_level(None, flag), flag);
+        assert_eq!(pod_security_level(Some(&pool), flag), flag);
+        pool.spec.pod_security = Some(PodSecurityLevel::Privileged);
+        assert_eq!(
+            pod_security_level(Some(&pool), flag),
+            PodSecurityLevel::Privileged,
+            "the pool's setting wins over the operator's"
+        );
     }
 
     #[test]

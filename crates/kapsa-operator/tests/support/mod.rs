@@ -55,6 +55,16 @@ pub async fn cluster() -> (&'static TestEnv, Client) {
     (env, client)
 }
 
+/// The configuration of the tests' operators: the defaults, with loopback
+/// git hosts allowed (every test repository is served on loopback, which an
+/// operator refuses by default).
+pub fn operator_config() -> OperatorConfig {
+    OperatorConfig {
+        allow_internal_git_hosts: kapsa_operator::git::HostPolicy::loopback(),
+        ..OperatorConfig::default()
+    }
+}
+
 /// An operator for the whole test binary, on a thread of its own (each
 /// `#[tokio::test]` has its own runtime). Returns its metrics.
 pub async fn shared_operator() -> Arc<Metrics> {
@@ -81,7 +91,7 @@ pub async fn shared_operator() -> Arc<Metrics> {
                             .unwrap();
                         run(
                             client,
-                            OperatorConfig::default(),
+                            operator_config(),
                             for_thread,
                             futures::future::pending(),
                         )
@@ -104,7 +114,7 @@ pub fn operator_until(
     let metrics = Arc::new(Metrics::default());
     let for_task = metrics.clone();
     let handle = tokio::spawn(async move {
-        run(client, OperatorConfig::default(), for_task, stop)
+        run(client, operator_config(), for_task, stop)
             .await
             .unwrap();
     });

@@ -61,6 +61,10 @@ pub struct ProjectWorld {
     pub environments: Vec<Arc<Environment>>,
     /// The latest poll of its repository (None until the first poll since start).
     pub poll: Option<PollResult>,
+    /// `(host, "<namespace>/<name>")` routed by Ingresses Kapsa did not make.
+    pub foreign_hosts: Vec<(String, String)>,
+    /// The Pod Security Standard for namespaces whose pool sets none.
+    pub pod_security_default: kapsa_api::domain_pool::PodSecurityLevel,
     pub now: Time,
 }
 
@@ -144,6 +148,8 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             .filter(|e| e.namespace().as_deref() == ns && e.spec.project == name)
             .collect(),
         poll: ctx.git.get(&name),
+        pod_security_default: ctx.pod_security_default,
+        foreign_hosts: foreign_hosts(stores.ingress_hosts.state().iter().map(|i| i.as_ref())),
         now: Time(crate::controllers::now()),
         project,
     };
@@ -234,4 +240,39 @@ pub fn namespace_refused(
         others.iter().map(|p| p.as_ref()),
         cached(&stores.namespaces, &namespace, None).as_deref(),
     )
+}
+
+/// The hosts routed by Ingresses Kapsa did not make (no Environment is their
+/// controller), from the cache of every Ingress's hosts.
+pub fn foreign_hosts<'a>(
+    ingresses: impl IntoIterator<Item = &'a k8s_openapi::api::networking::v1::Ingress>,
+) -> Vec<(String, String)> {
+    ingresses
+        .into_iter()
+        .filter(|i| {
+            !i.owner_references().iter().any(|o| {
+                o.controller == Some(true)
+                    && o.kind == "Environment"
+                    && o.api_version.starts_with("kapsa.dev/")
+            })
+        })
+        .flat_map(|i| {
+            let by = format!("{}/{}", i.namespace().unwrap_or_default(), i.name_any());
+            let spec = i.spec.as_ref();
+            let rules = spec
+                .and_then(|s| s.rules.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.host.clone());
+            let tls = spec
+                .and_then(|s| s.tls.as_ref())
+                .into_iter()
+                .flatten()
+                .flat_map(|t| t.hosts.clone().unwrap_or_default());
+            rules
+                .chain(tls)
+                .map(move |h| (h, by.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use super::dereference::{Credentials, ProjectWorld};
 use crate::children::{Child, ChildKey, Deletion, prune};
 use crate::controllers::transitions;
-use crate::domains::{AllocationError, allocate_host, choose_base_domain, select_pool};
+use crate::domains::{AllocationError, Landscape, allocate_host, choose_base_domain, select_pool};
 use crate::resources::environment::{certificate_api_resource, wildcard_certificate};
 use crate::resources::project as build;
 use crate::status::PlannedEvent;
@@ -57,6 +57,12 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         merge_conditions(
             &mut status.conditions,
             [
+                condition(
+                    SOURCE_REACHABLE,
+                    ConditionStatus::Unknown,
+                    "NotPolled",
+                    "not polled: the Project was refused its namespace, so none of its Secrets are read".into(),
+                ),
                 condition(READY, ConditionStatus::False, reason, message),
                 implemented,
             ],
@@ -72,7 +78,16 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
     }
     status.namespace = Some(namespace.clone());
 
-    let mut apply = vec![Child::typed(&build::namespace(project))];
+    // The namespace enforces the Pod Security Standard of the Project's pool,
+    // or the operator's default.
+    let pools: Vec<DomainPool> = world.pools.iter().map(|p| (**p).clone()).collect();
+    let level = build::pod_security_level(
+        select_pool(project, &pools).ok(),
+        world.pod_security_default,
+    );
+    let mut apply = vec![Child::typed(&build::namespace_with_pod_security(
+        project, level,
+    ))];
     let mut keep: Vec<ChildKey> = Vec::new();
     let observed = world.observed();
 
@@ -115,12 +130,20 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
     }
 
     // Host allocation.
-    let pools: Vec<DomainPool> = world.pools.iter().map(|p| (**p).clone()).collect();
     let others: Vec<&Project> = world.others.iter().map(|p| p.as_ref()).collect();
     let allocation = select_pool(project, &pools).and_then(|pool| {
         let base = choose_base_domain(pool, before.base_domain.as_deref(), &others)
             .ok_or(AllocationError::NoDefaultPool)?;
-        let host = allocate_host(project, &base, &others)?;
+        let landscape = Landscape {
+            bases: pools.iter().flat_map(|p| p.spec.domains.clone()).collect(),
+            reserving_pool: pool
+                .spec
+                .reserved_names
+                .contains(&project.name_any())
+                .then(|| pool.name_any()),
+            foreign_hosts: world.foreign_hosts.clone(),
+        };
+        let host = allocate_host(project, &base, &others, &landscape)?;
         Ok((pool.clone(), base, host))
     });
     // The pool and base the Project serves from after this reconcile.
@@ -150,8 +173,15 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
                         .as_ref()
                         .is_some_and(|b| p.spec.domains.contains(b))
             });
+            let loses_host = matches!(
+                problem,
+                AllocationError::HostConflict { .. }
+                    | AllocationError::HostIsBase { .. }
+                    | AllocationError::HostReserved { .. }
+                    | AllocationError::HostInUse { .. }
+            );
             match still_listed {
-                Some(pool) if !matches!(problem, AllocationError::HostConflict { .. }) => {
+                Some(pool) if !loses_host => {
                     serving_from = before.base_domain.clone().map(|b| (pool.clone(), b));
                 }
                 _ => {

@@ -125,6 +125,13 @@ fn world(fixture: &Fixture) -> ProjectWorld {
             .map(Arc::new),
         environments,
         poll,
+        pod_security_default: Default::default(),
+        foreign_hosts: super::super::dereference::foreign_hosts(
+            &fixture.all::<k8s_openapi::api::networking::v1::Ingress>(
+                "networking.k8s.io/v1",
+                "Ingress",
+            ),
+        ),
         now: fixtures::now(),
         project: Arc::new(project),
     }
@@ -213,7 +220,10 @@ cases! {
     fixtures {
         dns01_pool => "dns01-pool",
         dns01_to_http01 => "dns01-to-http01",
-        host_conflict => "host-conflict",
+        base_holder_claim_is_void => "base-holder-claim-is-void",
+        host_in_use => "host-in-use",
+        host_is_base => "host-is-base",
+        host_reserved => "host-reserved",
         namespace_claimed_by_older_project => "namespace-claimed-by-older-project",
         namespace_foreign => "namespace-foreign",
         namespace_reserved => "namespace-reserved",
