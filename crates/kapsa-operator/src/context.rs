@@ -156,6 +156,9 @@ pub struct PollResult {
     pub branches: Option<std::collections::BTreeMap<String, String>>,
     /// Why the last poll failed (no secret values in here).
     pub error: Option<String>,
+    /// The condition reason for that failure (`Unreachable`, `Timeout`,
+    /// `HostNotAllowed`, `Redirected`, `LimitExceeded`, …).
+    pub reason: Option<&'static str>,
     /// Failed polls since the last success.
     pub consecutive_failures: u32,
     pub last_success: Option<Time>,
@@ -182,7 +185,9 @@ impl GitState {
         };
         let previous = results.get(project);
         let changed = previous.is_none_or(|p| {
-            p.branches != result.branches || p.error.is_some() != result.error.is_some()
+            p.branches != result.branches
+                || p.error.is_some() != result.error.is_some()
+                || p.reason != result.reason
         });
         results.insert(project.to_string(), result);
         changed

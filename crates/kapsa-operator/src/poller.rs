@@ -184,8 +184,9 @@ impl Poll<'_> {
     async fn once(&self, project: &Project) -> Outcome {
         let name = project.name_any();
         let previous = self.state.get(&name).unwrap_or_default();
-        let failed = |message: String| PollResult {
+        let failed = |reason: &'static str, message: String| PollResult {
             error: Some(bounded(&message, MAX_MESSAGE_BYTES)),
+            reason: Some(reason),
             consecutive_failures: previous.consecutive_failures + 1,
             ..previous.clone()
         };
@@ -193,10 +194,13 @@ impl Poll<'_> {
         // no git server: its Secret would be another tenant's, and its URL
         // could be anyone's.
         if let Some((reason, message)) = namespace_refused(self.stores, project) {
-            let result = failed(format!(
-                "not polled: the Project was refused its namespace ({reason}: {message}); \
+            let result = failed(
+                "NotPolled",
+                format!(
+                    "not polled: the Project was refused its namespace ({reason}: {message}); \
                  Kapsa reads no git credentials from that namespace and contacts no git server for this Project"
-            ));
+                ),
+            );
             record(self.state, self.trigger, &name, result).await;
             self.metrics.record_git_poll("refused");
             return Outcome::Refused;
@@ -204,7 +208,13 @@ impl Poll<'_> {
         let credentials = match credentials(self.client, project).await {
             Ok(c) => c,
             Err(message) => {
-                record(self.state, self.trigger, &name, failed(message)).await;
+                record(
+                    self.state,
+                    self.trigger,
+                    &name,
+                    failed("CredentialsUnusable", message),
+                )
+                .await;
                 self.metrics.record_git_poll("credentials_error");
                 return Outcome::NoCredentials;
             }
@@ -221,6 +231,7 @@ impl Poll<'_> {
                 let result = PollResult {
                     branches: Some(heads.branches),
                     error: None,
+                    reason: None,
                     consecutive_failures: 0,
                     last_success: Some(Time(k8s_openapi::jiff::Timestamp::now())),
                 };
@@ -232,7 +243,13 @@ impl Poll<'_> {
                 tracing::info!(project = %name, reason = error.reason(), %error, "git poll failed");
                 // Keep the last known heads: an unreachable repository never
                 // changes or deletes what runs.
-                record(self.state, self.trigger, &name, failed(error.to_string())).await;
+                record(
+                    self.state,
+                    self.trigger,
+                    &name,
+                    failed(error.reason(), error.to_string()),
+                )
+                .await;
                 Outcome::RemoteFailed
             }
         }

@@ -229,7 +229,7 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         Some(p) if p.branches.is_none() || p.error.is_some() => condition(
             SOURCE_REACHABLE,
             ConditionStatus::False,
-            "Unreachable",
+            p.reason.unwrap_or("Unreachable"),
             format!(
                 "{} (failed {} time(s) in a row; running environments are kept)",
                 p.error.clone().unwrap_or_default(),

@@ -85,6 +85,11 @@ fn world(fixture: &Fixture) -> ProjectWorld {
         PollResult {
             branches,
             error: poll["error"].as_str().map(str::to_string),
+            reason: poll["reason"].as_str().map(|r| match r {
+                "Timeout" => "Timeout",
+                "HostNotAllowed" => "HostNotAllowed",
+                _ => "Unreachable",
+            }),
             consecutive_failures: poll["consecutiveFailures"]
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
@@ -231,6 +236,7 @@ cases! {
         poll_never => "poll-never",
         poll_never_keeps_status => "poll-never-keeps-status",
         poll_reachable_new_commit => "poll-reachable-new-commit",
+        poll_timeout => "poll-timeout",
         poll_unreachable => "poll-unreachable",
         pool_reference_missing_old_pool_lists_base => "pool-reference-missing-old-pool-lists-base",
         pool_removed => "pool-removed",
