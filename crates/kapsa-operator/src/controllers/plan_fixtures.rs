@@ -652,3 +652,39 @@ fn variants(expect: &Value, required: &[&str]) -> Vec<(String, Value)> {
     }
     variants
 }
+
+/// One `#[test]` per fixture (calling the invoking module's `run`), ignored
+/// tests for known bugs, and the `CASES` and `KNOWN_BUGS` lists the
+/// fixture-wide checks walk. Shared by both plans' test modules.
+macro_rules! cases {
+    (
+        fixtures {
+            $($test:ident => $case:literal,)*
+        }
+        known_bugs {
+            $($bug:ident => $bug_case:literal: $why:literal,)*
+        }
+    ) => {
+        $(
+            #[test]
+            fn $test() {
+                run($case);
+            }
+        )*
+        $(
+            #[test]
+            #[ignore = $why]
+            fn $bug() {
+                run($bug_case);
+            }
+        )*
+        /// The fixtures the plan matches.
+        const CASES: &[&str] = &[$($case),*];
+        /// The fixtures that state what the plan should do but does not
+        /// yet: their tests are ignored (`cargo test -- --ignored` shows
+        /// the difference).
+        const KNOWN_BUGS: &[&str] = &[$($bug_case),*];
+    };
+}
+
+pub(crate) use cases;

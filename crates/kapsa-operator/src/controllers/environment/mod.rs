@@ -60,8 +60,7 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
         "planned"
     );
     // 3. Apply and prune.
-    let observed = world.observed();
-    super::apply_and_prune(ctx, &plan.apply, &observed, &plan.delete).await?;
+    super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
     // 4. Status: one write, only on change.
     let before = env.status.clone().unwrap_or_default();
     crate::status::update(ctx, env.as_ref(), &before, &plan.status, &plan.events).await?;

@@ -21,7 +21,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
 use super::dereference::{BuilderState, EnvironmentWorld};
-use crate::children::{Child, ChildKey, Deletion, prune};
+use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::resources::environment::{
     APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, deployment, environment_url,
@@ -42,6 +42,9 @@ pub struct EnvironmentPlan {
     pub apply: Vec<Child>,
     /// Children Kapsa made that are no longer wanted.
     pub delete: Vec<Deletion>,
+    /// The children as the caches showed them (computed once: the apply
+    /// step compares with them).
+    pub observed: Vec<Observed>,
     pub status: EnvironmentStatus,
     /// Published only if the status write happens.
     pub events: Vec<PlannedEvent>,
@@ -96,6 +99,7 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         EnvironmentPlan {
             apply: Vec::new(),
             delete: Vec::new(),
+            observed: Vec::new(),
             events: events(&before, &status),
             status,
             requeue,
@@ -353,6 +357,7 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
     EnvironmentPlan {
         apply,
         delete,
+        observed,
         events: events(&before, &status),
         status,
         requeue: RESYNC,

@@ -54,7 +54,7 @@ async fn reconcile_project(project: Arc<Project>, ctx: &Context) -> Result<Actio
         "planned"
     );
     // 3. Apply and prune.
-    super::apply_and_prune(ctx, &plan.apply, &world.observed(), &plan.delete).await?;
+    super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
     // 4. Status: one write, only on change.
     let before = project.status.clone().unwrap_or_default();
     crate::status::update(ctx, project.as_ref(), &before, &plan.status, &plan.events).await?;

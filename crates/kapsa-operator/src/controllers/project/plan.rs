@@ -16,7 +16,7 @@ use kapsa_api::{Condition, ConditionStatus, DomainPool, Project};
 use kube::{Resource, ResourceExt};
 
 use super::dereference::{Credentials, ProjectWorld};
-use crate::children::{Child, ChildKey, Deletion, prune};
+use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::domains::{AllocationError, Landscape, allocate_host, choose_base_domain, select_pool};
 use crate::resources::environment::{certificate_api_resource, wildcard_certificate};
@@ -31,6 +31,9 @@ pub const RESYNC: Duration = Duration::from_secs(600);
 pub struct ProjectPlan {
     pub apply: Vec<Child>,
     pub delete: Vec<Deletion>,
+    /// The children as the caches showed them (computed once: the apply
+    /// step compares with them).
+    pub observed: Vec<Observed>,
     pub status: ProjectStatus,
     pub events: Vec<PlannedEvent>,
     pub requeue: Duration,
@@ -71,6 +74,7 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         return ProjectPlan {
             apply: Vec::new(),
             delete: Vec::new(),
+            observed: Vec::new(),
             events: events(project, &before, &status),
             status,
             requeue: Duration::from_secs(60),
@@ -106,7 +110,7 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         }
         Credentials::Current | Credentials::Unusable(_) => {
             if let Some(copy) = &world.registry_secret {
-                keep.push(crate::children::Observed::typed(copy.as_ref()).key);
+                keep.push(Observed::typed(copy.as_ref()).key);
                 has_registry_secret = true;
             }
         }
@@ -319,6 +323,7 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
     ProjectPlan {
         apply,
         delete,
+        observed,
         events: events(project, &before, &status),
         status,
         requeue: RESYNC,

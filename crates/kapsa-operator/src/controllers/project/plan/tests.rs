@@ -28,6 +28,7 @@ use crate::resources::project::{
 };
 
 use crate::controllers::plan_fixtures as fixtures;
+use crate::controllers::plan_fixtures::cases;
 use fixtures::{Fixture, KAPSA, Outcome};
 
 const RECONCILER: &str = "project";
@@ -188,37 +189,6 @@ fn run(case: &str) {
     let fixture = Fixture::load(RECONCILER, case);
     let plan = plan(&world(&fixture));
     fixture.assert_plan(&outcome(&plan), &REQUIRED);
-}
-
-macro_rules! cases {
-    (
-        fixtures {
-            $($test:ident => $case:literal,)*
-        }
-        known_bugs {
-            $($bug:ident => $bug_case:literal: $why:literal,)*
-        }
-    ) => {
-        $(
-            #[test]
-            fn $test() {
-                run($case);
-            }
-        )*
-        $(
-            #[test]
-            #[ignore = $why]
-            fn $bug() {
-                run($bug_case);
-            }
-        )*
-        /// The fixtures the plan matches.
-        const CASES: &[&str] = &[$($case),*];
-        /// The fixtures that state what the plan should do but does not
-        /// yet: their tests are ignored (`cargo test -- --ignored` shows
-        /// the difference).
-        const KNOWN_BUGS: &[&str] = &[$($bug_case),*];
-    };
 }
 
 cases! {
