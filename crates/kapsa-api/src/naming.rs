@@ -146,6 +146,58 @@ pub fn preview_host(branch: &str, project: &str, base_domain: &str) -> String {
     format!("{}.{project}.{base_domain}", branch_slug(branch))
 }
 
+/// Whether a branch glob of `spec.previewEnvironments.branches` matches
+/// `branch`: `*` matches any run of characters within one path segment
+/// (never `/`), `?` exactly one character other than `/`, everything else
+/// itself. The whole name must match.
+///
+/// ```
+/// use kapsa_api::naming::branch_glob_matches;
+/// assert!(branch_glob_matches("feature/*", "feature/login"));
+/// assert!(!branch_glob_matches("feature/*", "feature/a/b"));
+/// assert!(branch_glob_matches("fix-?", "fix-1"));
+/// ```
+pub fn branch_glob_matches(glob: &str, branch: &str) -> bool {
+    let pattern: Vec<char> = glob.chars().collect();
+    let text: Vec<char> = branch.chars().collect();
+    // Iterative wildcard matching with one backtrack point per `*`; a `*`
+    // may not swallow a `/`, so backtracking stops at a segment boundary.
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some('?') if text[t] != '/' => {
+                p += 1;
+                t += 1;
+            }
+            Some(&c) if c != '*' && c != '?' && c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) if text[st] != '/' => {
+                    star = Some((sp, st + 1));
+                    p = sp + 1;
+                    t = st + 1;
+                }
+                _ => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+/// Whether `branch` gets a preview under `globs` (empty: every branch),
+/// the production branch never.
+pub fn is_preview_branch(globs: &[String], production_branch: &str, branch: &str) -> bool {
+    branch != production_branch
+        && (globs.is_empty() || globs.iter().any(|g| branch_glob_matches(g, branch)))
+}
+
 /// True if `s` is a DNS-1123 label: 1–63 characters of `[a-z0-9-]`, not
 /// starting or ending with `-`.
 pub fn is_dns_label(s: &str) -> bool {
@@ -386,6 +438,49 @@ mod tests {
             h.ends_with(".other.apps.example.com") && !h.starts_with("evil.shop."),
             "{h}"
         );
+    }
+
+    #[test]
+    fn branch_globs() {
+        let cases = [
+            ("feature/*", "feature/login", true),
+            ("feature/*", "feature/", true),
+            ("feature/*", "feature/a/b", false),
+            ("feature/*", "feature", false),
+            ("*", "main", true),
+            ("*", "a/b", false),
+            ("*/*", "a/b", true),
+            ("fix-?", "fix-1", true),
+            ("fix-?", "fix-12", false),
+            ("fix-?", "fix-/", false),
+            ("f*x", "fix", true),
+            ("f*x", "fx", true),
+            ("f*x", "f/x", false),
+            ("*-*-*", "a-b-c", true),
+            ("*-*-*", "a-b", false),
+            ("release/v*.*", "release/v1.2", true),
+            ("main", "main", true),
+            ("main", "mainline", false),
+            ("*login", "feature-login", true),
+            ("**", "anything", true),
+            ("**", "a/b", false),
+        ];
+        for (glob, branch, expected) in cases {
+            assert_eq!(
+                branch_glob_matches(glob, branch),
+                expected,
+                "{glob:?} vs {branch:?}"
+            );
+        }
+        assert!(is_preview_branch(&[], "main", "feature/x"));
+        assert!(!is_preview_branch(&[], "main", "main"));
+        assert!(!is_preview_branch(&["*".into()], "main", "main"));
+        assert!(!is_preview_branch(&["feature/*".into()], "main", "fix/x"));
+        assert!(is_preview_branch(
+            &["feature/*".into(), "fix/*".into()],
+            "main",
+            "fix/x"
+        ));
     }
 
     #[test]

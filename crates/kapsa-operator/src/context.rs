@@ -162,6 +162,11 @@ pub struct PollResult {
     /// Failed polls since the last success.
     pub consecutive_failures: u32,
     pub last_success: Option<Time>,
+    /// Preview-candidate branches whose head the production branch's head
+    /// contains (merged, or no commits of their own), as far as the bounded
+    /// history fetched shows; `None` when not known (previews disabled, the
+    /// check failed or the server does not allow it).
+    pub merged: Option<std::collections::BTreeSet<String>>,
 }
 
 /// Poll results by Project name. A cache of the remote, not a source of
@@ -186,6 +191,7 @@ impl GitState {
         let previous = results.get(project);
         let changed = previous.is_none_or(|p| {
             p.branches != result.branches
+                || p.merged != result.merged
                 || p.error.is_some() != result.error.is_some()
                 || p.reason != result.reason
         });

@@ -64,6 +64,15 @@ struct Schedule {
     running: bool,
 }
 
+/// How the poller reaches git servers and how often.
+#[derive(Clone, Debug, Default)]
+pub struct PollerConfig {
+    /// Which internal addresses git URLs may reach.
+    pub hosts: HostPolicy,
+    /// Poll every repository at least this often (development and tests).
+    pub max_interval: Option<Duration>,
+}
+
 /// Runs the poller until the process ends. `trigger` feeds the Project
 /// controller's `reconcile_on`; `hosts` says which internal addresses git
 /// URLs may reach.
@@ -73,8 +82,9 @@ pub async fn run(
     state: Arc<GitState>,
     metrics: Arc<Metrics>,
     trigger: mpsc::Sender<ObjectRef<Project>>,
-    hosts: HostPolicy,
+    config: PollerConfig,
 ) {
+    let hosts = config.hosts.clone();
     // Whether a Project was refused its namespace is read from the Project
     // and Namespace caches: nothing is polled before both are filled, so
     // that a refusal is never missed for want of the rival in the cache.
@@ -98,6 +108,7 @@ pub async fn run(
                         .get(&ObjectRef::new(&name))
                         .and_then(|p| parse_duration(&p.spec.source.poll_interval))
                         .unwrap_or(Duration::from_secs(60));
+                    let interval = config.max_interval.map_or(interval, |max| interval.min(max));
                     seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let delay = match outcome {
                         Outcome::Polled => {
@@ -234,6 +245,7 @@ impl Poll<'_> {
                     reason: None,
                     consecutive_failures: 0,
                     last_success: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+                    merged: None,
                 };
                 record(self.state, self.trigger, &name, result).await;
                 Outcome::Polled

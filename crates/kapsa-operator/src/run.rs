@@ -55,6 +55,10 @@ pub struct OperatorConfig {
     /// Namespace of the host-ownership table (ConfigMap `kapsa-host-owners`)
     /// that the shipped ValidatingAdmissionPolicy reads; `None` keeps none.
     pub host_owners_namespace: Option<String>,
+    /// Poll every repository at least this often, whatever its
+    /// `pollInterval` says (for development and tests: the CRD's minimum
+    /// is 10 s); `None` honours each Project's interval.
+    pub max_poll_interval: Option<std::time::Duration>,
 }
 
 impl Default for OperatorConfig {
@@ -66,6 +70,7 @@ impl Default for OperatorConfig {
             allow_internal_git_hosts: crate::git::HostPolicy::none(),
             pod_security: kapsa_api::domain_pool::PodSecurityLevel::Restricted,
             host_owners_namespace: None,
+            max_poll_interval: None,
         }
     }
 }
@@ -867,7 +872,10 @@ pub async fn run(
         git,
         metrics,
         poll_tx,
-        config.allow_internal_git_hosts.clone(),
+        poller::PollerConfig {
+            hosts: config.allow_internal_git_hosts.clone(),
+            max_interval: config.max_poll_interval,
+        },
     );
     let drivers = futures::future::join_all([
         host_owners,

@@ -65,12 +65,23 @@ pub struct OperatorArgs {
     /// deploy/admission/host-ownership.yaml. Default: the lease namespace.
     #[arg(long, env = "KAPSA_HOST_OWNERS_NAMESPACE")]
     host_owners_namespace: Option<String>,
+    /// Poll every repository at least this often, whatever its
+    /// `pollInterval` (which the CRD bounds at 10s or more), e.g. `2s`. For
+    /// development and tests; unset honours each Project's interval.
+    #[arg(long, env = "KAPSA_MAX_POLL_INTERVAL", value_parser = parse_interval)]
+    max_poll_interval: Option<Duration>,
     /// Keep no host-ownership table (when that policy is not installed).
     #[arg(long)]
     no_host_owners: bool,
     /// Log as human-readable text instead of JSON.
     #[arg(long)]
     text_logs: bool,
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    kapsa_api::duration::parse(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration such as 2s, 500ms or 1m"))
 }
 
 pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
@@ -111,6 +122,7 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         allow_internal_git_hosts: args.allow_internal_git_hosts,
         pod_security: args.pod_security,
         host_owners_namespace,
+        max_poll_interval: args.max_poll_interval,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let client = kube::Client::try_default().await?;

@@ -37,6 +37,7 @@
 //! gix is blocking: [`list_branches`] runs it on tokio's blocking pool with a
 //! timeout.
 
+mod ancestry;
 mod backoff;
 mod credentials;
 mod error;
@@ -46,6 +47,7 @@ mod remote;
 mod ssh;
 mod url;
 
+pub use ancestry::{MERGE_CHECK_DEPTH, contained_in};
 pub use backoff::{MAX_BACKOFF, backoff_delay};
 pub use credentials::GitCredentials;
 pub use error::{GitError, MAX_MESSAGE_BYTES, bounded};

@@ -96,6 +96,9 @@ fn world(fixture: &Fixture) -> ProjectWorld {
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
             last_success: None,
+            merged: poll.get("merged").map(|m| {
+                serde_json::from_value(m.clone()).expect("Poll.merged: a list of branch names")
+            }),
         }
     });
     ProjectWorld {
