@@ -106,6 +106,44 @@ pub fn branch_slug(branch: &str) -> String {
     if is_plain_slug(branch) {
         return branch.to_owned();
     }
+    hashed_branch_slug(branch)
+}
+
+/// The readable slug of a branch: lower case, every run of characters
+/// outside `[a-z0-9]` one `-`, no `-` at either end (`feature/Login` →
+/// `feature-login`). `None` when nothing survives, when it would have to be
+/// truncated (longer than [`MAX_BRANCH_SLUG_LEN`]) or when it looks like a
+/// hashed slug. Different branches may share one (`feature/login`,
+/// `Feature-Login`): whoever assigns it must resolve that, e.g. with
+/// [`hashed_branch_slug`] for all but one.
+pub fn readable_branch_slug(branch: &str) -> Option<String> {
+    let slug = lossy_slug(branch);
+    (!slug.is_empty() && slug.len() <= MAX_BRANCH_SLUG_LEN && !looks_hashed(&slug)).then_some(slug)
+}
+
+/// The lower-case `[a-z0-9-]` mapping of a branch name, runs of other
+/// characters collapsed to one `-`, trimmed of `-`; not truncated.
+fn lossy_slug(branch: &str) -> String {
+    let mut slug = String::with_capacity(branch.len());
+    for c in branch.chars() {
+        let c = c.to_ascii_lowercase();
+        let mapped = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if mapped == '-' && (slug.is_empty() || slug.ends_with('-')) {
+            continue;
+        }
+        slug.push(mapped);
+    }
+    slug.trim_end_matches('-').to_owned()
+}
+
+/// The slug of a branch with a hash of the whole name: always distinct for
+/// distinct names, and never equal to a readable slug (it ends in `-` and
+/// six hex digits, which a readable slug never does).
+pub fn hashed_branch_slug(branch: &str) -> String {
     let hash = short_hash(branch);
     let mut base = String::with_capacity(branch.len().min(MAX_BRANCH_SLUG_LEN));
     for c in branch.chars() {

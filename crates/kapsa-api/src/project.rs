@@ -38,6 +38,18 @@ pub const DEFAULT_REPLICAS: i32 = 1;
 pub const DEFAULT_PREVIEW_TTL: &str = "72h";
 /// Default `spec.previewEnvironments.maxEnvironments`.
 pub const DEFAULT_MAX_PREVIEW_ENVIRONMENTS: i32 = 10;
+/// Default `spec.previewEnvironments.replicas`.
+pub const DEFAULT_PREVIEW_REPLICAS: i32 = 1;
+/// The most preview Environments a Project may ask for.
+pub const MAX_PREVIEW_ENVIRONMENTS: i32 = 100;
+/// The most branches `status.previewsLeftOut` lists.
+pub const MAX_PREVIEWS_LEFT_OUT: usize = 500;
+/// Annotation of a preview Environment: when Kapsa first saw its branch at
+/// `spec.commit` (RFC 3339); `spec.expiresAt` is this plus the TTL.
+pub const HEAD_SEEN_AT_ANNOTATION: &str = "kapsa.dev/head-seen-at";
+/// Annotation a person sets to `"true"` on a preview Environment to exempt
+/// it from the TTL (it is still deleted with its branch or when merged).
+pub const KEEP_ANNOTATION: &str = "kapsa.dev/keep";
 /// Default `spec.runtime.metrics.path`.
 pub const DEFAULT_METRICS_PATH: &str = "/metrics";
 /// Dockerfile path used when `spec.build.dockerfile` is not set.
@@ -63,6 +75,7 @@ pub const DEFAULT_BUILDER_NAME: &str = "default";
     printcolumn(name = "Host", type_ = "string", json_path = ".status.host", description = "Production host"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Ready condition"),
     printcolumn(name = "Commit", type_ = "string", json_path = ".status.latestCommit", description = "Head of the production branch"),
+    printcolumn(name = "Previews", type_ = "integer", json_path = ".status.previewCount", description = "Preview environments"),
     printcolumn(name = "Namespace", type_ = "string", json_path = ".status.namespace", description = "Namespace owned by the project", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new(format!("size(self.metadata.name) <= {MAX_PROJECT_NAME_LEN}"))
@@ -124,10 +137,11 @@ pub struct ProjectSpec {
     #[serde(default)]
     pub runtime: RuntimeSpec,
 
-    /// Preview environments: one Environment per matching branch, at
-    /// `<branch-slug>.<project>.<base>`. Disabled by default. Not acted on
-    /// by this version yet: with `enabled: true` the Project's `Implemented`
-    /// condition is False (reason `NotImplemented`).
+    /// Preview environments: one Environment `preview-<branch-slug>` per
+    /// matching branch, at `<branch-slug>.<project>.<base>`, rebuilt on every
+    /// push and deleted when the branch is deleted or merged into the
+    /// production branch, or when its TTL passes without a new commit.
+    /// Disabled by default.
     #[serde(default)]
     pub preview_environments: PreviewEnvironmentsSpec,
 
@@ -552,11 +566,40 @@ pub struct PreviewEnvironmentsSpec {
     )]
     pub ttl: String,
 
-    /// Maximum number of preview environments of the project at a time;
-    /// further branches wait (a condition says so). Default `10`; 1–100.
+    /// Maximum number of preview environments of the project at a time.
+    /// Default `10`; 1–100. When more branches qualify, previews that exist
+    /// keep their place; free places go to the branches whose current head
+    /// Kapsa saw most recently, ties by branch name; the others are listed
+    /// in `status.previewsLeftOut` with reason `LimitReached`. Lowering it
+    /// deletes the previews whose head was seen longest ago.
     #[serde(default = "default_max_environments")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = 1, max = MAX_PREVIEW_ENVIRONMENTS))]
     pub max_environments: i32,
+
+    /// Pods per preview Environment. Default `1`; 0–100. Replaces
+    /// `spec.runtime.replicas` for previews only.
+    #[serde(default = "default_preview_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+
+    /// ConfigMaps in the project's namespace whose keys become environment
+    /// variables of previews only, added after (and so overriding) those of
+    /// `spec.runtime.configMapRefs`, e.g. `[{name: shop-preview-config}]`,
+    /// so that previews never reach production data by accident. At most
+    /// 16, unique names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ENV_FROM_REFS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub config_map_refs: Vec<LocalObjectReference>,
+
+    /// Secrets in the project's namespace whose keys become environment
+    /// variables of previews only, added after (and so overriding) those of
+    /// `spec.runtime.secretRefs`, by reference only. At most 16, unique
+    /// names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ENV_FROM_REFS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub secret_refs: Vec<LocalObjectReference>,
 }
 
 impl Default for PreviewEnvironmentsSpec {
@@ -566,7 +609,34 @@ impl Default for PreviewEnvironmentsSpec {
             branches: Vec::new(),
             ttl: default_ttl(),
             max_environments: DEFAULT_MAX_PREVIEW_ENVIRONMENTS,
+            replicas: DEFAULT_PREVIEW_REPLICAS,
+            config_map_refs: Vec::new(),
+            secret_refs: Vec::new(),
         }
+    }
+}
+
+fn default_preview_replicas() -> i32 {
+    DEFAULT_PREVIEW_REPLICAS
+}
+
+impl ProjectSpec {
+    /// How an Environment of type `type_` runs: `runtime`, with the
+    /// preview overrides of `previewEnvironments` for previews (replicas
+    /// replaced, configMapRefs and secretRefs appended).
+    pub fn runtime_for(&self, type_: EnvironmentType) -> RuntimeSpec {
+        let mut runtime = self.runtime.clone();
+        if type_ == EnvironmentType::Preview {
+            let previews = &self.preview_environments;
+            runtime.replicas = previews.replicas;
+            runtime
+                .config_map_refs
+                .extend(previews.config_map_refs.iter().cloned());
+            runtime
+                .secret_refs
+                .extend(previews.secret_refs.iter().cloned());
+        }
+        runtime
     }
 }
 
@@ -675,6 +745,28 @@ pub struct ProjectStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub environments: Vec<EnvironmentSummary>,
 
+    /// Number of preview Environments (a printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_count: Option<i32>,
+
+    /// The preview Environments, by branch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PREVIEW_ENVIRONMENTS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["branch"]))]
+    pub previews: Vec<PreviewSummary>,
+
+    /// Branches that qualify for a preview but have none, and why:
+    /// `LimitReached` (maxEnvironments), `Expired` (the TTL passed at
+    /// `commit`; a new commit brings the preview back), `Merged` (the
+    /// production branch contains its head), `NameTaken` (Environments not
+    /// made by Kapsa hold the names it could take), `InvalidBranchName` (a
+    /// name git allows but an Environment cannot hold, e.g. longer than 255
+    /// characters). At most 500 entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PREVIEWS_LEFT_OUT))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["branch"]))]
+    pub previews_left_out: Vec<PreviewLeftOut>,
+
     /// Current state of the project. Condition types: `Ready` (the production
     /// environment serves the latest commit), `SourceReachable` (the last
     /// poll succeeded), `DomainAllocated` (a host was allocated).
@@ -710,4 +802,60 @@ pub struct EnvironmentSummary {
     /// Whether the Environment's Ready condition is True.
     #[serde(default)]
     pub ready: bool,
+}
+
+/// One preview Environment, as summarised in the project's status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewSummary {
+    /// The branch previewed, e.g. `feature/login`.
+    pub branch: String,
+    /// The Environment, `preview-<branch-slug>`.
+    pub environment: String,
+    /// The branch head the preview is built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// URL of the preview, e.g. `https://feature-login.shop.apps.example.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The Environment's phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<crate::EnvironmentPhase>,
+    /// When the preview expires (absent: kept with `kapsa.dev/keep`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+/// Why a branch that qualifies for a preview has none.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PreviewLeftOutReason {
+    /// `maxEnvironments` previews exist; the branch waits for a place.
+    LimitReached,
+    /// Its TTL passed at `commit`; a new commit brings the preview back.
+    Expired,
+    /// The production branch contains its head (merged, or no commits of
+    /// its own).
+    Merged,
+    /// Environments that Kapsa did not make have both names the preview
+    /// could take.
+    NameTaken,
+    /// The branch name is one an Environment cannot hold (longer than 255
+    /// characters, or refused by `spec.branch`'s rule).
+    InvalidBranchName,
+}
+
+/// A branch left without a preview, in the project's status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewLeftOut {
+    /// The branch, e.g. `feature/old`.
+    pub branch: String,
+    /// `LimitReached`, `Expired`, `Merged`, `NameTaken` or `InvalidBranchName`.
+    pub reason: PreviewLeftOutReason,
+    /// The branch head this applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// When Kapsa first saw the branch at `commit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_seen_at: Option<Time>,
 }

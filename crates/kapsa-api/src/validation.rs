@@ -232,6 +232,28 @@ pub fn git_branch_rule(expr: &str) -> String {
     )
 }
 
+/// Whether `name` is a branch name the CRDs accept (`spec.branch`,
+/// `spec.source.git.branch`): [`git_branch_rule`] and at most
+/// [`crate::naming::MAX_BRANCH_NAME_LEN`] bytes (the API server counts
+/// the CRD's `maxLength` in bytes). A git server may list
+/// branches that fail it (git allows longer names); Kapsa cannot name them
+/// in an Environment.
+pub fn is_valid_branch_name(name: &str) -> bool {
+    let forbidden = |c: char| c.is_ascii_control() || " ~^:?*[\\".contains(c);
+    !name.is_empty()
+        && name.len() <= crate::naming::MAX_BRANCH_NAME_LEN
+        && !name.chars().any(forbidden)
+        && !name.starts_with(['-', '/', '.'])
+        && !name.ends_with(['/', '.'])
+        && !name.ends_with(".lock")
+        && !["..", "//", "/.", ".lock/", "@{"]
+            .iter()
+            .any(|s| name.contains(s))
+        && name != "@"
+        && name != "HEAD"
+        && !name.starts_with("refs/")
+}
+
 /// The CEL rule "`expr` is a branch glob that can match a valid branch
 /// name": [`BRANCH_GLOB`]'s characters, and none of what no branch name has
 /// (`..`, `//`, a component starting with `.`, a `.lock` component end, a

@@ -180,7 +180,10 @@ fn printer_columns_answer_the_first_question() {
             .map(|c| c.name)
             .collect()
     };
-    assert_eq!(names("Project"), ["Host", "Ready", "Commit", "Age"]);
+    assert_eq!(
+        names("Project"),
+        ["Host", "Ready", "Commit", "Previews", "Age"]
+    );
     assert_eq!(
         names("Environment"),
         ["Project", "Type", "Branch", "Phase", "URL", "Age"]
@@ -417,7 +420,7 @@ fn schema_defaults() {
     assert_default(
         "Project",
         "spec.previewEnvironments",
-        json!({"enabled": false, "ttl": "72h", "maxEnvironments": 10}),
+        json!({"enabled": false, "ttl": "72h", "maxEnvironments": 10, "replicas": 1}),
     );
     assert_default("Project", "spec.registryRef.kind", json!("ClusterRegistry"));
     assert_default(
@@ -470,7 +473,7 @@ fn serde_defaults_match_schema_defaults() {
     assert_eq!(stored["runtime"], json!({"port": 8080, "replicas": 1}));
     assert_eq!(
         stored["previewEnvironments"],
-        json!({"enabled": false, "ttl": "72h", "maxEnvironments": 10})
+        json!({"enabled": false, "ttl": "72h", "maxEnvironments": 10, "replicas": 1})
     );
 
     let pool: DomainPool = serde_json::from_value(json!({

@@ -767,11 +767,29 @@ pub async fn run(
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 
     let (poll_tx, poll_rx) = tokio::sync::mpsc::channel::<ObjectRef<Project>>(1024);
+    // A changed poll also wakes the Environments that follow a branch
+    // without a commit of their own (made by a person): they build its head.
+    let (env_poll_tx, env_poll_rx) = tokio::sync::mpsc::channel::<ObjectRef<Environment>>(1024);
+    let following = stores.environments.clone();
     let polled =
         futures::stream::unfold(
             poll_rx,
             |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
-        );
+        )
+        .map(move |project: ObjectRef<Project>| {
+            for env in following.state() {
+                if env.spec.project == project.name
+                    && env.spec.branch.is_some()
+                    && env.spec.commit.is_none()
+                {
+                    let _ = env_poll_tx.try_send(ObjectRef::from_obj(env.as_ref()));
+                }
+            }
+            project
+        });
+    let env_polled = futures::stream::unfold(env_poll_rx, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    });
 
     let mappers = Mappers {
         stores: stores.clone(),
@@ -854,6 +872,7 @@ pub async fn run(
                 mappers.clone().environments_of_builder(),
                 builder_resource,
             )
+            .reconcile_on(env_polled)
             .graceful_shutdown_on(stop.clone())
             .run(
                 controllers::environment::reconcile,
@@ -1040,16 +1059,18 @@ impl Mappers {
             let (namespace, name) = object.namespace_and_name();
             let is_secret = K::kind(&()) == "Secret";
             self.environments_of_projects_where(|p| {
-                crate::resources::project::namespace_name(p) == namespace
-                    && if is_secret {
-                        p.spec.runtime.secret_refs.iter().any(|r| r.name == name)
+                crate::resources::project::namespace_name(p) == namespace && {
+                    let previews = &p.spec.preview_environments;
+                    if is_secret {
+                        (p.spec.runtime.secret_refs.iter())
+                            .chain(&previews.secret_refs)
+                            .any(|r| r.name == name)
                     } else {
-                        p.spec
-                            .runtime
-                            .config_map_refs
-                            .iter()
+                        (p.spec.runtime.config_map_refs.iter())
+                            .chain(&previews.config_map_refs)
                             .any(|r| r.name == name)
                     }
+                }
             })
         }
     }

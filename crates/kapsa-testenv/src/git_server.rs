@@ -23,7 +23,10 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread::JoinHandle,
 };
 
@@ -61,6 +64,8 @@ struct State {
     home: tempfile::TempDir,
     basic_auth: Option<(String, String)>,
     requests: Mutex<Vec<String>>,
+    /// Response body bytes sent so far.
+    bytes_served: AtomicU64,
 }
 
 impl GitServer {
@@ -82,6 +87,7 @@ impl GitServer {
             home,
             basic_auth,
             requests: Mutex::new(Vec::new()),
+            bytes_served: AtomicU64::new(0),
         });
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -151,9 +157,18 @@ impl GitServer {
             .clone()
     }
 
+    /// The bytes of every response body served so far (the git data a
+    /// client received, without HTTP headers).
+    pub fn bytes_served(&self) -> u64 {
+        self.state.bytes_served.load(Ordering::SeqCst)
+    }
+
     /// Create an empty bare repository `<name>.git` served by this server,
     /// with a working clone to commit from. `name` may contain `/` (for
-    /// `acme/shop`) but no `..`.
+    /// `acme/shop`) but no `..`. The repository allows partial fetches
+    /// (`uploadpack.allowFilter true`; see [`TestRepo::set_config`] to turn
+    /// that off); the server speaks protocol v2 to clients that ask for it
+    /// (the `Git-Protocol` header reaches `git http-backend`).
     pub fn create_repo(&self, name: &str) -> io::Result<TestRepo> {
         let name = name.strip_suffix(".git").unwrap_or(name);
         let valid = !name.is_empty()
@@ -186,6 +201,11 @@ impl GitServer {
             &home,
             self.root(),
             &["init", "-q", "--bare", "-b", b, path_str(&bare)?],
+        )?;
+        git(
+            &home,
+            &bare,
+            &["config", "--local", "uploadpack.allowFilter", "true"],
         )?;
         git(&home, work.path(), &["init", "-q", "-b", b, "."])?;
         git(
@@ -270,20 +290,7 @@ impl TestRepo {
             ));
         }
         let work = self.work.path();
-        let local = |b: &str| {
-            self.git_ok(
-                work,
-                &["rev-parse", "--verify", "-q", &format!("refs/heads/{b}")],
-            )
-        };
-        if local(branch)? {
-            self.git(work, &["checkout", "-q", branch])?;
-        } else if local(DEFAULT_BRANCH)? {
-            self.git(work, &["checkout", "-q", "-b", branch, DEFAULT_BRANCH])?;
-        } else {
-            // An empty repository: the first commit starts the branch.
-            self.git(work, &["checkout", "-q", "--orphan", branch])?;
-        }
+        self.checkout_for_commit(branch)?;
         let file = work.join(rel);
         if let Some(parent) = file.parent() {
             std::fs::create_dir_all(parent)?;
@@ -302,6 +309,148 @@ impl TestRepo {
             ],
         )?;
         Ok(self.git(work, &["rev-parse", "HEAD"])?.trim().to_owned())
+    }
+
+    /// Make `count` commits on `branch`, each changing `files` files
+    /// (`series/file-<n>.txt`, about 500 bytes each, different in every
+    /// commit), and push them at once. A missing branch is created as by
+    /// [`commit`](Self::commit). Returns the id of every commit, oldest first.
+    pub fn commit_series(
+        &self,
+        branch: &str,
+        count: usize,
+        files: usize,
+    ) -> io::Result<Vec<String>> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        check_branch(branch)?;
+        let work = self.work.path();
+        self.checkout_for_commit(branch)?;
+        std::fs::create_dir_all(work.join("series"))?;
+        let mut ids = Vec::with_capacity(count);
+        for i in 0..count {
+            for f in 0..files.max(1) {
+                std::fs::write(
+                    work.join("series").join(format!("file-{f}.txt")),
+                    series_text(branch, i, f),
+                )?;
+            }
+            self.git(work, &["add", "--", "series"])?;
+            self.git(
+                work,
+                &[
+                    "commit",
+                    "-q",
+                    "--allow-empty",
+                    "-m",
+                    &format!("series {i}"),
+                ],
+            )?;
+            ids.push(self.git(work, &["rev-parse", "HEAD"])?.trim().to_owned());
+        }
+        self.push(branch)?;
+        Ok(ids)
+    }
+
+    /// Merge `from` into `into` with a merge commit (`--no-ff`, even when a
+    /// fast-forward is possible) and push `into`. Both branches must exist
+    /// (made through this [`TestRepo`]). Returns the new head of `into`.
+    pub fn merge(&self, into: &str, from: &str, message: &str) -> io::Result<String> {
+        self.merge_with(into, from, &["--no-ff", "-m", message])
+    }
+
+    /// Fast-forward `into` to `from` (`--ff-only`: `from` must contain
+    /// `into`) and push `into`. Returns the new head of `into`, `from`'s.
+    pub fn fast_forward(&self, into: &str, from: &str) -> io::Result<String> {
+        self.merge_with(into, from, &["--ff-only"])
+    }
+
+    fn merge_with(&self, into: &str, from: &str, how: &[&str]) -> io::Result<String> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        check_branch(into)?;
+        check_branch(from)?;
+        let work = self.work.path();
+        self.git(work, &["checkout", "-q", into])?;
+        let mut args = vec!["merge", "-q"];
+        args.extend_from_slice(how);
+        args.extend(["--", from]);
+        self.git(work, &args)?;
+        self.push(into)?;
+        Ok(self.git(work, &["rev-parse", "HEAD"])?.trim().to_owned())
+    }
+
+    /// Create `branch` at `from`'s head (no new commit) and push it. Returns
+    /// the commit it points to.
+    pub fn create_branch(&self, branch: &str, from: &str) -> io::Result<String> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        check_branch(branch)?;
+        check_branch(from)?;
+        let work = self.work.path();
+        self.git(
+            work,
+            &[
+                "branch",
+                "-q",
+                "--no-track",
+                "--",
+                branch,
+                &format!("refs/heads/{from}"),
+            ],
+        )?;
+        self.push(branch)?;
+        Ok(self
+            .git(work, &["rev-parse", &format!("refs/heads/{branch}")])?
+            .trim()
+            .to_owned())
+    }
+
+    /// Set `key` to `value` in the served (bare) repository's configuration,
+    /// e.g. `uploadpack.allowFilter false`.
+    pub fn set_config(&self, key: &str, value: &str) -> io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if key.starts_with('-') || value.starts_with('-') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid configuration {key:?} = {value:?}"),
+            ));
+        }
+        self.git(&self.bare, &["config", "--local", key, value])
+            .map(|_| ())
+    }
+
+    /// Check out `branch` in the working clone to commit on it: an existing
+    /// local branch, else a new one from [`DEFAULT_BRANCH`], else (an empty
+    /// repository) an orphan branch that the first commit starts.
+    fn checkout_for_commit(&self, branch: &str) -> io::Result<()> {
+        let work = self.work.path();
+        let local = |b: &str| {
+            self.git_ok(
+                work,
+                &["rev-parse", "--verify", "-q", &format!("refs/heads/{b}")],
+            )
+        };
+        if local(branch)? {
+            self.git(work, &["checkout", "-q", branch])?;
+        } else if local(DEFAULT_BRANCH)? {
+            self.git(work, &["checkout", "-q", "-b", branch, DEFAULT_BRANCH])?;
+        } else {
+            self.git(work, &["checkout", "-q", "--orphan", branch])?;
+        }
+        Ok(())
+    }
+
+    /// Push the working clone's `branch` to the served repository.
+    fn push(&self, branch: &str) -> io::Result<()> {
+        self.git(
+            self.work.path(),
+            &[
+                "push",
+                "-q",
+                "--force",
+                "origin",
+                &format!("refs/heads/{branch}:refs/heads/{branch}"),
+            ],
+        )
+        .map(|_| ())
     }
 
     /// Delete `branch` from the served repository (and the working clone).
@@ -376,6 +525,31 @@ impl TestRepo {
     }
 }
 
+/// About 500 bytes that differ from commit to commit and compress poorly
+/// (pseudo-random hex), like real source changes do more than repeated
+/// lines: a fetch that brings files along shows in its size.
+fn series_text(branch: &str, commit: usize, file: usize) -> String {
+    let mut state = (commit as u64 + 1)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(file as u64 + 1)
+        .wrapping_add(branch.len() as u64);
+    let mut text = format!("commit {commit} of {branch}, file {file}\n");
+    for _ in 0..8 {
+        for _ in 0..4 {
+            // xorshift64*
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            text.push_str(&format!(
+                "{:016x}",
+                state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+            ));
+        }
+        text.push('\n');
+    }
+    text
+}
+
 fn check_branch(branch: &str) -> io::Result<()> {
     let ok = !branch.is_empty()
         && !branch.starts_with('-')
@@ -383,7 +557,7 @@ fn check_branch(branch: &str) -> io::Result<()> {
         && !branch.ends_with('/')
         && branch
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            .all(|c| c.is_alphanumeric() || "-_./".contains(c));
     if ok {
         Ok(())
     } else {
@@ -601,7 +775,12 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             "git http-backend"
         );
     }
-    cgi_response(&output.stdout)
+    let response = cgi_response(&output.stdout);
+    let sent = hyper::body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or_default();
+    state.bytes_served.fetch_add(sent, Ordering::SeqCst);
+    response
 }
 
 /// Turn a CGI program's output (headers, a blank line, the body) into a

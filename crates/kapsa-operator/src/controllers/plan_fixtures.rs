@@ -22,9 +22,11 @@
 //!   - `requeueSeconds` (optional).
 //! - `kind: Cluster` (optional, Environment fixtures): `kpackInstalled: false`
 //!   for a cluster without kpack.
-//! - `kind: Poll` (optional, Project fixtures): the last git poll
-//!   (`branches`, `error`, `consecutiveFailures`); without it the repository
-//!   has not been polled since the operator started.
+//! - `kind: Poll` (optional): the last git poll of the Project
+//!   (`branches`, `merged`, `error`, `consecutiveFailures`); without it the
+//!   repository has not been polled since the operator started.
+//!   Environment fixtures read `branches` only (an Environment without
+//!   `spec.commit` follows its branch's head).
 //!
 //! Every world document must be read by the test's world builder: a
 //! document that is not (a misspelt name or namespace) fails the test

@@ -72,6 +72,13 @@ pub enum GitError {
     /// The server sent more refs or more bytes than Kapsa accepts.
     #[error("git server sent too much: {0}")]
     LimitExceeded(String),
+    /// The server cannot answer the merge check cheaply: it does not speak
+    /// git protocol v2, or its `fetch` lacks `shallow` (a depth-limited
+    /// history) or `filter` (commits without their trees and files; git's
+    /// `uploadpack.allowFilter`), or it uses another hash than SHA-1. Kapsa
+    /// then downloads nothing rather than the repository's files.
+    #[error("git server cannot answer the merge check: {0}")]
+    MergeCheckUnsupported(String),
     /// No answer within the given time.
     #[error("git remote did not answer within {0:?}")]
     Timeout(Duration),
@@ -94,6 +101,7 @@ impl GitError {
             GitError::HostNotAllowed(_) => "HostNotAllowed",
             GitError::Redirected(_) => "Redirected",
             GitError::LimitExceeded(_) => "LimitExceeded",
+            GitError::MergeCheckUnsupported(_) => "MergeCheckUnsupported",
             GitError::Timeout(_) => "Timeout",
             GitError::Internal(_) => "InternalError",
         }
@@ -141,6 +149,7 @@ impl GitError {
             GitError::HostNotAllowed(m) => GitError::HostNotAllowed(f(m)),
             GitError::Redirected(m) => GitError::Redirected(f(m)),
             GitError::LimitExceeded(m) => GitError::LimitExceeded(f(m)),
+            GitError::MergeCheckUnsupported(m) => GitError::MergeCheckUnsupported(f(m)),
             GitError::Internal(m) => GitError::Internal(f(m)),
             GitError::Timeout(d) => GitError::Timeout(d),
         }

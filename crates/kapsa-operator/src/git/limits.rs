@@ -25,6 +25,12 @@ pub const MAX_REFS: usize = 50_000;
 /// with long names fit; an endless advertisement stops here.
 pub const MAX_ADVERTISEMENT_BYTES: u64 = 8 * 1024 * 1024;
 
+/// The most bytes read from a server in one merge check (the capability
+/// advertisement and a pack of commits without trees or files). A commit
+/// takes a few hundred bytes compressed: 200 of them fit many times over,
+/// while a server that ignores the filter and sends files stops here.
+pub const MAX_MERGE_CHECK_BYTES: u64 = 4 * 1024 * 1024;
+
 /// The bytes and time one listing may still use, shared by every reader of
 /// that listing and the task waiting for it.
 pub(crate) struct Budget {

@@ -52,5 +52,5 @@ pub use backoff::{MAX_BACKOFF, backoff_delay};
 pub use credentials::GitCredentials;
 pub use error::{GitError, MAX_MESSAGE_BYTES, bounded};
 pub use hosts::{AddressClass, HostPolicy, Network, classify};
-pub use limits::{MAX_ADVERTISEMENT_BYTES, MAX_REFS};
+pub use limits::{MAX_ADVERTISEMENT_BYTES, MAX_MERGE_CHECK_BYTES, MAX_REFS};
 pub use remote::{ListOptions, RemoteHeads, list_branches};

@@ -1,4 +1,6 @@
-//! Listing a remote's branches with gix: handshake + ls-refs, no fetch.
+//! Listing a remote's branches with gix (handshake + ls-refs, no fetch), and
+//! the connection path that every exchange with a remote shares (the merge
+//! check in [`ancestry`](super::ancestry) uses it too).
 
 use std::{
     collections::BTreeMap,
@@ -15,11 +17,14 @@ use gix::{
         handshake::Ref,
         transport::{
             Protocol,
-            client::{blocking_io::http, git as git_transport},
+            client::{
+                blocking_io::{Transport as BlockingTransport, http},
+                git as git_transport,
+            },
             packetline,
         },
     },
-    remote::{Direction, fetch::RefMap},
+    remote::Direction,
 };
 use rustls_platform_verifier::BuilderVerifierExt;
 
@@ -124,6 +129,40 @@ pub async fn list_branches(
     credentials: Option<&GitCredentials>,
     options: &ListOptions,
 ) -> Result<RemoteHeads, GitError> {
+    run(url, credentials, options, options.max_bytes, |session| {
+        list_blocking(&session)
+    })
+    .await
+}
+
+/// One exchange with a remote, as the blocking worker sees it: the parsed
+/// URL, the credentials, the options and the bounds every read goes through.
+pub(super) struct Session {
+    pub(super) remote: RemoteUrl,
+    pub(super) credentials: Option<GitCredentials>,
+    pub(super) options: ListOptions,
+    pub(super) budget: Arc<Budget>,
+    child: Arc<ChildSlot>,
+}
+
+/// The checks and bounds shared by every exchange with a remote
+/// ([`list_branches`], the merge check): parse `url` and check that the
+/// `credentials` fit it, then run `work` on tokio's blocking pool with at most
+/// `max_bytes` read from the server and `options.timeout` in all; on timeout
+/// (or when the caller drops the future) the ssh process is killed and every
+/// further read fails. The error's text is scrubbed of the secrets and
+/// bounded.
+pub(super) async fn run<T, F>(
+    url: &str,
+    credentials: Option<&GitCredentials>,
+    options: &ListOptions,
+    max_bytes: u64,
+    work: F,
+) -> Result<T, GitError>
+where
+    T: Send + 'static,
+    F: FnOnce(Session) -> Result<T, GitError> + Send + 'static,
+{
     let secrets: Vec<String> = credentials
         .map(|c| c.secret_values().into_iter().map(str::to_owned).collect())
         .unwrap_or_default();
@@ -163,7 +202,7 @@ pub async fn list_branches(
         _ => {}
     }
 
-    let budget = Budget::new(options.timeout, options.max_bytes);
+    let budget = Budget::new(options.timeout, max_bytes);
     let child = Arc::new(ChildSlot::default());
     // Whatever way this function ends (an answer, a timeout, the caller
     // dropping it), the work it started stops: the ssh process is killed
@@ -172,13 +211,14 @@ pub async fn list_branches(
         budget: budget.clone(),
         child: child.clone(),
     };
-    let credentials = credentials.cloned();
-    let work = {
-        let options = options.clone();
-        tokio::task::spawn_blocking(move || {
-            list_blocking(&remote, credentials.as_ref(), &options, &budget, &child)
-        })
+    let session = Session {
+        remote,
+        credentials: credentials.cloned(),
+        options: options.clone(),
+        budget,
+        child,
     };
+    let work = tokio::task::spawn_blocking(move || work(session));
     let outcome = match tokio::time::timeout(options.timeout, work).await {
         Err(_elapsed) => Err(GitError::Timeout(options.timeout)),
         Ok(Err(join)) => Err(GitError::Internal(format!("the git worker failed: {join}"))),
@@ -199,25 +239,11 @@ impl Drop for GiveUpOnDrop {
     }
 }
 
-fn list_blocking(
-    remote: &RemoteUrl,
-    credentials: Option<&GitCredentials>,
-    options: &ListOptions,
-    budget: &Arc<Budget>,
-    child: &ChildSlot,
-) -> Result<RemoteHeads, GitError> {
-    // Where to connect, before anything connects.
-    let host = remote.url.host().unwrap_or_default().to_ascii_lowercase();
-    let port = remote
-        .url
-        .port_or_default()
-        .ok_or_else(|| GitError::InvalidUrl(format!("{}: no port", remote.display)))?;
-    let addresses =
-        allowed_addresses(&host, port, &options.hosts).map_err(|e| e.prefixed(&remote.display))?;
-
-    // gix needs a repository to hang a remote on: an empty bare one in a
-    // temporary folder, opened with only its own configuration (no system,
-    // global or user config, no GIT_* environment).
+/// gix needs a repository to hang a remote (and its HTTP options) on: an
+/// empty bare one in a temporary folder, opened with only its own
+/// configuration (no system, global or user config, no GIT_* environment).
+/// The folder goes when the returned guard is dropped.
+pub(super) fn scratch_repository() -> Result<(tempfile::TempDir, gix::Repository), GitError> {
     let dir = tempfile::Builder::new()
         .prefix("kapsa-git-")
         .tempdir()
@@ -238,39 +264,137 @@ fn list_blocking(
         ))
     })?
     .to_thread_local();
+    Ok((dir, repo))
+}
 
+/// A transport to the remote's `git-upload-pack`, connected (ssh: the
+/// process runs) but before the handshake.
+pub(super) struct Connected {
+    /// The transport; every byte it reads goes through the session's budget.
+    pub(super) transport: Box<dyn BlockingTransport>,
+    /// What to `configure` the transport with before the handshake (http:
+    /// the pinned, redirect-free client).
+    pub(super) transport_options: Option<Box<dyn std::any::Any>>,
+    /// Where basic credentials may go, and which (http only).
+    auth: Option<(Origin, Option<(String, String)>)>,
+    /// The ssh command's files and stderr (ssh only), for [`finish`] once
+    /// the transport is gone.
+    pub(super) ssh: Option<SshSession>,
+}
+
+impl Connected {
+    /// gix's credential callback: the Secret's username and password for
+    /// the URL's own origin only (http), nothing otherwise (ssh
+    /// authenticates with its key).
+    pub(super) fn authenticate(
+        &self,
+    ) -> impl FnMut(Action) -> gix::Result<Option<Outcome>> + 'static {
+        let auth = self.auth.clone();
+        move |action| match &auth {
+            Some((origin, basic)) => basic_auth(action, origin, basic.as_ref()),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Why an exchange with a connected remote failed: something gix reported
+/// (classified by [`finish`]), or an error of ours.
+pub(super) enum Failure {
+    Git(gix::Error),
+    Ours(GitError),
+}
+
+impl From<gix::Error> for Failure {
+    fn from(e: gix::Error) -> Self {
+        Failure::Git(e)
+    }
+}
+
+impl From<GitError> for Failure {
+    fn from(e: GitError) -> Self {
+        Failure::Ours(e)
+    }
+}
+
+/// Connect to the URL's host the one way Kapsa does, for reading
+/// (`git-upload-pack`): the host resolves once and its addresses are checked
+/// against the host policy; http goes through a client pinned to those
+/// addresses that follows no redirect and reads through the session's budget;
+/// ssh runs the system `ssh` (killed when the session gives up) against one
+/// of them.
+pub(super) fn connect(session: &Session, repo: &gix::Repository) -> Result<Connected, GitError> {
+    let remote = &session.remote;
+    // Where to connect, before anything connects.
+    let host = remote.url.host().unwrap_or_default().to_ascii_lowercase();
+    let port = remote
+        .url
+        .port_or_default()
+        .ok_or_else(|| GitError::InvalidUrl(format!("{}: no port", remote.display)))?;
+    let addresses = allowed_addresses(&host, port, &session.options.hosts)
+        .map_err(|e| e.prefixed(&remote.display))?;
+    match remote.transport {
+        Transport::Http => connect_http(session, repo, addresses),
+        Transport::Ssh => connect_ssh(session, addresses[0].ip()),
+    }
+}
+
+/// The end of an exchange with a connected remote: the ssh process is
+/// reaped, a limit that was hit explains the failure (it explains it better
+/// than what the git client made of the failed read), then what ssh said,
+/// then gix's error by its classification.
+pub(super) fn finish<T>(
+    session: &Session,
+    connected_ssh: Option<&SshSession>,
+    result: Result<T, Failure>,
+) -> Result<T, GitError> {
+    session.child.reap();
+    if let Some(limit) = session.budget.tripped() {
+        return Err(limit.prefixed(&session.remote.display));
+    }
+    match result {
+        Ok(value) => Ok(value),
+        Err(Failure::Ours(e)) => Err(e),
+        Err(Failure::Git(e)) => Err(
+            match connected_ssh.and_then(|s| classify_failure(&s.stderr())) {
+                Some(from_ssh) => from_ssh.prefixed(&session.remote.display),
+                None => classify(&e, &session.remote, session.credentials.is_some()),
+            },
+        ),
+    }
+}
+
+fn list_blocking(session: &Session) -> Result<RemoteHeads, GitError> {
+    let remote = &session.remote;
+    let options = &session.options;
+    let (_dir, repo) = scratch_repository()?;
     let gremote = repo
         .remote_at_without_url_rewrite(remote.url.clone())
         .and_then(|r| r.with_refspecs([BRANCHES_REFSPEC], Direction::Fetch))
         .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
         .map_err(|e| GitError::InvalidUrl(format!("{}: {}", remote.display, describe(&e))))?;
 
-    let listed = match remote.transport {
-        Transport::Http => list_http(
-            &repo,
-            &gremote,
-            remote,
-            credentials,
-            options.timeout,
-            addresses,
-            budget,
-        ),
-        Transport::Ssh => list_ssh(
-            &gremote,
-            remote,
-            credentials,
-            options,
-            addresses[0].ip(),
-            budget,
-            child,
-        ),
-    };
-    // A limit that was hit explains a failure better than what the git
-    // client made of the failed read.
-    let ref_map = match (listed, budget.tripped()) {
-        (_, Some(limit)) => return Err(limit.prefixed(&remote.display)),
-        (listed, None) => listed?,
-    };
+    let connected = connect(session, &repo)?;
+    let authenticate = connected.authenticate();
+    let Connected {
+        transport,
+        transport_options,
+        ssh,
+        ..
+    } = connected;
+    let mut connection = gremote
+        .to_connection_with_transport(transport)
+        .with_credentials(authenticate);
+    if let Some(transport_options) = transport_options {
+        connection = connection.with_transport_options(transport_options);
+    }
+    let listed = connection
+        .ref_map(
+            gix::progress::Discard,
+            gix::remote::ref_map::Options::default(),
+        )
+        .map(|(map, _handshake)| map)
+        .map_err(Failure::Git);
+    let ref_map = finish(session, ssh.as_ref(), listed)?;
     if ref_map.remote_refs.len() > options.max_refs {
         return Err(GitError::LimitExceeded(format!(
             "{}: the server advertised {} refs; Kapsa lists at most {}",
@@ -309,18 +433,14 @@ fn list_blocking(
     Ok(RemoteHeads { branches })
 }
 
-fn list_http(
+fn connect_http(
+    session: &Session,
     repo: &gix::Repository,
-    gremote: &gix::Remote<'_>,
-    remote: &RemoteUrl,
-    credentials: Option<&GitCredentials>,
-    timeout: Duration,
     addresses: Vec<SocketAddr>,
-    budget: &Arc<Budget>,
-) -> Result<RefMap, GitError> {
-    let transport_options = http_options(repo, remote, timeout, addresses)?;
-    let origin = Origin::of(&remote.url);
-    let basic = match credentials {
+) -> Result<Connected, GitError> {
+    let remote = &session.remote;
+    let transport_options = http_options(repo, remote, session.options.timeout, addresses)?;
+    let basic = match &session.credentials {
         Some(GitCredentials::Basic { username, password }) => {
             Some((username.clone(), password.clone()))
         }
@@ -329,43 +449,32 @@ fn list_http(
     let transport = http::connect_http(
         BoundedHttp {
             inner: http::reqwest::Remote::default(),
-            budget: budget.clone(),
+            budget: session.budget.clone(),
         },
         remote.url.clone(),
         Protocol::V2,
         false,
     );
-    let connection = gremote
-        .to_connection_with_transport(transport)
-        .with_transport_options(transport_options)
-        .with_credentials(move |action| basic_auth(action, &origin, basic.as_ref()));
-    connection
-        .ref_map(
-            gix::progress::Discard,
-            gix::remote::ref_map::Options::default(),
-        )
-        .map(|(map, _handshake)| map)
-        .map_err(|e| classify(&e, remote, credentials.is_some()))
+    Ok(Connected {
+        transport: Box::new(transport),
+        transport_options: Some(transport_options),
+        auth: Some((Origin::of(&remote.url), basic)),
+        ssh: None,
+    })
 }
 
-fn list_ssh(
-    gremote: &gix::Remote<'_>,
-    remote: &RemoteUrl,
-    credentials: Option<&GitCredentials>,
-    options: &ListOptions,
-    connect_to: std::net::IpAddr,
-    budget: &Arc<Budget>,
-    child: &ChildSlot,
-) -> Result<RefMap, GitError> {
+fn connect_ssh(session: &Session, connect_to: std::net::IpAddr) -> Result<Connected, GitError> {
+    let remote = &session.remote;
+    let options = &session.options;
     let Some(GitCredentials::SshKey {
         private_key,
         known_hosts,
-    }) = credentials
+    }) = &session.credentials
     else {
         return Err(GitError::Internal("ssh without a key".into()));
     };
-    let session = SshSession::new(private_key, known_hosts.as_deref(), options.timeout)?;
-    let mut process = session
+    let ssh = SshSession::new(private_key, known_hosts.as_deref(), options.timeout)?;
+    let mut process = ssh
         .command(&options.ssh_program, &remote.url, connect_to)?
         .spawn()
         .map_err(|e| match e.kind() {
@@ -377,11 +486,11 @@ fn list_ssh(
     let (Some(stdout), Some(stdin)) = (process.stdout.take(), process.stdin.take()) else {
         return Err(GitError::Internal("ssh has no pipes".into()));
     };
-    if !child.put(process) {
+    if !session.child.put(process) {
         return Err(GitError::Timeout(options.timeout));
     }
     let transport = git_transport::blocking_io::Connection::new(
-        Bounded::new(BufReader::new(stdout), budget.clone()),
+        Bounded::new(BufReader::new(stdout), session.budget.clone()),
         stdin,
         Protocol::V2,
         remote.url.path.clone(),
@@ -390,22 +499,12 @@ fn list_ssh(
         false,
     )
     .custom_url(Some(remote.url.to_bstring()));
-    let listed = gremote
-        .to_connection_with_transport(transport)
-        .with_credentials(|_| Ok(None))
-        .ref_map(
-            gix::progress::Discard,
-            gix::remote::ref_map::Options::default(),
-        );
-    // The connection is gone: ssh has nothing left to do.
-    child.reap();
-    match listed {
-        Ok((map, _handshake)) => Ok(map),
-        Err(e) => Err(match classify_failure(&session.stderr()) {
-            Some(from_ssh) => from_ssh.prefixed(&remote.display),
-            None => classify(&e, remote, true),
-        }),
-    }
+    Ok(Connected {
+        transport: Box::new(transport),
+        transport_options: None,
+        auth: None,
+        ssh: Some(ssh),
+    })
 }
 
 /// gix's HTTP client with every response body read through the listing's
@@ -742,17 +841,7 @@ fn classify(err: &gix::Error, remote: &RemoteUrl, with_credentials: bool) -> Git
 /// error line (`ERR ...`, bounded); an answer that is not git is described,
 /// never quoted.
 fn describe(err: &gix::Error) -> String {
-    let err_line = err.iter_errors().find_map(|e| {
-        e.downcast_ref::<packetline::read::Error>()
-            .map(|line| line.message.to_string())
-            .or_else(|| {
-                e.downcast_ref::<std::io::Error>()
-                    .and_then(|io| io.get_ref())
-                    .and_then(|inner| inner.downcast_ref::<packetline::read::Error>())
-                    .map(|line| line.message.to_string())
-            })
-    });
-    if let Some(line) = err_line {
+    if let Some(line) = server_error_line(err) {
         return format!(
             "the server refused: {}",
             bounded(line.trim(), MAX_PART_CHARS)
@@ -771,6 +860,21 @@ fn describe(err: &gix::Error) -> String {
         parts.push(text.to_owned());
     }
     parts.join(": ")
+}
+
+/// The git protocol's error line (`ERR ...`) the server sent, if the error
+/// comes from one (unbounded: bound it before showing it).
+pub(super) fn server_error_line(err: &gix::Error) -> Option<String> {
+    err.iter_errors().find_map(|e| {
+        e.downcast_ref::<packetline::read::Error>()
+            .map(|line| line.message.to_string())
+            .or_else(|| {
+                e.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<packetline::read::Error>())
+                    .map(|line| line.message.to_string())
+            })
+    })
 }
 
 #[cfg(test)]

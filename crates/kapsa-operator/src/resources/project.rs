@@ -299,6 +299,45 @@ pub fn production_environment(
     env
 }
 
+/// The preview Environment of `branch` at `head`: `preview-<slug>`, type
+/// Preview, at `<slug>.<project>.<base>` when the Project has a base
+/// domain, owned by the Project. `slug` is a DNS label of at most
+/// `MAX_BRANCH_SLUG_LEN` characters (the planner chooses it). `seen` (when Kapsa first saw the branch at
+/// `head`) is kept in an annotation; `expires` is `seen` + the TTL (None:
+/// kept by `kapsa.dev/keep`).
+pub fn preview_environment(
+    project: &Project,
+    slug: &str,
+    branch: &str,
+    head: &str,
+    base_domain: Option<&str>,
+    seen: k8s_openapi::jiff::Timestamp,
+    expires: Option<k8s_openapi::jiff::Timestamp>,
+) -> Environment {
+    let name = format!("{}{slug}", kapsa_api::naming::PREVIEW_ENVIRONMENT_PREFIX);
+    let mut env = Environment::new(
+        &name,
+        EnvironmentSpec {
+            project: project.name_any(),
+            type_: EnvironmentType::Preview,
+            branch: Some(branch.to_string()),
+            commit: Some(head.to_string()),
+            image: None,
+            host: base_domain.map(|base| format!("{slug}.{}.{base}", project.name_any())),
+            expires_at: expires.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+        },
+    );
+    env.metadata = meta(project, &name, Some(&namespace_name(project)));
+    env.metadata.annotations = Some(
+        [(
+            kapsa_api::project::HEAD_SEEN_AT_ANNOTATION.to_string(),
+            seen.to_string(),
+        )]
+        .into(),
+    );
+    env
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,6 +68,12 @@ pub fn operator_config() -> OperatorConfig {
 /// An operator for the whole test binary, on a thread of its own (each
 /// `#[tokio::test]` has its own runtime). Returns its metrics.
 pub async fn shared_operator() -> Arc<Metrics> {
+    shared_operator_with(operator_config).await
+}
+
+/// [`shared_operator`] with another configuration (the first call of a
+/// test binary decides it: every test of one binary shares one operator).
+pub async fn shared_operator_with(config: fn() -> OperatorConfig) -> Arc<Metrics> {
     let (env, _) = cluster().await;
     static OPERATOR: tokio::sync::OnceCell<Arc<Metrics>> = tokio::sync::OnceCell::const_new();
     OPERATOR
@@ -89,14 +95,9 @@ pub async fn shared_operator() -> Arc<Metrics> {
                         let client = kapsa_testenv::client_from_kubeconfig(&kubeconfig)
                             .await
                             .unwrap();
-                        run(
-                            client,
-                            operator_config(),
-                            for_thread,
-                            futures::future::pending(),
-                        )
-                        .await
-                        .unwrap();
+                        run(client, config(), for_thread, futures::future::pending())
+                            .await
+                            .unwrap();
                     });
                 })
                 .unwrap();

@@ -47,6 +47,10 @@ pub struct EnvironmentWorld {
     pub certificates: Vec<Arc<DynamicObject>>,
     /// `configMapRefs`/`secretRefs` that do not exist, e.g. `ConfigMap "x"`.
     pub missing_references: Vec<String>,
+    /// The head of `spec.branch` at the Project's last poll, when
+    /// `spec.commit` is not set (an Environment a person made follows its
+    /// branch; Kapsa's own have their commit set by the Project).
+    pub branch_head: Option<String>,
     pub now: Time,
 }
 
@@ -71,9 +75,10 @@ impl EnvironmentWorld {
 /// described for a condition message.
 pub fn missing_references(
     project: &Project,
+    type_: kapsa_api::EnvironmentType,
     mut exists: impl FnMut(&str, &str) -> bool,
 ) -> Vec<String> {
-    let runtime = &project.spec.runtime;
+    let runtime = &project.spec.runtime_for(type_);
     let config_maps = runtime
         .config_map_refs
         .iter()
@@ -152,13 +157,21 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         ));
     }
     let missing_references = match &project {
-        Some(p) => missing_references(p, |kind, name| match kind {
+        Some(p) => missing_references(p, env.spec.type_, |kind, name| match kind {
             "ConfigMap" => cached(&stores.config_map_metadata, name, Some(&namespace)).is_some(),
             _ => cached(&stores.secret_metadata, name, Some(&namespace)).is_some(),
         }),
         None => Vec::new(),
     };
+    let branch_head = match (&env.spec.branch, &env.spec.commit) {
+        (Some(branch), None) => ctx
+            .git
+            .get(&env.spec.project)
+            .and_then(|poll| poll.branches?.get(branch).cloned()),
+        _ => None,
+    };
     let world = EnvironmentWorld {
+        branch_head,
         project,
         pool,
         registry,

@@ -309,7 +309,7 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             tls_ok,
             to_deploy.is_some() && !rollout_failed,
             build_failed || rollout_failed,
-            env.spec.commit.is_some() || env.spec.image.is_some(),
+            env.spec.commit.is_some() || world.branch_head.is_some() || env.spec.image.is_some(),
         )
     });
     // Ready means "serves": during a rolling update the previous release
@@ -395,7 +395,7 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
             None,
         );
     }
-    let Some(commit) = env.spec.commit.clone() else {
+    let Some(commit) = env.spec.commit.clone().or(world.branch_head.clone()) else {
         return (
             pending(
                 "WaitingForCommit",

@@ -89,7 +89,10 @@ impl ProjectWorld {
         observed.extend(
             self.environments
                 .iter()
-                .filter(|e| e.name_any() == PRODUCTION_ENVIRONMENT_NAME)
+                .filter(|e| {
+                    e.name_any() == PRODUCTION_ENVIRONMENT_NAME
+                        || super::previews::is_kapsa_preview(&self.project, e)
+                })
                 .map(|e| Observed::typed(e.as_ref())),
         );
         if let Some(ns) = &self.namespace {

@@ -3,6 +3,7 @@
 
 pub mod dereference;
 pub mod plan;
+pub mod previews;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -260,6 +260,25 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         status.host.as_deref(),
     )));
 
+    // Previews: one Environment per qualifying branch.
+    let previews = super::previews::plan_previews(&super::previews::PreviewInputs {
+        project,
+        poll: world.poll.as_ref(),
+        environments: &world.environments,
+        before: &before,
+        base_domain: serving_from.as_ref().map(|(_, base)| base.as_str()),
+        now,
+    });
+    apply.extend(previews.apply.iter().map(Child::typed));
+    keep.extend(previews.keep.iter().cloned());
+    status.preview_count = project
+        .spec
+        .preview_environments
+        .enabled
+        .then(|| i32::try_from(previews.previews.len()).unwrap_or(i32::MAX));
+    status.previews = previews.previews.clone();
+    status.previews_left_out = previews.left_out.clone();
+
     // DNS01 pools: one wildcard certificate per project, shared by its environments.
     if let Some((pool, base)) = &serving_from
         && let Some(cert) = wildcard_certificate(project, &namespace, pool, base)
@@ -320,13 +339,15 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         [domain_condition, source_condition, implemented, ready],
     );
     let delete = prune(&observed, &apply, &keep, &project.uid().unwrap_or_default());
+    let mut events = events(project, &before, &status);
+    events.extend(previews.events);
     ProjectPlan {
         apply,
         delete,
         observed,
-        events: events(project, &before, &status),
+        events,
         status,
-        requeue: RESYNC,
+        requeue: previews.wake.map_or(RESYNC, |wake| wake.min(RESYNC)),
     }
 }
 
@@ -350,9 +371,6 @@ fn events(project: &Project, before: &ProjectStatus, after: &ProjectStatus) -> V
 /// Fields the API accepts that this version does not act on yet.
 pub fn not_implemented(project: &Project) -> Vec<&'static str> {
     let mut fields = Vec::new();
-    if project.spec.preview_environments.enabled {
-        fields.push("previewEnvironments");
-    }
     if project.spec.build.strategy == kapsa_api::project::BuildStrategy::Dockerfile {
         fields.push("build.strategy: Dockerfile");
     }

@@ -39,7 +39,12 @@ pub const REVISION_HISTORY_LIMIT: i32 = 10;
 /// The Deployment running `image`.
 pub fn deployment(inputs: &EnvironmentInputs, image: &str) -> Deployment {
     let (project_name, env_name) = names(inputs);
-    let runtime = &inputs.project.spec.runtime;
+    // Previews run with the preview overrides (replicas, extra env sources).
+    let runtime = inputs
+        .project
+        .spec
+        .runtime_for(inputs.environment.spec.type_);
+    let runtime = &runtime;
     let commit = environment_commit(inputs);
 
     let mut ports = vec![container_port(HTTP_PORT_NAME, runtime.port)];

@@ -30,11 +30,6 @@ const KPACK: &str = "kpack.io/v1alpha2";
 
 /// The world of a fixture: its one Environment and what it names.
 fn world(fixture: &Fixture) -> EnvironmentWorld {
-    assert!(
-        fixture.test_document("Poll").is_none(),
-        "fixture {}: a `kind: Poll` document means nothing to the environment plan",
-        fixture.name
-    );
     let mut environments: Vec<Environment> = fixture.all(KAPSA, "Environment");
     assert_eq!(
         environments.len(),
@@ -93,12 +88,22 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
         .map(Arc::new)
         .collect();
     let missing_references = match &project {
-        Some(p) => {
-            dereference::missing_references(p, |kind, reference| exists("v1", kind, reference, ns))
-        }
+        Some(p) => dereference::missing_references(p, environment.spec.type_, |kind, reference| {
+            exists("v1", kind, reference, ns)
+        }),
         None => Vec::new(),
     };
+    // A Poll document: the Project's last poll (`branches`), which an
+    // Environment without `spec.commit` follows.
+    let branch_head = fixture.test_document("Poll").and_then(|poll| {
+        let branch = environment.spec.branch.as_deref()?;
+        if environment.spec.commit.is_some() {
+            return None;
+        }
+        poll["branches"][branch].as_str().map(str::to_string)
+    });
     EnvironmentWorld {
+        branch_head,
         project: project.map(Arc::new),
         pool: pool.map(Arc::new),
         registry,
@@ -141,6 +146,8 @@ fn run(case: &str) {
 
 cases! {
     fixtures {
+        person_environment_follows_branch => "person-environment-follows-branch",
+        preview_runtime_overrides => "preview-runtime-overrides",
         build_done_rollout_complete => "build-done-rollout-complete",
         build_reports_no_image => "build-reports-no-image",
         builder_missing_build_due => "builder-missing-build-due",
