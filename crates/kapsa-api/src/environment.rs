@@ -145,8 +145,9 @@ pub struct EnvironmentSpec {
     pub host: Option<String>,
 
     /// When the Environment expires and is deleted (RFC 3339), for
-    /// previews: the last commit on the branch plus the project's preview
-    /// TTL. Set by the operator; absent means never.
+    /// previews: when Kapsa first saw the branch at `commit`, plus the
+    /// project's preview TTL. Set by the operator; absent means never (and
+    /// for a preview annotated `kapsa.dev/keep: "true"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
 }

@@ -551,12 +551,15 @@ pub struct PreviewEnvironmentsSpec {
         .message("spec.previewEnvironments.branches: every glob must use only A-Z a-z 0-9 . _ / * ? - and be able to match a git branch name: must not start with '/', '-' or '.', nor end with '/', '.' or '.lock', nor contain '..', '//', '/.' or '.lock/'"))]
     pub branches: Vec<String>,
 
-    /// How long a preview lives after the last commit on its branch, as a
+    /// How long a preview lives after Kapsa first saw its branch at the
+    /// current head (a push starts it again; ref listings carry no commit
+    /// dates), as a
     /// duration such as `72h`, `30m` or `1h30m`: one or more numbers (at most
     /// 5 digits, optionally with a fraction of at most 9 digits), each
     /// followed by a unit `ns`, `us`, `ms`, `s`, `m` or `h`; at most 32
     /// characters. Default `72h`; at least `1m`. A preview is also deleted
-    /// when its branch is deleted or merged.
+    /// when its branch is deleted or merged. After expiry a branch gets a
+    /// preview again only with a new commit.
     #[serde(default = "default_ttl")]
     #[schemars(length(min = 1, max = MAX_DURATION_LEN))]
     #[x_kube(

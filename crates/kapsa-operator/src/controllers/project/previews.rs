@@ -210,7 +210,12 @@ pub fn plan_previews(inputs: &PreviewInputs<'_>) -> PreviewPlan {
             .and_then(seen_at)
             .or_else(|| previous.and_then(|l| l.head_seen_at.as_ref()).map(|t| t.0))
             .unwrap_or(now);
-        if merged.contains(branch.as_str()) {
+        // While the merge check has no answer (it failed, or the server
+        // cannot answer it), a branch recorded as merged at this head stays
+        // merged: no preview flaps back for one failed check.
+        let merge_unknown = inputs.poll.is_some_and(|p| p.merged.is_none());
+        let was_merged = previous.is_some_and(|l| l.reason == PreviewLeftOutReason::Merged);
+        if merged.contains(branch.as_str()) || (merge_unknown && was_merged) {
             if let Some(env) = existing {
                 plan.events.push(PlannedEvent::normal(
                     "PreviewMerged",

@@ -148,6 +148,7 @@ cases! {
     fixtures {
         person_environment_follows_branch => "person-environment-follows-branch",
         preview_runtime_overrides => "preview-runtime-overrides",
+        preview_dns01_uses_the_wildcard => "preview-dns01-uses-the-wildcard",
         build_done_rollout_complete => "build-done-rollout-complete",
         build_reports_no_image => "build-reports-no-image",
         builder_missing_build_due => "builder-missing-build-due",

@@ -226,6 +226,7 @@ cases! {
         previews_limit => "previews-limit",
         previews_limit_lowered => "previews-limit-lowered",
         previews_merged => "previews-merged",
+        previews_merged_check_unknown => "previews-merged-check-unknown",
         previews_name_taken => "previews-name-taken",
         previews_name_taken_hashed => "previews-name-taken-hashed",
         previews_new_commit => "previews-new-commit",
