@@ -341,9 +341,7 @@ async fn branch_names_agree_with_git() {
         match (&admitted, git) {
             (Ok(()), true) => accepted += 1,
             (Err(_), false) => refused += 1,
-            (Err(_), true) if documented_tightening(name) || name.len() > 255 => {
-                tightened += 1
-            }
+            (Err(_), true) if documented_tightening(name) || name.len() > 255 => tightened += 1,
             (Ok(()), false) => problems.push(format!("{name:?}: Kapsa accepts, git refuses")),
             (Err(e), true) => problems.push(format!("{name:?}: Kapsa refuses, git accepts: {e}")),
         }

@@ -458,6 +458,10 @@ impl Poll<'_> {
         };
         let candidates = preview_candidates(project, branches);
         let heads: BTreeSet<String> = candidates.values().cloned().collect();
+        if self.merge_checks.unsupported(url) {
+            // Deletion and the TTL still remove previews (docs/previews.md).
+            return None;
+        }
         let ask = self
             .merge_checks
             .to_ask(&name, url, production_head, &heads);
@@ -480,6 +484,9 @@ impl Poll<'_> {
                 Ok(contained) => contained,
                 Err(error) => {
                     let reason = error.reason();
+                    if matches!(error, GitError::MergeCheckUnsupported(..)) {
+                        self.merge_checks.mark_unsupported(url);
+                    }
                     self.metrics
                         .record_git_poll_failure(&format!("MergeCheck{reason}"));
                     // The git module's texts hold no secret; bounded again
@@ -542,9 +549,29 @@ struct MergeCheck {
 #[derive(Default)]
 struct MergeChecks {
     checks: Mutex<HashMap<String, MergeCheck>>,
+    /// Repositories (by URL) whose server cannot answer a merge check
+    /// (`MergeCheckUnsupported`), and until when Kapsa stops asking.
+    unsupported: Mutex<HashMap<String, Instant>>,
 }
 
+/// How long a server that cannot answer a merge check is not asked again.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(3600);
+
 impl MergeChecks {
+    /// Whether `url`'s server said recently that it cannot answer.
+    fn unsupported(&self, url: &str) -> bool {
+        let mut unsupported = self.unsupported.lock().unwrap_or_else(|e| e.into_inner());
+        unsupported.retain(|_, until| *until > Instant::now());
+        unsupported.contains_key(url)
+    }
+
+    fn mark_unsupported(&self, url: &str) {
+        self.unsupported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(url.to_owned(), Instant::now() + UNSUPPORTED_RETRY);
+    }
+
     /// The candidate heads the server must be asked about: those without a
     /// cached answer for this URL and production head (all of them when
     /// the production head moved). A head equal to the production head is
@@ -897,6 +924,15 @@ mod tests {
 
     fn set(items: &[&str]) -> BTreeSet<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_server_that_cannot_answer_is_not_asked_again_for_a_while() {
+        let checks = MergeChecks::default();
+        assert!(!checks.unsupported("https://a.example/x.git"));
+        checks.mark_unsupported("https://a.example/x.git");
+        assert!(checks.unsupported("https://a.example/x.git"));
+        assert!(!checks.unsupported("https://b.example/x.git"));
     }
 
     #[test]

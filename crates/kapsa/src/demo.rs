@@ -1,6 +1,7 @@
 //! `kapsa dev up --demo`: a platform (pool, registry, builder, issuer), a git
 //! repository on loopback and a Project, to watch Kapsa take it live and
-//! roll out a second commit.
+//! roll out a second commit, then give a branch its preview environment and
+//! take it away with the branch.
 
 use std::time::{Duration, Instant};
 
@@ -117,20 +118,27 @@ spec:
     port: 8080
     replicas: 2
     healthCheck: {{path: /healthz}}
+  previewEnvironments:
+    enabled: true
+    ttl: 24h
 "#
     )
 }
 
 async fn wait_live(client: &Client, commit: &str) -> anyhow::Result<Environment> {
+    wait_env_live(client, "production", commit).await
+}
+
+async fn wait_env_live(client: &Client, name: &str, commit: &str) -> anyhow::Result<Environment> {
     let envs: Api<Environment> = Api::namespaced(client.clone(), "hello");
     let started = Instant::now();
     let mut last_phase = None;
     loop {
-        if let Some(env) = envs.get_opt("production").await? {
+        if let Some(env) = envs.get_opt(name).await? {
             let status = env.status.clone().unwrap_or_default();
             if status.phase != last_phase {
                 println!(
-                    "  production: {:?}",
+                    "  {name}: {:?}",
                     status.phase.unwrap_or(EnvironmentPhase::Pending)
                 );
                 last_phase = status.phase;
@@ -152,7 +160,7 @@ async fn wait_live(client: &Client, commit: &str) -> anyhow::Result<Environment>
 async fn show(client: &Client, env: &Environment, took: Duration) -> anyhow::Result<()> {
     let status = env.status.clone().unwrap_or_default();
     let deployment = Api::<Deployment>::namespaced(client.clone(), "hello")
-        .get("production")
+        .get(&env.name_any())
         .await?;
     let ready = deployment
         .status
@@ -200,6 +208,33 @@ pub async fn run(client: &Client) -> anyhow::Result<(GitServer, TestRepo)> {
     let started = Instant::now();
     let env = wait_live(client, &second).await?;
     show(client, &env, started.elapsed()).await?;
+
+    // A branch gets its own preview environment, and loses it with the branch.
+    let feature = repo.commit(
+        "feature/greeting",
+        "index.html",
+        "<h1>Hello from a branch</h1>\n",
+        "a feature",
+    )?;
+    println!("demo: pushed branch feature/greeting; Kapsa gives it a preview environment …");
+    let started = Instant::now();
+    let env = wait_env_live(client, "preview-feature-greeting", &feature).await?;
+    show(client, &env, started.elapsed()).await?;
+    repo.delete_branch("feature/greeting")?;
+    println!("demo: deleted the branch; its preview goes …");
+    let started = Instant::now();
+    let envs: Api<Environment> = Api::namespaced(client.clone(), "hello");
+    while envs.get_opt("preview-feature-greeting").await?.is_some() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the preview was not deleted in 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "  preview-feature-greeting: gone after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     println!(
         "demo: done. Try `kubectl get kapsa -A` and `kubectl describe project hello`; \
          push to the repository with `git clone {} && …` to roll out more",
