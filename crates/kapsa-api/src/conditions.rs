@@ -26,6 +26,10 @@ pub const REFERENCES_RESOLVED: &str = "ReferencesResolved";
 /// version of the operator (False, reason `NotImplemented`, names the ones
 /// that are accepted but not acted on yet).
 pub const IMPLEMENTED: &str = "Implemented";
+/// Condition type (Project, Environment): the API server accepted every
+/// object Kapsa applies for it (False, reason `Refused`, names the refused
+/// ones and the API server's reason: a ResourceQuota, an admission policy).
+pub const APPLIED: &str = "Applied";
 
 /// Status of a condition: `True`, `False` or `Unknown`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

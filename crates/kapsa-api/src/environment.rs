@@ -187,7 +187,9 @@ pub struct EnvironmentStatus {
     /// Current state of the Environment. Condition types: `Built` (the image
     /// for the wanted commit exists), `Deployed` (the Deployment runs it and
     /// is available), `TLSReady` (the certificate for the host is ready),
-    /// `Ready` (all of these).
+    /// `ReferencesResolved` (every configMapRef and secretRef exists),
+    /// `Ready` (it serves), `Applied` (the API server accepted every object
+    /// Kapsa applies for it; False names what was refused and why).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_CONDITIONS))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

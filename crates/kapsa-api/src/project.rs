@@ -772,7 +772,10 @@ pub struct ProjectStatus {
 
     /// Current state of the project. Condition types: `Ready` (the production
     /// environment serves the latest commit), `SourceReachable` (the last
-    /// poll succeeded), `DomainAllocated` (a host was allocated).
+    /// poll succeeded), `DomainAllocated` (a host was allocated),
+    /// `Implemented` (every field set is acted on), `Applied` (the API server
+    /// accepted every object Kapsa applies for it; False names what a quota
+    /// or an admission policy refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_CONDITIONS))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

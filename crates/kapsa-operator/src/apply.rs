@@ -174,6 +174,7 @@ impl Applier {
                 source,
             })?;
         self.metrics.record_write(&child.resource.kind);
+        crate::fault::after_write("apply");
         self.remember(
             key.to_string(),
             answer.metadata.resource_version.as_deref(),
@@ -203,6 +204,7 @@ impl Applier {
             Ok(_) => {
                 self.metrics
                     .record_write(&format!("{}/delete", deletion.resource.kind));
+                crate::fault::after_write("delete");
                 Ok(true)
             }
             // Gone already, or replaced by a newer object (uid mismatch).
@@ -248,6 +250,7 @@ impl Applier {
             .map_err(Error::Status)?;
         self.metrics
             .record_write(&format!("{}/status", resource.kind));
+        crate::fault::after_write("status");
         self.remember(key, answer.metadata.resource_version.as_deref(), status);
         Ok(true)
     }

@@ -94,6 +94,7 @@ pub async fn run(client: Client, stores: Stores, namespace: String) {
             .await
         {
             Ok(_) => {
+                crate::fault::after_write("host-ownership table");
                 tracing::debug!(hosts = data.len() - 1, "host-ownership table written");
                 written = Some(data);
             }

@@ -272,6 +272,7 @@ async fn attempt(client: &Client, config: &LeaseConfig) -> Result<Outcome, kube:
     };
     match written {
         Ok(lease) => {
+            crate::fault::after_write("lease");
             let mut observation = config.observation();
             observation.saw(lease.spec.unwrap_or_default(), Instant::now());
             observation.renewed_at = Some(sent);
@@ -370,6 +371,7 @@ pub async fn release(client: &Client, config: &LeaseConfig) -> Result<bool, kube
         .await
     {
         Ok(_) => {
+            crate::fault::after_write("lease release");
             tracing::info!(lease = %config.name, identity = %config.identity, "released the lease");
             Ok(true)
         }

@@ -18,6 +18,7 @@ pub mod context;
 pub mod controllers;
 pub mod domains;
 pub mod error;
+pub mod fault;
 pub mod git;
 pub mod hosts;
 pub mod http;

@@ -62,6 +62,7 @@ where
     for event in events {
         ctx.event(object, event.warning, &event.reason, event.note.clone())
             .await;
+        crate::fault::after_write("event");
     }
     Ok(true)
 }

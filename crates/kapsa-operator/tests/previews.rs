@@ -660,3 +660,108 @@ async fn git_credentials_never_show_in_status_events_or_logs() {
         assert!(!seen.contains(&basic), "basic auth of {secret} leaked");
     }
 }
+
+#[tokio::test]
+async fn a_preview_the_api_server_refuses_is_named_and_stops_nothing_else() {
+    let (_, client) = cluster().await;
+    operator().await;
+    let ns = "pv-refuse";
+    // An admission policy of the platform team that refuses one Environment
+    // name in this namespace (as a quota or a naming policy would).
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": "pv-refuse-beta"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [{"apiGroups": ["kapsa.dev"], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["environments"]}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}
+            },
+            "validations": [{"expression": "object.metadata.name != 'preview-beta'",
+                "message": "the platform does not allow preview-beta here"}]
+        }
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "pv-refuse-beta"},
+        "spec": {"policyName": "pv-refuse-beta", "validationActions": ["Deny"]}
+    });
+    create_ignoring_conflict(
+        &Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(
+            client.clone(),
+        ),
+        policy,
+    )
+    .await;
+    create_ignoring_conflict(
+        &Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+            client.clone(),
+        ),
+        binding,
+    )
+    .await;
+    let p = platform(&client, ns, "HTTP01", false).await;
+    let live = live_project(
+        &client,
+        ns,
+        p,
+        with_previews(json!({"enabled": true, "replicas": 0})),
+    )
+    .await;
+    let a = live.repo.commit("alpha", "a.txt", "a", "a").unwrap();
+    environment_with_commit(&client, ns, "preview-alpha", &a).await;
+    let b = live.repo.commit("beta", "b.txt", "b", "b").unwrap();
+    let (_, reason, message) = eventually("Applied False naming the refused preview", || async {
+        project_condition(&client, ns, "Applied")
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "Refused");
+    assert!(message.contains("preview-beta"), "{message}");
+    assert!(message.contains("does not allow preview-beta"), "{message}");
+    // Everything else goes on: production serves, the other preview
+    // follows its branch, and the status was written.
+    let production = production(&client, ns).await.unwrap();
+    assert_eq!(
+        production.status.unwrap().phase,
+        Some(EnvironmentPhase::Ready)
+    );
+    let a2 = live.repo.commit("alpha", "a.txt", "a2", "a2").unwrap();
+    environment_with_commit(&client, ns, "preview-alpha", &a2).await;
+    assert!(
+        project_events(&client, ns)
+            .await
+            .iter()
+            .any(|e| e == "Refused")
+    );
+    // The policy goes: the refused preview is created and Applied turns True.
+    Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+        client.clone(),
+    )
+    .delete("pv-refuse-beta", &Default::default())
+    .await
+    .unwrap();
+    environment_with_commit(&client, ns, "preview-beta", &b).await;
+    eventually("Applied True again", || async {
+        project_condition(&client, ns, "Applied")
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await;
+}
+
+async fn environment_with_commit(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    commit: &str,
+) -> Environment {
+    eventually(&format!("{namespace}/{name} at {commit}"), || async {
+        environment(client, namespace, name)
+            .await
+            .filter(|e| e.spec.commit.as_deref() == Some(commit))
+    })
+    .await
+}

@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p kapsa --bench scale -- [--projects N] [--runs R]
 //! [--idle-seconds S] [--timeout-seconds T] [--concurrency C]
-//! [--operator-binary PATH] [--keep-logs]`
+//! [--previews K] [--operator-binary PATH] [--keep-logs]`
 //!
 //! Each run has two phases, each on a fresh control plane (etcd,
 //! kube-apiserver with its audit log on, controller-manager, scheduler,
@@ -24,21 +24,28 @@
 //!   is Available, every kpack Image built and every Certificate ready: the
 //!   API server's (and simulators') limit.
 //!
+//! With `--previews K` every Project also has `previewEnvironments:
+//! {enabled: true, replicas: 1}`, and the one repository they share gets K
+//! branches (`feature/1` … `feature/K`, one commit each) before the
+//! Projects are applied: the operator phase waits until all N × (1 + K)
+//! Environments are Ready (its time and peak RSS are up to then), and the
+//! raw phase also applies each preview Environment and its kpack Image,
+//! Deployment, Service and Ingress, and waits for N × (1 + K) of each.
+//! Without it (K = 0) nothing changes.
+//!
 //! The phases alternate which goes first from run to run. See
 //! docs/benchmarks.md for what the figures mean.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
+use kapsa_api::naming::readable_branch_slug;
 use kapsa_api::{DomainPool, Environment, EnvironmentPhase, Project, external};
 use kapsa_operator::resources::environment::{
     EnvironmentInputs, deployment, image_repository, ingress, kpack_image, service,
@@ -46,31 +53,22 @@ use kapsa_operator::resources::environment::{
 use kapsa_operator::resources::project as children;
 use kapsa_operator::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use kapsa_testenv::audit::{self, AuditEvent, AuditLog, AuditMark};
-use kapsa_testenv::git_server::GitServer;
 use kapsa_testenv::simulators::kpack::simulated_digest;
-use kapsa_testenv::{ControlPlane, ControlPlaneOptions, find_assets};
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
-use kube::{Client, Resource, ResourceExt};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use kapsa_testenv::{ControlPlane, find_assets};
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-const PLATFORM_NAMESPACE: &str = "kapsa-system";
-const POOL: &str = "bench-pool";
-const BASE_DOMAIN: &str = "bench.example.com";
-const ISSUER: &str = "bench-issuer";
-const REGISTRY: &str = "bench-registry";
-const REGISTRY_SECRET: &str = "bench-push";
+mod common;
+use common::{
+    BASE_DOMAIN, MASTERS, OPERATOR_USER, OperatorBinary, OperatorProcess, PLATFORM_NAMESPACE, POOL,
+    REGISTRY, REGISTRY_SECRET, apply, apply_dynamic, median, mib, platform, pool_manifest,
+};
+
 const POLL: Duration = Duration::from_millis(250);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-/// The user the operator authenticates as, so that the audit log tells its
-/// requests apart from the bench's, the simulators' and the control plane's.
-const OPERATOR_USER: &str = "kapsa-operator";
 /// The user of the raw phase's applies.
 const RAW_USER: &str = "kapsa-bench-raw";
-const MASTERS: &[&str] = &["system:masters"];
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Kapsa scale benchmark: operator vs raw server-side apply")]
@@ -98,338 +96,27 @@ struct Args {
     /// measure another commit with the same harness).
     #[arg(long, value_name = "PATH")]
     operator_binary: Option<PathBuf>,
+    /// Preview branches per Project: every Project gets
+    /// `previewEnvironments: {enabled: true, replicas: 1}`, and the
+    /// repository K branches (`feature/1` … `feature/K`, one commit each)
+    /// before the Projects are applied; the operator phase then waits for
+    /// all N × (1 + K) Environments. 0 (the default): no previews.
+    #[arg(long, default_value_t = 0)]
+    previews: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
+impl Args {
+    /// The Environments a converged run has: production and previews.
+    fn environments(&self) -> usize {
+        self.projects * (1 + self.previews)
+    }
+}
+
 // ---------------------------------------------------------------------------
-// The operator as a child process.
-
-/// The `kapsa` binary run as the operator, and which of the bench's
-/// `kapsa operator` flags it accepts (an older build may lack some).
-#[derive(Debug, Clone)]
-struct OperatorBinary {
-    path: PathBuf,
-    /// `--operator-binary` (not this build's).
-    other: bool,
-    /// `--no-leader-election`; without it the operator elects itself
-    /// through a Lease, whose writes the bench counts and shows apart.
-    no_leader_election: bool,
-    /// `--text-logs`; without it the log is JSON.
-    text_logs: bool,
-    /// `--allow-internal-git-hosts`: the bench's git server is on loopback,
-    /// which a build with this flag refuses unless it is allowed.
-    allow_internal_git_hosts: bool,
-}
-
-impl OperatorBinary {
-    /// Checks the binary and reads its flags from `kapsa operator --help`.
-    fn detect(args: &Args) -> anyhow::Result<Self> {
-        let (path, other) = match &args.operator_binary {
-            Some(path) => (
-                std::fs::canonicalize(path)
-                    .with_context(|| format!("--operator-binary {}", path.display()))?,
-                true,
-            ),
-            None => (PathBuf::from(env!("CARGO_BIN_EXE_kapsa")), false),
-        };
-        let output = Command::new(&path)
-            .args(["operator", "--help"])
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {} operator --help", path.display()))?;
-        ensure!(
-            output.status.success(),
-            "{} operator --help failed ({}): {}",
-            path.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let help = String::from_utf8_lossy(&output.stdout);
-        let has = |flag: &str| {
-            help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-                .any(|word| word == flag)
-        };
-        ensure!(
-            has("--metrics-addr"),
-            "{} operator has no --metrics-addr flag: the bench needs its /metrics",
-            path.display()
-        );
-        Ok(Self {
-            no_leader_election: has("--no-leader-election"),
-            text_logs: has("--text-logs"),
-            allow_internal_git_hosts: has("--allow-internal-git-hosts"),
-            path,
-            other,
-        })
-    }
-
-    fn args(&self, metrics_addr: &str) -> Vec<String> {
-        let mut args = vec!["operator".to_string()];
-        if self.no_leader_election {
-            args.push("--no-leader-election".into());
-        }
-        if self.text_logs {
-            args.push("--text-logs".into());
-        }
-        if self.allow_internal_git_hosts {
-            args.extend(["--allow-internal-git-hosts".into(), "loopback".into()]);
-        }
-        args.extend(["--metrics-addr".into(), metrics_addr.to_string()]);
-        args
-    }
-
-    /// The process name the kernel gives it: the file name, cut to 15 bytes.
-    fn comm(&self) -> String {
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        String::from_utf8_lossy(&name.as_bytes()[..name.len().min(15)]).into_owned()
-    }
-
-    fn describe(&self) -> String {
-        let mut text = format!(
-            "{} ({})",
-            self.path.display(),
-            if self.other {
-                "--operator-binary"
-            } else {
-                "this build"
-            }
-        );
-        if !self.no_leader_election {
-            text.push_str(", no --no-leader-election flag: runs with leader election");
-        }
-        if !self.text_logs {
-            text.push_str(", no --text-logs flag: JSON logs");
-        }
-        text
-    }
-}
-
-/// The `kapsa operator` child process; stopped (SIGTERM, then SIGKILL) on drop.
-struct OperatorProcess {
-    child: Child,
-    log: PathBuf,
-    metrics_addr: String,
-    /// The process name expected in /proc/<pid>/comm.
-    comm: String,
-    /// The highest resident set seen so far, in KiB.
-    peak_kib: u64,
-}
-
-impl OperatorProcess {
-    /// Starts `binary` as the operator, with `kubeconfig` (the operator
-    /// user's) as its `KUBECONFIG`: `kapsa operator` has no kubeconfig flag.
-    fn start(binary: &OperatorBinary, kubeconfig: &Path, log: PathBuf) -> anyhow::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let metrics_addr = format!("127.0.0.1:{port}");
-        let file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        // setpriv makes the kernel kill the operator if this process dies
-        // (it execs, so the pid is the operator's own).
-        let mut command = if setpriv_available() {
-            let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "--"]).arg(&binary.path);
-            c
-        } else {
-            Command::new(&binary.path)
-        };
-        let child = command
-            .args(binary.args(&metrics_addr))
-            .env("KUBECONFIG", kubeconfig)
-            .env_remove("KAPSA_METRICS_ADDR")
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .context("starting the kapsa operator")?;
-        Ok(Self {
-            child,
-            log,
-            metrics_addr,
-            comm: binary.comm(),
-            peak_kib: 0,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn ensure_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "the operator exited ({status}); last lines of {}:\n{}",
-                self.log.display(),
-                tail(&self.log, 30)
-            );
-        }
-        Ok(())
-    }
-
-    /// A memory figure of /proc/<pid>/status (e.g. VmHWM, VmRSS), in KiB.
-    fn memory_kib(&self, field: &str) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {field} in /proc/{}/status", self.pid()))
-    }
-
-    /// The peak resident set so far, in KiB: the larger of VmHWM and every
-    /// VmRSS sampled. (The kernel updates the high-water mark lazily, so
-    /// VmHWM alone can read lower than an earlier VmRSS.)
-    fn sample_peak(&mut self) -> anyhow::Result<u64> {
-        let hwm = self.memory_kib("VmHWM")?;
-        let rss = self.memory_kib("VmRSS")?;
-        self.peak_kib = self.peak_kib.max(hwm).max(rss);
-        Ok(self.peak_kib)
-    }
-
-    async fn wait_for_metrics(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.ensure_running()?;
-            if scrape(&self.metrics_addr).await.is_ok() {
-                let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid()))?;
-                ensure!(
-                    comm.trim() == self.comm,
-                    "pid {} is {comm:?}, not the operator",
-                    self.pid()
-                );
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the operator's /metrics did not answer within {timeout:?}; log {}:\n{}",
-                self.log.display(),
-                tail(&self.log, 30)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn writes(&self) -> anyhow::Result<BTreeMap<String, u64>> {
-        Ok(counters(
-            &scrape(&self.metrics_addr).await?,
-            "kapsa_api_writes_total",
-            "kind",
-        ))
-    }
-
-    async fn git_polls(&self) -> anyhow::Result<u64> {
-        Ok(counters(
-            &scrape(&self.metrics_addr).await?,
-            "kapsa_git_polls_total",
-            "result",
-        )
-        .values()
-        .sum())
-    }
-
-    async fn reconciles(&self) -> anyhow::Result<BTreeMap<String, u64>> {
-        Ok(counters(
-            &scrape(&self.metrics_addr).await?,
-            "kapsa_reconciles_total",
-            "controller",
-        ))
-    }
-
-    fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn setpriv_available() -> bool {
-    Command::new("setpriv")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// GET /metrics over plain HTTP/1.1.
-async fn scrape(addr: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .context("/metrics timed out")??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("a malformed HTTP response")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "/metrics: {head}");
-    Ok(body.to_string())
-}
-
-/// `name{label="x",...} value` lines summed by `label`.
-fn counters(text: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    let prefix = format!("{name}{{");
-    let key = format!("{label}=\"");
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Some(v) = labels
-            .split_once(&key)
-            .and_then(|(_, v)| v.split_once('"'))
-            .map(|(v, _)| v.to_string())
-        else {
-            continue;
-        };
-        let Ok(n) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        *out.entry(v).or_default() += n as u64;
-    }
-    out
-}
+// Counters and CPU time.
 
 fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     after
@@ -586,125 +273,16 @@ fn per_minute(count: usize, window: Duration) -> f64 {
     count as f64 * 60.0 / window.as_secs_f64()
 }
 
-// ---------------------------------------------------------------------------
-// A fresh platform: control plane, CRDs, simulators, platform objects, git.
-
-/// Aborts the task on drop.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Field order matters: everything that talks to the control plane goes
-/// before it.
-struct Platform {
-    client: Client,
-    audit: AuditLog,
-    _simulators: AbortOnDrop,
-    _git: GitServer,
-    repo_url: String,
-    commit: String,
-    plane: ControlPlane,
-}
-
-async fn platform(assets: &Path) -> anyhow::Result<Platform> {
-    let plane = ControlPlane::start_with_audit_log(ControlPlaneOptions {
-        state_dir: None,
-        assets_dir: Some(assets.to_path_buf()),
-    })
-    .await
-    .context("starting the control plane")?;
-    let client = plane.client().await?;
-    kapsa_testenv::simulators::install(&client).await?;
-    let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml())?;
-    kapsa_testenv::crds::install_crds(&client, &crds, "kapsa").await?;
-    let simulators = AbortOnDrop(tokio::spawn(kapsa_testenv::simulators::run(client.clone())));
-
-    let create = |resource: ApiResource, namespace: Option<&str>, object: Value| {
-        let client = client.clone();
-        let namespace = namespace.map(str::to_string);
-        async move {
-            let api: Api<DynamicObject> = match &namespace {
-                Some(ns) => Api::namespaced_with(client, ns, &resource),
-                None => Api::all_with(client, &resource),
-            };
-            let object: DynamicObject = serde_json::from_value(object)?;
-            api.patch(
-                &object.name_any(),
-                &PatchParams::apply("bench-platform"),
-                &Patch::Apply(&object),
-            )
-            .await?;
-            anyhow::Ok(())
-        }
-    };
-    let namespace = ApiResource::erase::<Namespace>(&());
-    let secret = ApiResource::erase::<Secret>(&());
-    create(
-        namespace,
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": PLATFORM_NAMESPACE}}),
-    )
-    .await?;
-    let builder = external::kpack_cluster_builder();
-    let builder_manifest = json!({"apiVersion": builder.api_version, "kind": builder.kind, "metadata": {"name": "default"},
-        "spec": {"tag": "registry.example/builders/default"}});
-    create(builder, None, builder_manifest).await?;
-    let issuer = external::cert_manager_cluster_issuer();
-    let issuer_manifest = json!({"apiVersion": issuer.api_version, "kind": issuer.kind, "metadata": {"name": ISSUER},
-        "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [{"http01": {"ingress": {}}}]}}});
-    create(issuer, None, issuer_manifest).await?;
-    create(
-        secret,
-        Some(PLATFORM_NAMESPACE),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": REGISTRY_SECRET, "namespace": PLATFORM_NAMESPACE},
-            "type": "kubernetes.io/dockerconfigjson",
-            "stringData": {".dockerconfigjson": "{\"auths\":{\"registry.example\":{\"auth\":\"dXNlcjpwYXNz\"}}}"}}),
-    )
-    .await?;
-    create(
-        ApiResource::erase::<kapsa_api::ClusterRegistry>(&()),
-        None,
-        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "ClusterRegistry", "metadata": {"name": REGISTRY},
-            "spec": {"provider": "Harbor", "server": "registry.example", "repository": "kapsa",
-                "credentialsSecretRef": {"name": REGISTRY_SECRET, "namespace": PLATFORM_NAMESPACE}}}),
-    )
-    .await?;
-    create(ApiResource::erase::<DomainPool>(&()), None, pool_manifest()).await?;
-
-    let git = GitServer::start(None).await?;
-    let repo = git.create_repo("app")?;
-    let commit = repo.commit("main", "app.txt", "v1", "first")?;
-    Ok(Platform {
-        client,
-        audit: plane
-            .audit_log()
-            .context("the control plane has no audit log")?,
-        _simulators: simulators,
-        repo_url: repo.url().to_string(),
-        _git: git,
-        commit,
-        plane,
-    })
-}
-
-fn pool_manifest() -> Value {
-    json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": POOL},
-        "spec": {"domains": [BASE_DOMAIN], "clusterIssuerRef": {"name": ISSUER}, "challenge": "HTTP01",
-            "ingressClassName": "nginx"}})
-}
-
 fn project_name(i: usize) -> String {
     format!("bench-{i:04}")
 }
 
 /// The Project every phase applies: one replica, a health check, small
-/// requests (1,000 of them fit the simulated node), polled every 60s.
-fn project_manifest(name: &str, repo_url: &str) -> Value {
-    json!({
+/// requests (1,000 of them fit the simulated node), polled every 60s; with
+/// `previews` > 0, preview environments (1 replica each) for every branch
+/// but `main`.
+fn project_manifest(name: &str, repo_url: &str, previews: usize) -> Value {
+    let mut manifest = json!({
         "apiVersion": "kapsa.dev/v1alpha1", "kind": "Project",
         "metadata": {"name": name},
         "spec": {
@@ -717,37 +295,37 @@ fn project_manifest(name: &str, repo_url: &str) -> Value {
                 "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}}
             }
         }
-    })
+    });
+    if previews > 0 {
+        let mut spec = json!({"enabled": true, "replicas": 1});
+        if previews > 10 {
+            // The default maxEnvironments is 10.
+            spec["maxEnvironments"] = json!(previews);
+        }
+        manifest["spec"]["previewEnvironments"] = spec;
+    }
+    manifest
 }
 
-/// Server-side applies `object` (a typed object) and returns what the server stored.
-async fn apply<K>(client: &Client, manager: &str, object: &K) -> anyhow::Result<K>
-where
-    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned,
-{
-    let resource = ApiResource::erase::<K>(&());
-    let dynamic: DynamicObject = serde_json::from_value(serde_json::to_value(object)?)?;
-    let stored = apply_dynamic(client, manager, &resource, &dynamic).await?;
-    Ok(serde_json::from_value(serde_json::to_value(stored)?)?)
-}
-
-async fn apply_dynamic(
-    client: &Client,
-    manager: &str,
-    resource: &ApiResource,
-    object: &DynamicObject,
-) -> anyhow::Result<DynamicObject> {
-    let api: Api<DynamicObject> = match object.namespace() {
-        Some(ns) => Api::namespaced_with(client.clone(), &ns, resource),
-        None => Api::all_with(client.clone(), resource),
-    };
-    api.patch(
-        &object.name_any(),
-        &PatchParams::apply(manager).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .with_context(|| format!("applying {} {}", resource.kind, object.name_any()))
+/// `--previews K`: pushes K branches with a commit each to the platform's
+/// repository (which every Project points at). Returns each branch and
+/// its head.
+fn preview_branches(
+    platform: &common::Platform,
+    k: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
+    (1..=k)
+        .map(|i| {
+            let branch = format!("feature/{i}");
+            let head = platform.repo.commit(
+                &branch,
+                "app.txt",
+                &format!("preview {i}"),
+                "a preview branch",
+            )?;
+            Ok((branch, head))
+        })
+        .collect()
 }
 
 /// Applies the N Projects, `concurrency` at a time.
@@ -759,8 +337,11 @@ async fn apply_projects(
 ) -> anyhow::Result<Vec<Project>> {
     futures::stream::iter(0..args.projects)
         .map(|i| async move {
-            let manifest: Project =
-                serde_json::from_value(project_manifest(&project_name(i), repo_url))?;
+            let manifest: Project = serde_json::from_value(project_manifest(
+                &project_name(i),
+                repo_url,
+                args.previews,
+            ))?;
             apply(client, manager, &manifest).await
         })
         .buffer_unordered(args.concurrency)
@@ -780,9 +361,13 @@ fn managed_list() -> ListParams {
 // ---------------------------------------------------------------------------
 // Phase 1: the operator.
 
+/// "Every production Environment" below means every Environment,
+/// production and previews, with `--previews`.
 struct OperatorFigures {
     /// First apply until every production Environment is Ready.
     ready: Duration,
+    /// Environments that existed (all of them, whatever their kind) then.
+    environments: usize,
     /// First apply until every production Environment exists.
     environments_created: Duration,
     /// First apply until every production Environment has its commit (the
@@ -840,6 +425,7 @@ async fn operator_phase(
     run: usize,
 ) -> anyhow::Result<OperatorFigures> {
     let mut platform = platform(assets).await?;
+    preview_branches(&platform, args.previews)?;
     let client = platform.client.clone();
     let log = std::env::temp_dir().join(format!(
         "kapsa-bench-scale-operator-{}-run{run}.log",
@@ -863,10 +449,17 @@ async fn operator_phase(
     let applied = started.elapsed();
 
     let environments: Api<Environment> = Api::all(client.clone());
+    // With --previews, every Environment (production and previews) counts.
+    let wanted = args.environments();
+    let what = if args.previews == 0 {
+        "production Environments"
+    } else {
+        "Environments (production and previews)"
+    };
     let mut environments_created = None;
     let mut commits_known = None;
     let mut last_progress = Instant::now();
-    let ready = loop {
+    let (ready, environments_at_ready) = loop {
         operator.ensure_running()?;
         operator.sample_peak()?;
         platform.plane.ensure_running()?;
@@ -874,7 +467,7 @@ async fn operator_phase(
         let production: Vec<&Environment> = list
             .items
             .iter()
-            .filter(|e| e.name_any() == "production")
+            .filter(|e| args.previews > 0 || e.name_any() == "production")
             .collect();
         let mut phases: BTreeMap<String, usize> = BTreeMap::new();
         for e in &production {
@@ -885,37 +478,35 @@ async fn operator_phase(
                 .map_or("None".to_string(), |p| format!("{p:?}"));
             *phases.entry(phase).or_default() += 1;
         }
-        if environments_created.is_none() && production.len() >= args.projects {
+        if environments_created.is_none() && production.len() >= wanted {
             environments_created = Some(started.elapsed());
         }
         let with_commit = production
             .iter()
             .filter(|e| e.spec.commit.is_some())
             .count();
-        if commits_known.is_none() && with_commit >= args.projects {
+        if commits_known.is_none() && with_commit >= wanted {
             commits_known = Some(started.elapsed());
         }
         let ready = production
             .iter()
             .filter(|e| e.status.as_ref().and_then(|s| s.phase) == Some(EnvironmentPhase::Ready))
             .count();
-        if ready >= args.projects {
-            break started.elapsed();
+        if ready >= wanted {
+            break (started.elapsed(), list.items.len());
         }
         if last_progress.elapsed() >= PROGRESS_EVERY {
             last_progress = Instant::now();
             eprintln!(
-                "  {:>6.1}s: {} of {} production Environments ({with_commit} with a commit), phases {phases:?}, operator RSS {} MiB",
+                "  {:>6.1}s: {} of {wanted} {what} ({with_commit} with a commit), phases {phases:?}, operator RSS {} MiB",
                 started.elapsed().as_secs_f64(),
                 production.len(),
-                args.projects,
                 operator.memory_kib("VmRSS").unwrap_or(0) / 1024
             );
         }
         ensure!(
             started.elapsed() < timeout,
-            "timed out after {timeout:?}: {ready} of {} production Environments Ready ({} exist, phases {phases:?}; operator log {})",
-            args.projects,
+            "timed out after {timeout:?}: {ready} of {wanted} {what} Ready ({} exist, phases {phases:?}; operator log {})",
             production.len(),
             log.display()
         );
@@ -1000,6 +591,7 @@ async fn operator_phase(
         };
     let figures = OperatorFigures {
         ready,
+        environments: environments_at_ready,
         environments_created: environments_created.unwrap_or(ready),
         commits_known: commits_known.unwrap_or(ready),
         cpu,
@@ -1124,9 +716,13 @@ async fn kapsa_events_since(
 // ---------------------------------------------------------------------------
 // Phase 2: the same objects by raw server-side apply, no operator.
 
+const RAW_MANAGER: &str = "bench-raw";
+
 /// Applies what the operator makes for one Project, dependencies first:
 /// Project → Namespace → (registry Secret, ServiceAccounts, Role,
-/// RoleBinding, Environment) → (kpack Image, Deployment, Service, Ingress).
+/// RoleBinding, Environment, the preview Environments) → (kpack Image,
+/// Deployment, Service, Ingress of each Environment). `previews`: the
+/// preview branches and their heads (`--previews`; none by default).
 async fn raw_project(
     client: &Client,
     project: &Project,
@@ -1134,28 +730,70 @@ async fn raw_project(
     registry_source: &Secret,
     registry_spec: &kapsa_api::RegistrySpec,
     commit: &str,
+    previews: &[(String, String)],
 ) -> anyhow::Result<()> {
-    const MANAGER: &str = "bench-raw";
+    const MANAGER: &str = RAW_MANAGER;
     let name = project.name_any();
     apply(client, MANAGER, &children::namespace(project)).await?;
     let host = format!("{name}.{BASE_DOMAIN}");
     let production = children::production_environment(project, Some(commit), Some(&host));
+    let seen = k8s_openapi::jiff::Timestamp::now();
+    let expires = seen.checked_add(k8s_openapi::jiff::SignedDuration::from_hours(72))?;
+    let previews = previews
+        .iter()
+        .map(|(branch, head)| {
+            let slug = readable_branch_slug(branch)
+                .with_context(|| format!("branch {branch} has no readable slug"))?;
+            let env = children::preview_environment(
+                project,
+                &slug,
+                branch,
+                head,
+                Some(BASE_DOMAIN),
+                seen,
+                Some(expires),
+            );
+            anyhow::Ok((env, head.as_str()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let secret = children::registry_secret(project, registry_source);
     let builder = children::builder_service_account(project, true);
     let runtime = children::runtime_service_account(project, true);
     let role = children::builder_role(project, true);
     let binding = children::builder_role_binding(project);
-    let (environment, ..) = tokio::try_join!(
+    let (environment, preview_environments, ..) = tokio::try_join!(
         apply(client, MANAGER, &production),
+        futures::future::try_join_all(previews.iter().map(|(e, _)| apply(client, MANAGER, e))),
         apply(client, MANAGER, &secret),
         apply(client, MANAGER, &builder),
         apply(client, MANAGER, &runtime),
         apply(client, MANAGER, &role),
         apply(client, MANAGER, &binding),
     )?;
+    tokio::try_join!(
+        raw_environment(client, project, pool, registry_spec, &environment, commit),
+        futures::future::try_join_all(preview_environments.iter().zip(&previews).map(
+            |(env, (_, head))| raw_environment(client, project, pool, registry_spec, env, head)
+        )),
+    )?;
+    Ok(())
+}
+
+/// The kpack Image, Deployment, Service and Ingress of one Environment at
+/// `commit`, applied at once.
+async fn raw_environment(
+    client: &Client,
+    project: &Project,
+    pool: &DomainPool,
+    registry_spec: &kapsa_api::RegistrySpec,
+    environment: &Environment,
+    commit: &str,
+) -> anyhow::Result<()> {
+    const MANAGER: &str = RAW_MANAGER;
+    let name = project.name_any();
     let inputs = EnvironmentInputs {
         project,
-        environment: &environment,
+        environment,
         pool: Some(pool),
         base_domain: Some(BASE_DOMAIN),
     };
@@ -1210,6 +848,7 @@ struct RawFigures {
 
 async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
     let mut platform = platform(assets).await?;
+    let previews = preview_branches(&platform, args.previews)?;
     let client = platform.client.clone();
     let pool: DomainPool = serde_json::from_value(pool_manifest())?;
     let registry_source = Api::<Secret>::namespaced(client.clone(), PLATFORM_NAMESPACE)
@@ -1238,6 +877,7 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
                 &registry_source,
                 &registry_spec,
                 &commit,
+                &previews,
             )
         })
         .buffer_unordered(args.concurrency)
@@ -1250,15 +890,17 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
     let certificates: Api<DynamicObject> =
         Api::all_with(client.clone(), &external::cert_manager_certificate());
     let (mut deployments_done, mut images_done, mut certificates_done) = (0, 0, 0);
+    // One of each per Environment (production and previews).
+    let wanted = args.environments();
     let mut last_progress = Instant::now();
     loop {
         platform.plane.ensure_running()?;
         // A kind that is done stays done: stop listing it.
-        if deployments_done < args.projects {
+        if deployments_done < wanted {
             let list = deployments.list(&managed_list()).await?;
             deployments_done = list.items.iter().filter(|d| available(d)).count();
         }
-        if images_done < args.projects {
+        if images_done < wanted {
             let list = images.list(&managed_list()).await?;
             images_done = list
                 .items
@@ -1266,7 +908,7 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
                 .filter(|i| condition_true(i, "Ready"))
                 .count();
         }
-        if certificates_done < args.projects {
+        if certificates_done < wanted {
             let list = certificates.list(&cached_list()).await?;
             certificates_done = list
                 .items
@@ -1274,10 +916,7 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
                 .filter(|c| condition_true(c, "Ready"))
                 .count();
         }
-        if deployments_done >= args.projects
-            && images_done >= args.projects
-            && certificates_done >= args.projects
-        {
+        if deployments_done >= wanted && images_done >= wanted && certificates_done >= wanted {
             let done = started.elapsed();
             eprintln!(
                 "  all Available/built/issued after {:.2}s (applied in {:.2}s)",
@@ -1294,8 +933,7 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
             });
         }
         let progress = format!(
-            "Deployments Available {deployments_done}, Images built {images_done}, Certificates ready {certificates_done} of {}",
-            args.projects
+            "Deployments Available {deployments_done}, Images built {images_done}, Certificates ready {certificates_done} of {wanted}"
         );
         if last_progress.elapsed() >= PROGRESS_EVERY {
             last_progress = Instant::now();
@@ -1320,20 +958,6 @@ impl RunFigures {
     fn ratio(&self) -> f64 {
         self.operator.ready.as_secs_f64() / self.raw.done.as_secs_f64()
     }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 fn print_run(run: usize, args: &Args, f: &RunFigures) {
@@ -1429,6 +1053,16 @@ fn print_run(run: usize, args: &Args, f: &RunFigures) {
         format_cpu(&f.raw.cpu),
         f.raw.applied.as_secs_f64()
     );
+    if args.previews > 0 {
+        println!(
+            "  Environments: {} when all {} were Ready ({} production + {} previews wanted); peak RSS until then {:.1} MiB",
+            o.environments,
+            args.environments(),
+            args.projects,
+            args.projects * args.previews,
+            mib(o.peak_rss_kib)
+        );
+    }
     if !o.idle_writes.is_empty() || !o.idle_audit.writes.is_empty() {
         println!(
             "  idle Events {:?}; idle status changes {:?}",
@@ -1467,6 +1101,16 @@ fn print_summary(args: &Args, runs: &[RunFigures]) {
         pick(&own),
         pick(&|r| r.operator.own_idle_writes_per_minute()),
     );
+    if args.previews > 0 {
+        println!(
+            "with {} previews per Project: {} Environments ({} production, {} previews); median peak RSS {:.1} MiB",
+            args.previews,
+            args.environments(),
+            args.projects,
+            args.projects * args.previews,
+            pick(&|r| mib(r.operator.peak_rss_kib)),
+        );
+    }
     println!();
     println!(
         "| run | operator | raw apply | ratio | peak RSS | writes/Project (audit) | Lease writes | GETs/Project (audit) | idle writes/min (audit) | idle GETs/min (audit) | writes/Project (own count) |"
@@ -1525,13 +1169,17 @@ fn main() -> anyhow::Result<()> {
         "--projects, --runs and --concurrency must be positive"
     );
     ensure!(args.idle_seconds > 0, "--idle-seconds must be positive");
+    ensure!(
+        args.previews <= 100,
+        "--previews is at most 100 (a Project's maxEnvironments)"
+    );
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
             .init();
     }
-    let binary = OperatorBinary::detect(&args)?;
+    let binary = OperatorBinary::detect(args.operator_binary.as_deref())?;
     let assets = find_assets()?;
     // The operator child is forked from this thread (block_on runs the
     // future here), which lives as long as the process: its parent-death
@@ -1546,6 +1194,13 @@ fn main() -> anyhow::Result<()> {
             args.concurrency,
             binary.describe()
         );
+        if args.previews > 0 {
+            println!(
+                "with previews: {} branches per Project (previewEnvironments enabled, 1 replica each): {} Environments in all, production and previews; the operator time is until every one of them is Ready",
+                args.previews,
+                args.environments()
+            );
+        }
         let mut runs = Vec::new();
         for run in 1..=args.runs {
             let figures = one_run(&assets, &args, &binary, run)

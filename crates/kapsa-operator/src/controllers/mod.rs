@@ -19,10 +19,12 @@ pub(crate) mod plan_fixtures;
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kapsa_api::conditions::APPLIED;
 use kapsa_api::{Condition, ConditionStatus};
 use kube::runtime::controller::Action;
 
-use crate::children::{Child, Deletion, Observed};
+use crate::children::{Child, ChildKey, Deletion, Observed};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::status::PlannedEvent;
@@ -92,18 +94,97 @@ pub(crate) async fn apply_and_prune(
     apply: &[Child],
     observed: &[Observed],
     delete: &[Deletion],
-) -> Result<()> {
+) -> Result<Vec<Refusal>> {
+    // A child the API server refuses (a quota, an admission policy) does not
+    // stop the others, nor the status that says so; anything else (the API
+    // server unreachable, a conflict) fails the reconcile, to be retried.
+    let mut refused = Vec::new();
     for child in apply {
         let key = child.key();
         let cached = observed.iter().find(|o| o.key == key);
-        ctx.applier.apply(child, cached).await?;
+        match ctx.applier.apply(child, cached).await {
+            Ok(_) => {}
+            Err(error) => match refusal(&error) {
+                Some(message) => {
+                    tracing::info!(object = %key, %message, "the API server refused it");
+                    refused.push(Refusal { key, message });
+                }
+                None => return Err(error),
+            },
+        }
     }
+    // Pruning deletes only what the plan no longer wants; a refused child is
+    // wanted, so its current version (if any) stays.
     for deletion in delete {
         if ctx.applier.delete(deletion).await? {
             tracing::info!(object = %deletion.key, "pruned: the plan no longer wants it");
         }
     }
-    Ok(())
+    Ok(refused)
+}
+
+/// A child the API server would not take.
+#[derive(Clone, Debug)]
+pub(crate) struct Refusal {
+    pub key: ChildKey,
+    /// The API server's message, bounded.
+    pub message: String,
+}
+
+/// The API server's message when `error` is a refusal of the object itself
+/// (400 Bad Request, 403 Forbidden — quotas and admission policies —, 422
+/// Invalid), not a failure worth retrying at once.
+fn refusal(error: &Error) -> Option<String> {
+    match error {
+        Error::Apply {
+            source: kube::Error::Api(response),
+            ..
+        } if matches!(response.code, 400 | 403 | 422) => Some(crate::git::bounded(
+            &response.message,
+            crate::git::MAX_MESSAGE_BYTES,
+        )),
+        _ => None,
+    }
+}
+
+/// The `Applied` condition after an apply step, and the Events of its
+/// change: merged into `status_conditions`, Events added to `events`.
+pub(crate) fn record_refusals(
+    refused: &[Refusal],
+    before: &[Condition],
+    conditions: &mut Vec<Condition>,
+    events: &mut Vec<PlannedEvent>,
+    generation: Option<i64>,
+) {
+    let now = Time(now());
+    let applied = if refused.is_empty() {
+        Condition::new(
+            APPLIED,
+            ConditionStatus::True,
+            "Applied",
+            "the API server accepted every object",
+            generation,
+            now,
+        )
+    } else {
+        let list: Vec<String> = refused
+            .iter()
+            .map(|r| format!("{}: {}", r.key, r.message))
+            .collect();
+        Condition::new(
+            APPLIED,
+            ConditionStatus::False,
+            "Refused",
+            crate::git::bounded(
+                &format!("the API server refused {}", list.join("; ")),
+                4 * crate::git::MAX_MESSAGE_BYTES,
+            ),
+            generation,
+            now,
+        )
+    };
+    kapsa_api::conditions::merge_conditions(conditions, [applied]);
+    events.extend(transitions(before, conditions, &[APPLIED]));
 }
 
 /// Shortest and longest wait before retrying a failed reconcile.
@@ -134,6 +215,33 @@ pub(crate) fn on_error(ctx: &Context, controller: &str, key: String, error: &Err
 }
 
 /// Forgets the failures of `key` after a successful reconcile.
+/// The longest wait before trying a refused object again.
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// When to look again after an apply step: `planned` when the API server
+/// took everything; after a refusal sooner, backing off (1 s, 2 s, … 30 s)
+/// while refusals go on — a quota whose usage is not computed yet refuses
+/// for a moment, an admission policy until someone changes it, and nothing
+/// tells Kapsa when that happens.
+pub(crate) fn after_refusals(
+    ctx: &Context,
+    key: &str,
+    refused: &[Refusal],
+    planned: Duration,
+) -> Duration {
+    let key = format!("refused/{key}");
+    let Ok(mut failures) = ctx.failures.lock() else {
+        return planned;
+    };
+    if refused.is_empty() {
+        failures.remove(&key);
+        return planned;
+    }
+    let n = failures.entry(key).or_insert(0);
+    *n = n.saturating_add(1);
+    backoff(*n).min(REFUSED_RETRY_MAX).min(planned)
+}
+
 pub(crate) fn on_success(ctx: &Context, key: &str) {
     if let Ok(mut failures) = ctx.failures.lock()
         && !failures.is_empty()

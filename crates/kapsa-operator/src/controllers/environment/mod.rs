@@ -60,9 +60,18 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
         "planned"
     );
     // 3. Apply and prune.
-    super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
+    let refused = super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
     // 4. Status: one write, only on change.
     let before = env.status.clone().unwrap_or_default();
-    crate::status::update(ctx, env.as_ref(), &before, &plan.status, &plan.events).await?;
-    Ok(Action::requeue(plan.requeue))
+    let (mut status, mut events) = (plan.status, plan.events);
+    super::record_refusals(
+        &refused,
+        &before.conditions,
+        &mut status.conditions,
+        &mut events,
+        env.meta().generation,
+    );
+    crate::status::update(ctx, env.as_ref(), &before, &status, &events).await?;
+    let requeue = super::after_refusals(ctx, &key(env.as_ref()), &refused, plan.requeue);
+    Ok(Action::requeue(requeue))
 }

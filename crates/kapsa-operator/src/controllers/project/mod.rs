@@ -55,9 +55,18 @@ async fn reconcile_project(project: Arc<Project>, ctx: &Context) -> Result<Actio
         "planned"
     );
     // 3. Apply and prune.
-    super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
+    let refused = super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
     // 4. Status: one write, only on change.
     let before = project.status.clone().unwrap_or_default();
-    crate::status::update(ctx, project.as_ref(), &before, &plan.status, &plan.events).await?;
-    Ok(Action::requeue(plan.requeue))
+    let (mut status, mut events) = (plan.status, plan.events);
+    super::record_refusals(
+        &refused,
+        &before.conditions,
+        &mut status.conditions,
+        &mut events,
+        project.meta().generation,
+    );
+    crate::status::update(ctx, project.as_ref(), &before, &status, &events).await?;
+    let requeue = super::after_refusals(ctx, &key(project.as_ref()), &refused, plan.requeue);
+    Ok(Action::requeue(requeue))
 }

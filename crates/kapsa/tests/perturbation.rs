@@ -1,0 +1,1540 @@
+//! The perturbation suite, part 1: restart the operator at every write point.
+//!
+//! The `kapsa` binary built with the cargo feature `fault-injection` exits
+//! right after its k-th API write when `KAPSA_EXIT_AFTER_WRITES=k` is set
+//! (`kapsa_operator::fault`: server-side applies, deletes, status writes,
+//! Events, the leader-election Lease and the host-ownership ConfigMap all
+//! count). For each scenario this test
+//!
+//! 1. runs it once unperturbed: the operator's writes until the end state
+//!    is at rest, W, are counted from the API server's audit log (the
+//!    operator runs as a user of its own), and the end state is recorded;
+//! 2. for each chosen k in 1..=W: replays the scenario with
+//!    `KAPSA_EXIT_AFTER_WRITES=k`, waits for the operator to exit (status
+//!    `fault::EXIT_CODE`), starts it again without the variable, and checks
+//!    the oracle against the unperturbed end state.
+//!
+//! Scenarios (each on its own Project, deleted between runs with the
+//! namespace waited out, so every run starts from the same state and
+//! produces the same names, commits and digests):
+//! - `new-project`: a Project is created and goes live (production Ready);
+//! - `new-commit`: a live Project's branch gets a new commit, which is built
+//!   and rolled out (the operator is stopped while the commit is pushed);
+//! - `preview-created`: a branch appears in a live Project with
+//!   `previewEnvironments.enabled`, and its preview goes live.
+//!
+//! The oracle, read from the API server (objects and the audit log), never
+//! from the operator's metrics:
+//! - the same objects: every object in the cluster with a `managedFields`
+//!   entry of the field manager `kapsa` (Events aside: they are not state),
+//!   by kind, namespace and name, with the same values of the fields that
+//!   manager owns (exactly those `managedFields` lists, spec and status).
+//!   Normalised before comparing, and only these: ownerReferences become
+//!   (apiVersion, kind, name, controller) — the owners are recreated every
+//!   run, their uids differ —, and RFC 3339 timestamps (condition
+//!   transitions, poll times, `deployedAt`, a preview's `expiresAt`) become
+//!   `<time>`; the `kapsa.dev/applied-hash` annotation becomes `<hash>` (it
+//!   hashes the applied object, owner uids included); `observedGeneration`
+//!   equal to the object's generation becomes `<current>` (a restart may
+//!   skip an intermediate spec, so the generation may be lower than
+//!   unperturbed; a stale one stays a number and so a difference);
+//! - no orphan: every Kapsa object but the host-ownership table has an
+//!   ownerReference to a live object with the same uid;
+//! - no duplicate build: every kpack Image's `status.buildCounter` (the
+//!   simulator counts the builds it starts) is what the scenario needs and
+//!   what the unperturbed run shows, and no Deployment has more ReplicaSets
+//!   (rollouts) than in the unperturbed run;
+//! - every Ingress host is the Project's host or below it, and the
+//!   host-ownership table gives that host to the Project's namespace;
+//! - status matches the children: each Environment is Ready at the head of
+//!   its branch, with the Image's revision and the simulator's digest, and
+//!   its Deployment runs that image, all replicas ready; the Project's
+//!   status lists exactly its Environments, with their commits;
+//! - no writes at rest: once the end state appears, an idle window (3 s
+//!   quick, 6 s long: more than one poll interval, `--max-poll-interval
+//!   2s`) must pass with zero writes by the operator, its Lease renewals
+//!   aside (leader election renews every 2 s by design), within 60 s; the
+//!   long form then waits a second window, after the snapshot.
+//!
+//! Quick form (`make test`, `hack/test.sh`): per scenario the unperturbed
+//! run and a few k spread evenly over 1..=W (4 for new-project, 3 for the
+//! others, whose every run first brings a Project live): about three
+//! minutes on two cores. Long form: every k of every scenario, e.g.
+//! `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa --features fault-injection
+//! --test perturbation -- --nocapture` (W is 30 to 50 per scenario, about
+//! 15 to 30 s per perturbation: expect 30 to 60 minutes).
+//! To replay chosen points: `KAPSA_PERTURBATION_K=4,17` (every scenario) and
+//! `KAPSA_PERTURBATION_SCENARIOS=new-commit` (comma-separated).
+//!
+//! Every operator process runs with `--identity kapsa-perturbation` (a Pod
+//! restarted in place keeps its name), so a restarted operator takes over
+//! the Lease its dead predecessor held at once instead of waiting it out.
+#![cfg(feature = "fault-injection")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kapsa_api::{Environment, Project};
+use kapsa_operator::fault;
+use kapsa_testenv::audit::{AuditEvent, AuditLog, AuditMark};
+use kapsa_testenv::git_server::{GitServer, TestRepo};
+use kapsa_testenv::simulators::kpack::simulated_digest;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::discovery::{ApiCapabilities, Discovery, Scope, verbs};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+const PLATFORM_NAMESPACE: &str = "kapsa-system";
+const POOL: &str = "pert-pool";
+const BASE: &str = "pert.example.com";
+const ISSUER: &str = "pert-issuer";
+const REGISTRY: &str = "pert-registry";
+const REGISTRY_SECRET: &str = "pert-push";
+const IDENTITY: &str = "kapsa-perturbation";
+/// The field manager of everything Kapsa applies.
+const KAPSA_MANAGER: &str = "kapsa";
+const HOST_OWNERS: &str = "kapsa-host-owners";
+/// Kapsa's annotation holding a hash of what it applied; the applied object
+/// holds its owner's uid, which differs from run to run.
+const APPLIED_HASH: &str = "kapsa.dev/applied-hash";
+const PREVIEW_BRANCH: &str = "feature-login";
+/// Users the operator processes run as (audit log attribution): the one
+/// under test (unperturbed, or exiting at k), the restarted one, and the one
+/// that sets scenarios up and cleans them away.
+const USER_RUN: &str = "kapsa-pert-run";
+const USER_RESTARTED: &str = "kapsa-pert-restarted";
+const USER_SETUP: &str = "kapsa-pert-setup";
+
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the operator exiting at k may take to reach its k-th write
+/// (Lease renewals, every 2 s, count: it always gets there).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    NewProject,
+    NewCommit,
+    PreviewCreated,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 3] = [
+        Scenario::NewProject,
+        Scenario::NewCommit,
+        Scenario::PreviewCreated,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::NewProject => "new-project",
+            Scenario::NewCommit => "new-commit",
+            Scenario::PreviewCreated => "preview-created",
+        }
+    }
+
+    fn project(self) -> String {
+        format!("pert-{}", self.name())
+    }
+
+    /// Perturbations in the quick form (budget: a few minutes in all).
+    fn quick_sample(self) -> u64 {
+        match self {
+            Scenario::NewProject => 4,
+            Scenario::NewCommit | Scenario::PreviewCreated => 3,
+        }
+    }
+
+    fn previews(self) -> bool {
+        self == Scenario::PreviewCreated
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The operator as a child process.
+
+struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(kubeconfig: &Path, log: PathBuf, exit_after: Option<u64>) -> Self {
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let binary = env!("CARGO_BIN_EXE_kapsa");
+        // setpriv makes the kernel kill the operator if the test dies.
+        let mut command = if setpriv_available() {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "--", binary]);
+            c
+        } else {
+            Command::new(binary)
+        };
+        command
+            .args([
+                "operator",
+                "--text-logs",
+                "--allow-internal-git-hosts",
+                "loopback",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--max-poll-interval",
+                "2s",
+                "--identity",
+                IDENTITY,
+                "--lease-namespace",
+                PLATFORM_NAMESPACE,
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .env_remove(fault::ENV_VAR)
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("KAPSA_METRICS_ADDR")
+            .env_remove("KAPSA_MAX_POLL_INTERVAL")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        if let Some(k) = exit_after {
+            command.env(fault::ENV_VAR, k.to_string());
+        }
+        let child = command.spawn().expect("starting kapsa operator");
+        Self { child, log }
+    }
+
+    /// Waits for the process to exit; `None` after `timeout`.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM (the operator releases its Lease), then SIGKILL after 10 s.
+    async fn stop(&mut self) {
+        if self.running() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if self.wait_exit(Duration::from_secs(10)).await.is_none() {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The fault-injection line: which write the process exited after.
+    fn exit_note(&self) -> Option<String> {
+        std::fs::read_to_string(&self.log)
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("fault injection:"))
+            .map(|l| {
+                l.trim_start_matches("fault injection: exiting right after API write ")
+                    .to_string()
+            })
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn setpriv_available() -> bool {
+    Command::new("setpriv")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// ---------------------------------------------------------------------------
+// The platform and the scenarios' repositories.
+
+async fn apply_json(
+    client: &Client,
+    resource: &ApiResource,
+    namespace: Option<&str>,
+    object: Value,
+) {
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    };
+    let name = object["metadata"]["name"].as_str().unwrap().to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply("kapsa-perturbation-test").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {} {name}: {e}", resource.kind));
+}
+
+async fn install_platform(client: &Client) {
+    let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml()).expect("CRDs");
+    kapsa_testenv::crds::install_crds(client, &crds, "kapsa-perturbation-test")
+        .await
+        .expect("CRDs installed");
+    let namespace = ApiResource::erase::<Namespace>(&());
+    apply_json(
+        client,
+        &namespace,
+        None,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": PLATFORM_NAMESPACE}}),
+    )
+    .await;
+    let builder = kapsa_api::external::kpack_cluster_builder();
+    apply_json(
+        client,
+        &builder,
+        None,
+        json!({"apiVersion": builder.api_version, "kind": builder.kind, "metadata": {"name": "default"},
+            "spec": {"tag": "registry.example/builders/default"}}),
+    )
+    .await;
+    let issuer = kapsa_api::external::cert_manager_cluster_issuer();
+    apply_json(
+        client,
+        &issuer,
+        None,
+        json!({"apiVersion": issuer.api_version, "kind": issuer.kind, "metadata": {"name": ISSUER},
+            "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [{"http01": {"ingress": {}}}]}}}),
+    )
+    .await;
+    apply_json(
+        client,
+        &ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()),
+        Some(PLATFORM_NAMESPACE),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": REGISTRY_SECRET, "namespace": PLATFORM_NAMESPACE},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": "{\"auths\":{\"registry.example\":{\"auth\":\"dXNlcjpwYXNz\"}}}"}}),
+    )
+    .await;
+    apply_json(
+        client,
+        &ApiResource::erase::<kapsa_api::ClusterRegistry>(&()),
+        None,
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "ClusterRegistry", "metadata": {"name": REGISTRY},
+            "spec": {"provider": "Harbor", "server": "registry.example", "repository": "kapsa",
+                "credentialsSecretRef": {"name": REGISTRY_SECRET, "namespace": PLATFORM_NAMESPACE}}}),
+    )
+    .await;
+    apply_json(
+        client,
+        &ApiResource::erase::<kapsa_api::DomainPool>(&()),
+        None,
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": POOL},
+            "spec": {"domains": [BASE], "clusterIssuerRef": {"name": ISSUER}, "challenge": "HTTP01",
+                "ingressClassName": "nginx"}}),
+    )
+    .await;
+}
+
+fn project_manifest(scenario: Scenario, url: &str) -> Value {
+    let mut manifest = json!({
+        "apiVersion": "kapsa.dev/v1alpha1", "kind": "Project",
+        "metadata": {"name": scenario.project()},
+        "spec": {
+            "source": {"git": {"url": url, "branch": "main"}, "pollInterval": "10s"},
+            "registryRef": {"kind": "ClusterRegistry", "name": REGISTRY},
+            "domainPoolRef": {"name": POOL},
+            "runtime": {"port": 8080, "replicas": 1, "healthCheck": {"path": "/healthz"}}
+        }
+    });
+    if scenario.previews() {
+        manifest["spec"]["previewEnvironments"] = json!({"enabled": true});
+    }
+    manifest
+}
+
+/// A scenario's repository: its commits are made once; every run sets the
+/// served refs to the scenario's starting point, so every run sees the very
+/// same commits (and the simulator gives the very same digests).
+struct ScenarioRepo {
+    _git: GitServer,
+    repo: TestRepo,
+    /// main's first commit.
+    first: String,
+    /// new-commit: main's second commit; preview-created: the branch's head.
+    second: Option<String>,
+}
+
+impl ScenarioRepo {
+    async fn new(scenario: Scenario) -> Self {
+        let git = GitServer::start(None).await.expect("git server");
+        let repo = git.create_repo(scenario.name()).expect("repository");
+        let first = repo.commit("main", "app.txt", "v1", "first").unwrap();
+        let second = match scenario {
+            Scenario::NewProject => None,
+            Scenario::NewCommit => Some(repo.commit("main", "app.txt", "v2", "second").unwrap()),
+            Scenario::PreviewCreated => Some(
+                repo.commit(PREVIEW_BRANCH, "login.txt", "login", "login page")
+                    .unwrap(),
+            ),
+        };
+        let this = Self {
+            _git: git,
+            repo,
+            first,
+            second,
+        };
+        this.set_ref("main", Some(&this.first.clone()));
+        this.set_ref(PREVIEW_BRANCH, None);
+        this
+    }
+
+    /// Points `branch` of the served repository at `commit`, or deletes it.
+    fn set_ref(&self, branch: &str, commit: Option<&str>) {
+        let reference = format!("refs/heads/{branch}");
+        let mut args = vec!["update-ref"];
+        match commit {
+            Some(c) => args.extend([reference.as_str(), c]),
+            None => args.extend(["-d", reference.as_str()]),
+        }
+        let status = Command::new("git")
+            .arg("--git-dir")
+            .arg(self.repo.bare_path())
+            .args(&args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("git update-ref");
+        assert!(status.success() || commit.is_none(), "git {args:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The audit log.
+
+/// The writes `user` made since `mark`; Lease writes (renewals) apart when
+/// `with_leases` is false.
+async fn writes(log: &AuditLog, mark: AuditMark, user: &str, with_leases: bool) -> Vec<AuditEvent> {
+    log.events_since(mark)
+        .await
+        .into_iter()
+        .filter(|e| e.user == user && e.is_write() && (with_leases || e.resource != "leases"))
+        .collect()
+}
+
+fn summary(events: &[AuditEvent]) -> String {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for e in events {
+        *by.entry(format!(
+            "{} {} {}/{}",
+            e.verb,
+            e.target(),
+            e.namespace,
+            e.name
+        ))
+        .or_default() += 1;
+    }
+    by.iter()
+        .map(|(k, v)| format!("  {v} × {k}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// The end state and the oracle.
+
+/// What one run ends with.
+#[derive(Debug, Clone)]
+struct EndState {
+    /// `apiVersion kind namespace/name` → the fields Kapsa's field manager
+    /// owns, normalised.
+    objects: BTreeMap<String, Value>,
+    /// Deployment `namespace/name` → its ReplicaSets (one per rollout).
+    replica_sets: BTreeMap<String, usize>,
+    /// Image `namespace/name` → `status.buildCounter`.
+    builds: BTreeMap<String, i64>,
+}
+
+/// Projects `object` on a `managedFields[].fieldsV1` set: the values of
+/// exactly the fields it lists.
+fn project_fields(fields: &Value, object: &Value) -> Value {
+    let Some(fields) = fields.as_object() else {
+        return object.clone();
+    };
+    if fields.keys().all(|k| k == ".") {
+        return object.clone();
+    }
+    match object {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, sub) in fields {
+                let Some(name) = key.strip_prefix("f:") else {
+                    continue;
+                };
+                if let Some(value) = map.get(name) {
+                    out.insert(name.to_string(), project_fields(sub, value));
+                }
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            for item in items {
+                let matched = fields.iter().find(|(key, _)| {
+                    if let Some(k) = key.strip_prefix("k:") {
+                        serde_json::from_str::<Value>(k).is_ok_and(|k| {
+                            k.as_object()
+                                .is_some_and(|k| k.iter().all(|(f, v)| &item[f] == v))
+                        })
+                    } else if let Some(v) = key.strip_prefix("v:") {
+                        serde_json::from_str::<Value>(v).is_ok_and(|v| &v == item)
+                    } else {
+                        false
+                    }
+                });
+                if let Some((_, sub)) = matched {
+                    out.push(project_fields(sub, item));
+                }
+            }
+            for (key, sub) in fields {
+                if let Some(i) = key.strip_prefix("i:").and_then(|i| i.parse::<usize>().ok())
+                    && let Some(item) = items.get(i)
+                {
+                    out.push(project_fields(sub, item));
+                }
+            }
+            Value::Array(out)
+        }
+        other => other.clone(),
+    }
+}
+
+fn merge(into: &mut Value, from: Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, from) => *slot = from,
+    }
+}
+
+fn is_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[..4].iter().all(u8::is_ascii_digit)
+}
+
+fn normalise_times(value: &mut Value) {
+    match value {
+        Value::String(s) if is_timestamp(s) => *s = "<time>".into(),
+        Value::Array(items) => items.iter_mut().for_each(normalise_times),
+        Value::Object(map) => map.values_mut().for_each(normalise_times),
+        _ => {}
+    }
+}
+
+/// Whether Kapsa's field manager owns fields of `object` (its status only,
+/// for a Project or a DomainPool).
+fn kapsa_managed(object: &Value) -> bool {
+    object["metadata"]["managedFields"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|e| e["manager"] == KAPSA_MANAGER))
+}
+
+/// Whether Kapsa made `object`: its field manager applied the object itself,
+/// not only a status (a Project's, a DomainPool's). Kapsa objects must have
+/// a live owner.
+fn kapsa_made(object: &Value) -> bool {
+    object["metadata"]["managedFields"]
+        .as_array()
+        .is_some_and(|m| {
+            m.iter().any(|e| {
+                e["manager"] == KAPSA_MANAGER && e["subresource"].as_str().unwrap_or("").is_empty()
+            })
+        })
+}
+
+/// Kinds the oracle leaves out: Events are not state (an Event due right
+/// after a status write is lost if the operator dies in between, by design)
+/// and the Lease is leader-election bookkeeping.
+fn left_out(resource: &ApiResource) -> bool {
+    resource.kind == "Event" || resource.kind == "Lease"
+}
+
+/// The fields of `object` Kapsa's field manager owns, normalised (see the
+/// module documentation).
+fn kapsa_fields(object: &Value) -> Value {
+    let mut out = json!({});
+    for entry in object["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if entry["manager"] == KAPSA_MANAGER {
+            merge(&mut out, project_fields(&entry["fieldsV1"], object));
+        }
+    }
+    if let Some(owners) = object["metadata"]["ownerReferences"].as_array()
+        && out["metadata"].get("ownerReferences").is_some()
+    {
+        out["metadata"]["ownerReferences"] = owners
+            .iter()
+            .map(|o| {
+                json!({"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["name"],
+                    "controller": o["controller"]})
+            })
+            .collect();
+    }
+    if let Some(hash) = out["metadata"]["annotations"].get_mut(APPLIED_HASH)
+        && hash.is_string()
+    {
+        *hash = json!("<hash>");
+    }
+    let generation = object["metadata"]["generation"].as_i64();
+    normalise_generations(&mut out, generation);
+    normalise_times(&mut out);
+    out
+}
+
+/// `observedGeneration` fields (the status's, its conditions') become
+/// `<current>` when they equal the object's `metadata.generation`: how many
+/// spec changes led to the end state is no part of it (a restart may skip an
+/// intermediate spec), acting on the current one is. A stale one stays a
+/// number, and so a difference.
+fn normalise_generations(value: &mut Value, generation: Option<i64>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if key == "observedGeneration" && v.as_i64().is_some() && v.as_i64() == generation {
+                    *v = json!("<current>");
+                } else {
+                    normalise_generations(v, generation);
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| normalise_generations(v, generation)),
+        _ => {}
+    }
+}
+
+struct Suite {
+    env: &'static kapsa_testenv::TestEnv,
+    client: Client,
+    audit: AuditLog,
+    resources: Vec<(ApiResource, ApiCapabilities)>,
+    logs: tempfile::TempDir,
+    long: bool,
+    idle: Duration,
+    runs: usize,
+}
+
+/// One perturbed or unperturbed run's outcome.
+struct RunOutcome {
+    end: EndState,
+    /// Writes (Lease included) of the operator under test until at rest.
+    writes: usize,
+    write_summary: String,
+    /// For a perturbed run: which write it exited after, as it logged it.
+    exit_note: Option<String>,
+    failures: Vec<String>,
+}
+
+impl Suite {
+    fn kubeconfig(&self, user: &str) -> PathBuf {
+        self.env.kubeconfig_as(user, &["system:masters"])
+    }
+
+    fn start_operator(&mut self, user: &str, tag: &str, exit_after: Option<u64>) -> Operator {
+        self.runs += 1;
+        let log = self
+            .logs
+            .path()
+            .join(format!("{:04}-{tag}-{user}.log", self.runs));
+        Operator::start(&self.kubeconfig(user), log, exit_after)
+    }
+
+    fn dynamic(&self, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+        match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, resource),
+            None => Api::all_with(self.client.clone(), resource),
+        }
+    }
+
+    /// Every object of every listable kind, as JSON.
+    async fn all_objects(&self) -> Vec<(ApiResource, ApiCapabilities, Value)> {
+        let mut out = Vec::new();
+        for (resource, caps) in &self.resources {
+            let list = match self
+                .dynamic(resource, None)
+                .list(&ListParams::default())
+                .await
+            {
+                Ok(list) => list,
+                // A kind gone or forbidden: nothing of Kapsa's there.
+                Err(_) => continue,
+            };
+            for item in list.items {
+                let mut value = serde_json::to_value(&item).unwrap();
+                value["apiVersion"] = json!(resource.api_version);
+                value["kind"] = json!(resource.kind);
+                out.push((resource.clone(), caps.clone(), value));
+            }
+        }
+        out
+    }
+
+    async fn end_state(&self) -> (EndState, Vec<(ApiResource, ApiCapabilities, Value)>) {
+        let all = self.all_objects().await;
+        let mut objects = BTreeMap::new();
+        let mut replica_sets = BTreeMap::new();
+        let mut builds = BTreeMap::new();
+        for (resource, _, value) in &all {
+            let ns = value["metadata"]["namespace"].as_str().unwrap_or_default();
+            let name = value["metadata"]["name"].as_str().unwrap_or_default();
+            if resource.kind == "ReplicaSet" {
+                for owner in value["metadata"]["ownerReferences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    if owner["kind"] == "Deployment" {
+                        *replica_sets
+                            .entry(format!(
+                                "{ns}/{}",
+                                owner["name"].as_str().unwrap_or_default()
+                            ))
+                            .or_insert(0) += 1;
+                    }
+                }
+            }
+            if resource.kind == "Image" && resource.group == "kpack.io" {
+                builds.insert(
+                    format!("{ns}/{name}"),
+                    value["status"]["buildCounter"].as_i64().unwrap_or(0),
+                );
+            }
+            if left_out(resource) || !kapsa_managed(value) {
+                continue;
+            }
+            objects.insert(
+                format!("{} {} {ns}/{name}", resource.api_version, resource.kind),
+                kapsa_fields(value),
+            );
+        }
+        (
+            EndState {
+                objects,
+                replica_sets,
+                builds,
+            },
+            all,
+        )
+    }
+
+    /// The checks that need no unperturbed run: orphans, builds, hosts,
+    /// status against children.
+    async fn check_invariants(
+        &self,
+        scenario: Scenario,
+        repo: &ScenarioRepo,
+        all: &[(ApiResource, ApiCapabilities, Value)],
+    ) -> Vec<String> {
+        let mut failures = Vec::new();
+        let project_name = scenario.project();
+        // Orphans: every Kapsa object has a live owner (same uid).
+        let uids: BTreeMap<(String, String, String), String> = all
+            .iter()
+            .map(|(r, caps, v)| {
+                let ns = match caps.scope {
+                    Scope::Namespaced => v["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    Scope::Cluster => "",
+                };
+                (
+                    (
+                        r.kind.clone(),
+                        ns.to_string(),
+                        v["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ),
+                    v["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        let cluster_scoped: BTreeSet<String> = all
+            .iter()
+            .filter(|(_, caps, _)| caps.scope == Scope::Cluster)
+            .map(|(r, _, _)| r.kind.clone())
+            .collect();
+        for (resource, _, value) in all {
+            if left_out(resource) || !kapsa_made(value) {
+                continue;
+            }
+            let ns = value["metadata"]["namespace"].as_str().unwrap_or_default();
+            let name = value["metadata"]["name"].as_str().unwrap_or_default();
+            if resource.kind == "ConfigMap" && name == HOST_OWNERS && ns == PLATFORM_NAMESPACE {
+                continue;
+            }
+            let owners = value["metadata"]["ownerReferences"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let live = owners.iter().any(|o| {
+                let kind = o["kind"].as_str().unwrap_or_default().to_string();
+                let owner_ns = if cluster_scoped.contains(&kind) {
+                    ""
+                } else {
+                    ns
+                };
+                uids.get(&(
+                    kind,
+                    owner_ns.to_string(),
+                    o["name"].as_str().unwrap_or_default().to_string(),
+                ))
+                .is_some_and(|uid| o["uid"].as_str() == Some(uid.as_str()))
+            });
+            if !live {
+                failures.push(format!(
+                    "orphan: {} {ns}/{name} has no live owner (ownerReferences {})",
+                    resource.kind,
+                    json!(owners)
+                ));
+            }
+        }
+
+        // The Project, its Environments and their children.
+        let Some(project) = Api::<Project>::all(self.client.clone())
+            .get_opt(&project_name)
+            .await
+            .unwrap()
+        else {
+            failures.push(format!("Project {project_name} is missing"));
+            return failures;
+        };
+        let status = project.status.clone().unwrap_or_default();
+        let Some(namespace) = status.namespace.clone() else {
+            failures.push("the Project's status names no namespace".into());
+            return failures;
+        };
+        let Some(host) = status.host.clone() else {
+            failures.push("the Project's status names no host".into());
+            return failures;
+        };
+        let environments = Api::<Environment>::namespaced(self.client.clone(), &namespace)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        let find = |kind: &str, name: &str| {
+            all.iter()
+                .find(|(r, _, v)| {
+                    r.kind == kind
+                        && v["metadata"]["namespace"] == namespace.as_str()
+                        && v["metadata"]["name"] == name
+                })
+                .map(|(_, _, v)| v.clone())
+        };
+        let url = repo.repo.url();
+        let mut expected_envs: BTreeMap<String, (String, i64)> =
+            BTreeMap::from([("production".to_string(), (String::new(), 0))]);
+        match scenario {
+            Scenario::NewProject => {
+                expected_envs.insert("production".into(), (repo.first.clone(), 1));
+            }
+            Scenario::NewCommit => {
+                expected_envs.insert("production".into(), (repo.second.clone().unwrap(), 2));
+            }
+            Scenario::PreviewCreated => {
+                expected_envs.insert("production".into(), (repo.first.clone(), 1));
+                expected_envs.insert(
+                    kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH),
+                    (repo.second.clone().unwrap(), 1),
+                );
+            }
+        }
+        let names: BTreeSet<String> = environments.iter().map(|e| e.name_any()).collect();
+        let wanted: BTreeSet<String> = expected_envs.keys().cloned().collect();
+        if names != wanted {
+            failures.push(format!("Environments {names:?}, expected {wanted:?}"));
+        }
+        for env in &environments {
+            let name = env.name_any();
+            let Some((commit, builds)) = expected_envs.get(&name) else {
+                continue;
+            };
+            let es = env.status.clone().unwrap_or_default();
+            if es.phase != Some(kapsa_api::EnvironmentPhase::Ready) {
+                failures.push(format!(
+                    "Environment {name}: phase {:?}, not Ready",
+                    es.phase
+                ));
+            }
+            if es.observed_generation != env.metadata.generation {
+                failures.push(format!(
+                    "Environment {name}: observedGeneration {:?} != generation {:?}",
+                    es.observed_generation, env.metadata.generation
+                ));
+            }
+            if es.commit.as_deref() != Some(commit.as_str()) {
+                failures.push(format!(
+                    "Environment {name}: commit {:?}, expected {commit}",
+                    es.commit
+                ));
+            }
+            let digest = simulated_digest(url, commit);
+            if !es
+                .image
+                .as_deref()
+                .is_some_and(|i| i.ends_with(&format!("@{digest}")))
+            {
+                failures.push(format!(
+                    "Environment {name}: image {:?}, expected …@{digest}",
+                    es.image
+                ));
+            }
+            match find("Image", &name) {
+                Some(image) => {
+                    if image["spec"]["source"]["git"]["revision"] != commit.as_str() {
+                        failures.push(format!(
+                            "Image {name}: revision {}, expected {commit}",
+                            image["spec"]["source"]["git"]["revision"]
+                        ));
+                    }
+                    if image["status"]["latestImage"].as_str() != es.image.as_deref() {
+                        failures.push(format!(
+                            "Image {name}: latestImage {} but the Environment says {:?}",
+                            image["status"]["latestImage"], es.image
+                        ));
+                    }
+                    let counter = image["status"]["buildCounter"].as_i64().unwrap_or(0);
+                    if counter != *builds {
+                        failures.push(format!(
+                            "Image {name}: {counter} builds, expected {builds} (one per commit)"
+                        ));
+                    }
+                }
+                None => failures.push(format!("Environment {name} has no kpack Image")),
+            }
+            match find("Deployment", &name) {
+                Some(d) => {
+                    let image = d["spec"]["template"]["spec"]["containers"][0]["image"].as_str();
+                    if image != es.image.as_deref() {
+                        failures.push(format!(
+                            "Deployment {name} runs {image:?}, the Environment says {:?}",
+                            es.image
+                        ));
+                    }
+                    let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
+                    let ready = d["status"]["readyReplicas"].as_i64().unwrap_or(0);
+                    let updated = d["status"]["updatedReplicas"].as_i64().unwrap_or(0);
+                    if ready != replicas || updated != replicas {
+                        failures.push(format!(
+                            "Deployment {name}: {ready} ready, {updated} updated of {replicas}"
+                        ));
+                    }
+                }
+                None => failures.push(format!("Environment {name} has no Deployment")),
+            }
+        }
+        // The Project's status lists exactly its Environments.
+        let listed: BTreeMap<String, (Option<String>, bool)> = status
+            .environments
+            .iter()
+            .map(|s| (s.name.clone(), (s.commit.clone(), s.ready)))
+            .collect();
+        let actual: BTreeMap<String, (Option<String>, bool)> = environments
+            .iter()
+            .map(|e| {
+                let s = e.status.clone().unwrap_or_default();
+                (
+                    e.name_any(),
+                    (
+                        s.commit,
+                        s.phase == Some(kapsa_api::EnvironmentPhase::Ready),
+                    ),
+                )
+            })
+            .collect();
+        if listed != actual {
+            failures.push(format!(
+                "Project status.environments {listed:?} != the Environments {actual:?}"
+            ));
+        }
+        let previews = environments
+            .iter()
+            .filter(|e| e.name_any() != "production")
+            .count();
+        if status.previews.len() != previews {
+            failures.push(format!(
+                "Project status.previews has {} entries, {previews} preview Environments exist",
+                status.previews.len()
+            ));
+        }
+        if scenario.previews() && status.preview_count != Some(previews as i32) {
+            failures.push(format!(
+                "Project status.previewCount {:?}, {previews} preview Environments exist",
+                status.preview_count
+            ));
+        }
+        let head = repo.repo.head("main").unwrap();
+        if status.latest_commit != head {
+            failures.push(format!(
+                "Project status.latestCommit {:?}, main is at {head:?}",
+                status.latest_commit
+            ));
+        }
+        // Hosts: every Ingress host is the Project's or below it, and the
+        // host-ownership table gives it to the Project's namespace.
+        for (resource, _, value) in all {
+            if resource.kind != "Ingress" || value["metadata"]["namespace"] != namespace.as_str() {
+                continue;
+            }
+            let mut hosts: Vec<&str> = Vec::new();
+            for rule in value["spec"]["rules"].as_array().into_iter().flatten() {
+                hosts.extend(rule["host"].as_str());
+            }
+            for tls in value["spec"]["tls"].as_array().into_iter().flatten() {
+                for h in tls["hosts"].as_array().into_iter().flatten() {
+                    hosts.extend(h.as_str());
+                }
+            }
+            for h in hosts {
+                if h != host && !h.ends_with(&format!(".{host}")) {
+                    failures.push(format!(
+                        "Ingress {}: host {h} is not the Project's ({host}) or below it",
+                        value["metadata"]["name"]
+                    ));
+                }
+            }
+        }
+        let table = Api::<ConfigMap>::namespaced(self.client.clone(), PLATFORM_NAMESPACE)
+            .get_opt(HOST_OWNERS)
+            .await
+            .unwrap()
+            .and_then(|c| c.data)
+            .unwrap_or_default();
+        if table.get(&host) != Some(&namespace) {
+            failures.push(format!(
+                "host-ownership table: {host} → {:?}, expected {namespace}",
+                table.get(&host)
+            ));
+        }
+        failures
+    }
+
+    /// Whether the scenario's end state is there (not yet whether at rest).
+    async fn reached(&self, scenario: Scenario, repo: &ScenarioRepo) -> bool {
+        let project = scenario.project();
+        let production_commit = match scenario {
+            Scenario::NewCommit => repo.second.clone().unwrap(),
+            _ => repo.first.clone(),
+        };
+        if !env_ready(&self.client, &project, "production", &production_commit).await {
+            return false;
+        }
+        if scenario.previews() {
+            let preview = kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH);
+            if !env_ready(
+                &self.client,
+                &project,
+                &preview,
+                repo.second.as_ref().unwrap(),
+            )
+            .await
+            {
+                return false;
+            }
+        }
+        // The Project's summary follows its Environments a moment later.
+        let Ok(Some(p)) = Api::<Project>::all(self.client.clone())
+            .get_opt(&project)
+            .await
+        else {
+            return false;
+        };
+        let status = p.status.unwrap_or_default();
+        let expected = if scenario.previews() { 2 } else { 1 };
+        status.environments.len() == expected
+            && status.environments.iter().all(|e| e.ready)
+            && status.latest_commit.as_deref() == Some(production_commit.as_str())
+    }
+
+    /// Waits for the end state, then for an idle window with no write by
+    /// `user` (Lease renewals aside). Returns the audit mark where that
+    /// window began, or a failure.
+    async fn converge(
+        &self,
+        scenario: Scenario,
+        repo: &ScenarioRepo,
+        user: &str,
+        since: AuditMark,
+        operator: &mut Operator,
+    ) -> Result<AuditMark, String> {
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        while !self.reached(scenario, repo).await {
+            if !operator.running() {
+                return Err(format!(
+                    "the operator exited before the end state; its log:\n{}",
+                    operator.tail(30)
+                ));
+            }
+            if Instant::now() > deadline {
+                let events = writes(&self.audit, since, user, false).await;
+                return Err(format!(
+                    "no end state within {CONVERGE_TIMEOUT:?}; writes so far:\n{}\nlog:\n{}",
+                    summary(&events),
+                    operator.tail(30)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mark = self.audit.mark().await;
+            tokio::time::sleep(self.idle).await;
+            let recent = writes(&self.audit, mark, user, false).await;
+            if recent.is_empty() {
+                return Ok(mark);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "writes never stopped after the end state; the last window's:\n{}",
+                    summary(&recent)
+                ));
+            }
+        }
+    }
+
+    /// Deletes the scenario's Project and waits for its namespace to go and
+    /// the host-ownership table to forget it, with an operator running.
+    async fn clean(&mut self, scenario: Scenario) {
+        let project = scenario.project();
+        let projects = Api::<Project>::all(self.client.clone());
+        let exists = projects.get_opt(&project).await.unwrap().is_some();
+        let namespace_exists = Api::<Namespace>::all(self.client.clone())
+            .get_opt(&project)
+            .await
+            .unwrap()
+            .is_some();
+        if !exists && !namespace_exists {
+            return;
+        }
+        let mut operator =
+            self.start_operator(USER_SETUP, &format!("{}-clean", scenario.name()), None);
+        let _ = projects.delete(&project, &DeleteParams::default()).await;
+        // The garbage collector would delete the namespace (its owner is the
+        // Project), but it learns new kinds only every 30 s: deleting the
+        // namespace at once saves that wait.
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&project, &DeleteParams::default())
+            .await;
+        let client = self.client.clone();
+        let host = format!("{project}.{BASE}");
+        kapsa_testenv::wait::eventually(
+            Duration::from_secs(120),
+            &format!("Project {project}, its namespace and its host to go"),
+            || {
+                let client = client.clone();
+                let (project, host) = (project.clone(), host.clone());
+                async move {
+                    let p = Api::<Project>::all(client.clone())
+                        .get_opt(&project)
+                        .await
+                        .ok()?;
+                    let ns = Api::<Namespace>::all(client.clone())
+                        .get_opt(&project)
+                        .await
+                        .ok()?;
+                    let table = Api::<ConfigMap>::namespaced(client, PLATFORM_NAMESPACE)
+                        .get_opt(HOST_OWNERS)
+                        .await
+                        .ok()?
+                        .and_then(|c| c.data)
+                        .unwrap_or_default();
+                    (p.is_none() && ns.is_none() && !table.contains_key(&host)).then_some(())
+                }
+            },
+        )
+        .await;
+        operator.stop().await;
+    }
+
+    /// Brings the scenario to its starting point, with the operator stopped:
+    /// refs reset, and for the scenarios that start from a live Project, that
+    /// Project live.
+    async fn prepare(&mut self, scenario: Scenario, repo: &ScenarioRepo) -> Result<(), String> {
+        self.clean(scenario).await;
+        repo.set_ref("main", Some(&repo.first));
+        repo.set_ref(PREVIEW_BRANCH, None);
+        if scenario == Scenario::NewProject {
+            return Ok(());
+        }
+        self.create_project(scenario, repo).await;
+        let mut operator =
+            self.start_operator(USER_SETUP, &format!("{}-setup", scenario.name()), None);
+        let project = scenario.project();
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        while !live(&self.client, &project, &repo.first).await {
+            if Instant::now() > deadline {
+                return Err(format!("{project} did not go live:\n{}", operator.tail(30)));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // At rest before the operator stops.
+        loop {
+            let mark = self.audit.mark().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if writes(&self.audit, mark, USER_SETUP, false)
+                .await
+                .is_empty()
+            {
+                break;
+            }
+        }
+        operator.stop().await;
+        Ok(())
+    }
+
+    async fn create_project(&self, scenario: Scenario, repo: &ScenarioRepo) {
+        apply_json(
+            &self.client,
+            &ApiResource::erase::<Project>(&()),
+            None,
+            project_manifest(scenario, repo.repo.url()),
+        )
+        .await;
+    }
+
+    /// The event the scenario is about, with the operator stopped.
+    async fn trigger(&self, scenario: Scenario, repo: &ScenarioRepo) {
+        match scenario {
+            Scenario::NewProject => self.create_project(scenario, repo).await,
+            Scenario::NewCommit => repo.set_ref("main", repo.second.as_deref()),
+            Scenario::PreviewCreated => repo.set_ref(PREVIEW_BRANCH, repo.second.as_deref()),
+        }
+    }
+
+    /// One run: unperturbed (`k` = None) or exiting after write k and
+    /// restarted.
+    async fn run(&mut self, scenario: Scenario, repo: &ScenarioRepo, k: Option<u64>) -> RunOutcome {
+        let mut failures = Vec::new();
+        let t0 = Instant::now();
+        if let Err(e) = self.prepare(scenario, repo).await {
+            panic!("{}: preparing the run failed: {e}", scenario.name());
+        }
+        let t_prepared = Instant::now();
+        self.trigger(scenario, repo).await;
+        let tag = format!(
+            "{}-{}",
+            scenario.name(),
+            k.map_or("baseline".to_string(), |k| format!("k{k}"))
+        );
+        let start = self.audit.mark().await;
+        let mut operator = self.start_operator(USER_RUN, &tag, k);
+        let mut exit_note = None;
+        let (user, since, mut converging) = match k {
+            None => (USER_RUN, start, operator),
+            Some(k) => {
+                match operator.wait_exit(EXIT_TIMEOUT).await {
+                    Some(status) if status.code() == Some(fault::EXIT_CODE) => {
+                        exit_note = operator.exit_note();
+                    }
+                    Some(status) => failures.push(format!(
+                        "k={k}: the operator exited with {status}, not the fault-injection status; log:\n{}",
+                        operator.tail(30)
+                    )),
+                    None => {
+                        failures.push(format!(
+                            "k={k}: the operator made fewer than {k} writes in {EXIT_TIMEOUT:?}"
+                        ));
+                        operator.stop().await;
+                    }
+                }
+                let restart = self.audit.mark().await;
+                let restarted = self.start_operator(USER_RESTARTED, &tag, None);
+                (USER_RESTARTED, restart, restarted)
+            }
+        };
+        let t1 = Instant::now();
+        let at_rest = match self
+            .converge(scenario, repo, user, since, &mut converging)
+            .await
+        {
+            Ok(mark) => Some(mark),
+            Err(e) => {
+                failures.push(e);
+                None
+            }
+        };
+        let all_writes = writes(&self.audit, start, USER_RUN, true).await;
+        let (end, objects) = self.end_state().await;
+        if at_rest.is_some() {
+            failures.extend(self.check_invariants(scenario, repo, &objects).await);
+        }
+        if at_rest.is_some() && self.long {
+            // Long form: a second idle window, after the snapshot.
+            let mark = self.audit.mark().await;
+            tokio::time::sleep(self.idle).await;
+            let late = writes(&self.audit, mark, user, false).await;
+            if !late.is_empty() {
+                failures.push(format!("writes at rest:\n{}", summary(&late)));
+            }
+        }
+        let counted = match at_rest {
+            Some(mark) => {
+                let after = writes(&self.audit, mark, USER_RUN, true).await.len();
+                all_writes.len() - after.min(all_writes.len())
+            }
+            None => all_writes.len(),
+        };
+        converging.stop().await;
+        if std::env::var_os("KAPSA_PERTURBATION_TIMING").is_some() {
+            eprintln!(
+                "  timing: prepare {:.1}s, run to exit {:.1}s, converge+checks {:.1}s",
+                (t_prepared - t0).as_secs_f64(),
+                (t1 - t_prepared).as_secs_f64(),
+                t1.elapsed().as_secs_f64()
+            );
+        }
+        RunOutcome {
+            end,
+            writes: counted,
+            write_summary: summary(&all_writes),
+            exit_note,
+            failures,
+        }
+    }
+}
+
+/// A live Project: production Ready at `commit`, and the Project's status
+/// says so.
+async fn live(client: &Client, project: &str, commit: &str) -> bool {
+    if !env_ready(client, project, "production", commit).await {
+        return false;
+    }
+    let Ok(Some(p)) = Api::<Project>::all(client.clone()).get_opt(project).await else {
+        return false;
+    };
+    let status = p.status.unwrap_or_default();
+    !status.environments.is_empty() && status.environments.iter().all(|e| e.ready)
+}
+
+async fn env_ready(client: &Client, namespace: &str, name: &str, commit: &str) -> bool {
+    let Ok(Some(env)) = Api::<Environment>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+    else {
+        return false;
+    };
+    let status = env.status.unwrap_or_default();
+    status.commit.as_deref() == Some(commit)
+        && status.phase == Some(kapsa_api::EnvironmentPhase::Ready)
+}
+
+/// Differences between two end states, readable.
+fn diff(expected: &EndState, actual: &EndState) -> Vec<String> {
+    let mut out = Vec::new();
+    for (key, value) in &expected.objects {
+        match actual.objects.get(key) {
+            None => out.push(format!("missing: {key}")),
+            Some(v) if v != value => out.push(format!(
+                "differs: {key}\n  unperturbed: {value}\n  perturbed:   {v}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for key in actual.objects.keys() {
+        if !expected.objects.contains_key(key) {
+            out.push(format!("extra: {key}: {}", actual.objects[key]));
+        }
+    }
+    if expected.replica_sets != actual.replica_sets {
+        out.push(format!(
+            "ReplicaSets (rollouts) per Deployment: unperturbed {:?}, perturbed {:?}",
+            expected.replica_sets, actual.replica_sets
+        ));
+    }
+    if expected.builds != actual.builds {
+        out.push(format!(
+            "builds per Image: unperturbed {:?}, perturbed {:?}",
+            expected.builds, actual.builds
+        ));
+    }
+    out
+}
+
+/// The k values to run for a scenario with `w` writes: every one in the
+/// long form; in the quick form `quick` of them, spread evenly over 1..=w.
+fn sample(w: u64, long: bool, quick: u64) -> Vec<u64> {
+    if let Ok(list) = std::env::var("KAPSA_PERTURBATION_K") {
+        return list
+            .split(',')
+            .filter_map(|k| k.trim().parse().ok())
+            .filter(|k| *k > 0)
+            .collect();
+    }
+    if long || w <= quick {
+        return (1..=w).collect();
+    }
+    let ks: BTreeSet<u64> = (1..=quick)
+        .map(|i| (i * w).div_ceil(quick + 1).max(1))
+        .collect();
+    ks.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_at_every_write_point() {
+    let started = Instant::now();
+    let long = std::env::var("KAPSA_PERTURBATION_LONG").is_ok_and(|v| !v.is_empty() && v != "0");
+    let only: Option<BTreeSet<String>> = std::env::var("KAPSA_PERTURBATION_SCENARIOS")
+        .ok()
+        .map(|s| s.split(',').map(|s| s.trim().to_string()).collect());
+    let env = kapsa_testenv::shared().await;
+    let client = env.client().await;
+    install_platform(&client).await;
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let mut resources = Vec::new();
+    for group in discovery.groups() {
+        for (resource, caps) in group.recommended_resources() {
+            if caps.supports_operation(verbs::LIST) {
+                resources.push((resource, caps));
+            }
+        }
+    }
+    assert!(
+        resources
+            .iter()
+            .any(|(r, _)| r.kind == "Image" && r.group == "kpack.io"),
+        "the kpack simulator's Image kind is served"
+    );
+    let mut suite = Suite {
+        env,
+        audit: env.audit_log(),
+        client,
+        resources,
+        logs: tempfile::Builder::new()
+            .prefix("kapsa-perturbation-")
+            .tempdir()
+            .unwrap(),
+        long,
+        idle: if long {
+            Duration::from_secs(6)
+        } else {
+            Duration::from_secs(3)
+        },
+        runs: 0,
+    };
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for scenario in Scenario::ALL {
+        if only.as_ref().is_some_and(|o| !o.contains(scenario.name())) {
+            continue;
+        }
+        let scenario_started = Instant::now();
+        let repo = ScenarioRepo::new(scenario).await;
+        let baseline = suite.run(scenario, &repo, None).await;
+        assert!(
+            baseline.failures.is_empty(),
+            "{}: the unperturbed run fails the oracle:\n{}",
+            scenario.name(),
+            baseline.failures.join("\n")
+        );
+        let w = baseline.writes as u64;
+        eprintln!(
+            "{}: unperturbed run: {w} writes (Lease included) until at rest:\n{}",
+            scenario.name(),
+            baseline.write_summary
+        );
+        let ks = sample(w, suite.long, scenario.quick_sample());
+        let mut exits = Vec::new();
+        for &k in &ks {
+            let t = Instant::now();
+            let outcome = suite.run(scenario, &repo, Some(k)).await;
+            let mut problems = outcome.failures.clone();
+            problems.extend(diff(&baseline.end, &outcome.end));
+            eprintln!(
+                "{} k={k}: exited after {} — {} ({:.1}s)",
+                scenario.name(),
+                outcome.exit_note.as_deref().unwrap_or("?"),
+                if problems.is_empty() { "ok" } else { "FAILED" },
+                t.elapsed().as_secs_f64()
+            );
+            exits.push(format!(
+                "{k}: {}",
+                outcome.exit_note.as_deref().unwrap_or("?")
+            ));
+            if !problems.is_empty() {
+                failures.push(format!(
+                    "{} k={k} (exited after {}):\n{}",
+                    scenario.name(),
+                    outcome.exit_note.as_deref().unwrap_or("?"),
+                    problems.join("\n")
+                ));
+            }
+        }
+        suite.clean(scenario).await;
+        report.push(format!(
+            "{}: W = {w}, {} perturbations (k = {ks:?}) in {:.0}s",
+            scenario.name(),
+            ks.len(),
+            scenario_started.elapsed().as_secs_f64()
+        ));
+    }
+    eprintln!(
+        "perturbation suite ({} form) in {:.0}s:\n{}\noperator logs: {}",
+        if long { "long" } else { "quick" },
+        started.elapsed().as_secs_f64(),
+        report.join("\n"),
+        suite.logs.path().display()
+    );
+    if !failures.is_empty() {
+        // Keep the logs for a look.
+        let kept = suite.logs.keep();
+        panic!(
+            "{} perturbation(s) broke the oracle (operator logs kept in {}):\n\n{}",
+            failures.len(),
+            kept.display(),
+            failures.join("\n\n")
+        );
+    }
+}
