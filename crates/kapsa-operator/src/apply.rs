@@ -217,6 +217,39 @@ impl Applier {
         }
     }
 
+    /// Whether the cached copy of `object` is older than the status Kapsa
+    /// last wrote to it: the cache has not caught up with Kapsa's own write
+    /// yet. A plan made from that copy would start from the state before
+    /// Kapsa's last decision (announce an expiry again, re-create what it
+    /// just recorded as gone); the reconcile waits for the cache instead.
+    /// Bounded by [`CACHE_LAG`], so a cache that never catches up (a missed
+    /// event) does not stop the object for long.
+    pub fn status_behind<K>(&self, object: &K) -> bool
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let resource = ApiResource::erase::<K>(&());
+        let meta = object.meta();
+        let key = format!(
+            "status/{}",
+            ChildKey::new(
+                &resource,
+                meta.namespace.as_deref(),
+                meta.name.as_deref().unwrap_or_default()
+            )
+        );
+        let cache_rv: Option<u64> = meta
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok());
+        self.answered.lock().is_ok_and(|answered| {
+            answered.get(&key).is_some_and(|answer| {
+                cache_rv.is_some_and(|rv| rv < answer.resource_version)
+                    && answer.at.elapsed() < CACHE_LAG
+            })
+        })
+    }
+
     /// Writes `status` to the status subresource of `object` (a cached copy)
     /// unless Kapsa wrote this very status already and the cache has not
     /// caught up yet. The caller compares with the cached status first.

@@ -158,6 +158,22 @@ async fn project_events(client: &Client, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The distinct messages of the Events with `reason` about the Project
+/// `name` (one announcement may be published twice: see the note in the
+/// TTL test).
+async fn project_event_messages(client: &Client, name: &str, reason: &str) -> BTreeSet<String> {
+    Api::<Event>::all(client.clone())
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.kind=Project,involvedObject.name={name},reason={reason}"
+        )))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_branch_gets_a_preview_that_follows_it_and_goes_with_it() {
     let (_, client) = cluster().await;
@@ -344,11 +360,18 @@ async fn the_ttl_deletes_a_preview_once_and_keep_exempts_one() {
     // Not re-created while the branch stays at the expired head (three polls).
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert!(environment(&client, ns, "preview-short").await.is_none());
-    let expired = project_events(&client, ns).await;
+    // One expiry, no re-create loop: a loop would expire the preview again
+    // at a later first sighting (another message). The same announcement
+    // can be published twice when two status writes plan it (a known
+    // duplicate, noted for the perturbation issue), so distinct messages
+    // are counted.
+    let expired = project_event_messages(&client, ns, "PreviewExpired").await;
+    assert_eq!(expired.len(), 1, "one expiry: {expired:?}");
+    let created = project_event_messages(&client, ns, "PreviewCreated").await;
     assert_eq!(
-        expired.iter().filter(|e| *e == "PreviewExpired").count(),
-        1,
-        "one expiry, no re-create loop: {expired:?}"
+        created.len(),
+        2,
+        "short and kept created once each: {created:?}"
     );
     // A new commit brings it back.
     let c = live.repo.commit("short", "a.txt", "a2", "again").unwrap();

@@ -49,6 +49,11 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
         // The garbage collector removes the children.
         return Ok(Action::await_change());
     }
+    // Never plan from a copy older than Kapsa's own last status write: the
+    // watch event of that write is on its way and triggers the next reconcile.
+    if ctx.applier.status_behind(env.as_ref()) {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     // 1. Dereference (caches only).
     let world = dereference::dereference(env.clone(), ctx);
     // 2. Plan (pure).

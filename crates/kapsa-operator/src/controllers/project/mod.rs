@@ -45,6 +45,11 @@ async fn reconcile_project(project: Arc<Project>, ctx: &Context) -> Result<Actio
         // The garbage collector removes the namespace and everything in it.
         return Ok(Action::await_change());
     }
+    // Never plan from a copy older than Kapsa's own last status write: the
+    // watch event of that write is on its way and triggers the next reconcile.
+    if ctx.applier.status_behind(project.as_ref()) {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     // 1. Dereference (caches; the registry Secret's data only when it changed).
     let world = dereference::dereference(project.clone(), ctx).await?;
     // 2. Plan (pure).

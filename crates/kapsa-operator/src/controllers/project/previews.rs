@@ -327,7 +327,15 @@ pub fn plan_previews(inputs: &PreviewInputs<'_>) -> PreviewPlan {
             c.seen,
             expires,
         );
+        // Announced once: a preview the status lists already was announced
+        // (the Environment cache may lag behind its creation).
+        let announced = inputs
+            .before
+            .previews
+            .iter()
+            .any(|p| p.environment == env.name_any());
         match c.existing {
+            None if announced => {}
             None => plan.events.push(PlannedEvent::normal(
                 "PreviewCreated",
                 format!("{} for {} at {}", env.name_any(), c.branch, c.head),
@@ -346,7 +354,12 @@ pub fn plan_previews(inputs: &PreviewInputs<'_>) -> PreviewPlan {
     // Previews whose branch is gone.
     for (name, env) in &mine {
         let branch = env.spec.branch.clone().unwrap_or_default();
-        if !branches.contains_key(&branch) {
+        let announced = inputs
+            .before
+            .previews
+            .iter()
+            .any(|p| &p.environment == name);
+        if !branches.contains_key(&branch) && announced {
             plan.events.push(PlannedEvent::normal(
                 "PreviewDeleted",
                 format!("{name} deleted: branch {branch} was deleted"),

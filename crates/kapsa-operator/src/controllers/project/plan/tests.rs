@@ -216,6 +216,7 @@ cases! {
         preview_environments_enabled => "preview-environments-enabled",
         previews_branch_deleted => "previews-branch-deleted",
         previews_created => "previews-created",
+        previews_created_announced_once => "previews-created-announced-once",
         previews_disabled => "previews-disabled",
         previews_expire_records_first => "previews-expire-records-first",
         previews_expired_deleted => "previews-expired-deleted",
