@@ -169,9 +169,18 @@ pub fn hashed_branch_slug(branch: &str) -> String {
     format!("{base}-{hash}")
 }
 
-/// The Environment name of the preview for `branch`: `preview-<slug>`.
+/// The slug a preview of `branch` takes when no other Environment holds it:
+/// the readable slug ([`readable_branch_slug`]), or the hashed one when
+/// there is none. The operator falls back to [`hashed_branch_slug`] when
+/// this one is taken (another branch that slugs alike came first).
+pub fn preview_slug(branch: &str) -> String {
+    readable_branch_slug(branch).unwrap_or_else(|| hashed_branch_slug(branch))
+}
+
+/// The Environment name of the preview for `branch` when that name is free:
+/// `preview-<preview_slug>`.
 pub fn preview_environment_name(branch: &str) -> String {
-    format!("{PREVIEW_ENVIRONMENT_PREFIX}{}", branch_slug(branch))
+    format!("{PREVIEW_ENVIRONMENT_PREFIX}{}", preview_slug(branch))
 }
 
 /// The production host of a project: `<project>.<base>`.
@@ -179,9 +188,10 @@ pub fn production_host(project: &str, base_domain: &str) -> String {
     format!("{project}.{base_domain}")
 }
 
-/// The preview host of a branch of a project: `<slug>.<project>.<base>`.
+/// The preview host of a branch of a project when its name is free:
+/// `<preview_slug>.<project>.<base>`.
 pub fn preview_host(branch: &str, project: &str, base_domain: &str) -> String {
-    format!("{}.{project}.{base_domain}", branch_slug(branch))
+    format!("{}.{project}.{base_domain}", preview_slug(branch))
 }
 
 /// Whether a branch glob of `spec.previewEnvironments.branches` matches

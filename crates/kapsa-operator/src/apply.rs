@@ -228,16 +228,8 @@ impl Applier {
     where
         K: Resource<DynamicType = ()>,
     {
-        let resource = ApiResource::erase::<K>(&());
         let meta = object.meta();
-        let key = format!(
-            "status/{}",
-            ChildKey::new(
-                &resource,
-                meta.namespace.as_deref(),
-                meta.name.as_deref().unwrap_or_default()
-            )
-        );
+        let key = status_key(object);
         let cache_rv: Option<u64> = meta
             .resource_version
             .as_deref()
@@ -260,10 +252,7 @@ impl Applier {
         let resource = ApiResource::erase::<K>(&());
         let name = object.meta().name.clone().unwrap_or_default();
         let namespace = object.meta().namespace.clone();
-        let key = format!(
-            "status/{}",
-            ChildKey::new(&resource, namespace.as_deref(), &name)
-        );
+        let key = status_key(object);
         let cache_rv: Option<u64> = object
             .meta()
             .resource_version
@@ -287,6 +276,18 @@ impl Applier {
         self.remember(key, answer.metadata.resource_version.as_deref(), status);
         Ok(true)
     }
+}
+
+/// The key under which the applier remembers its last status write to
+/// `object`.
+fn status_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    let meta = object.meta();
+    let key = ChildKey::new(
+        &ApiResource::erase::<K>(&()),
+        meta.namespace.as_deref(),
+        meta.name.as_deref().unwrap_or_default(),
+    );
+    format!("status/{key}")
 }
 
 /// Annotation on every object Kapsa applies: a hash of what it applied. A

@@ -37,7 +37,8 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
-fn setpriv_available() -> bool {
+/// Whether `setpriv` (util-linux) can be run here (checked once).
+pub fn setpriv_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         Command::new("setpriv")

@@ -237,9 +237,7 @@ impl Operator {
     }
 
     fn tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        kapsa_testenv::process::log_tail(&self.log, lines)
     }
 
     /// The fault-injection line: which write the process exited after.
@@ -264,14 +262,7 @@ impl Drop for Operator {
     }
 }
 
-fn setpriv_available() -> bool {
-    Command::new("setpriv")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use kapsa_testenv::process::setpriv_available;
 
 // ---------------------------------------------------------------------------
 // The platform and the scenarios' repositories.

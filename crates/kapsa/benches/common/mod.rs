@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -312,23 +311,7 @@ impl Drop for OperatorProcess {
     }
 }
 
-pub fn setpriv_available() -> bool {
-    Command::new("setpriv")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-pub fn tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
+pub use kapsa_testenv::process::{log_tail as tail, setpriv_available};
 
 /// GET /metrics over plain HTTP/1.1.
 pub async fn scrape(addr: &str) -> anyhow::Result<String> {

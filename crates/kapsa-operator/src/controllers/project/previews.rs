@@ -36,7 +36,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kapsa_api::naming::{
-    PREVIEW_ENVIRONMENT_PREFIX, hashed_branch_slug, is_preview_branch, readable_branch_slug,
+    PREVIEW_ENVIRONMENT_PREFIX, hashed_branch_slug, is_preview_branch, preview_slug,
 };
 use kapsa_api::project::{
     DEFAULT_PREVIEW_TTL, HEAD_SEEN_AT_ANNOTATION, KEEP_ANNOTATION, MAX_PREVIEWS_LEFT_OUT,
@@ -302,7 +302,7 @@ pub fn plan_previews(inputs: &PreviewInputs<'_>) -> PreviewPlan {
             None => {
                 let free =
                     |slug: &String| !names.contains(&format!("{PREVIEW_ENVIRONMENT_PREFIX}{slug}"));
-                let Some(slug) = readable_branch_slug(c.branch)
+                let Some(slug) = Some(preview_slug(c.branch))
                     .filter(free)
                     .or_else(|| Some(hashed_branch_slug(c.branch)).filter(free))
                 else {
