@@ -61,6 +61,17 @@ pub const DNS_NAME_MAX_LEN: usize = 253;
 /// Name of the production Environment of every Project.
 pub const PRODUCTION_ENVIRONMENT_NAME: &str = "production";
 
+/// Prefix of every build namespace (`kapsa-build-<project>`): where a
+/// Project's builds run with the registry's push credentials, out of its
+/// tenants' reach. No Project may name a namespace with this prefix.
+pub const BUILD_NAMESPACE_PREFIX: &str = "kapsa-build-";
+
+/// The namespace a Project's builds run in: `kapsa-build-<project>`
+/// (at most 12 + 40 characters, a DNS label).
+pub fn build_namespace(project: &str) -> String {
+    format!("{BUILD_NAMESPACE_PREFIX}{project}")
+}
+
 /// Prefix of every preview Environment name (`preview-<slug>`).
 pub const PREVIEW_ENVIRONMENT_PREFIX: &str = "preview-";
 

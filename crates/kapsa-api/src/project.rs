@@ -16,7 +16,7 @@ use crate::common::LocalObjectReference;
 use crate::conditions::Condition;
 use crate::duration::{MIN_POLL_INTERVAL, MIN_PREVIEW_TTL, as_seconds};
 use crate::environment::EnvironmentType;
-use crate::naming::{MAX_BRANCH_NAME_LEN, MAX_PROJECT_NAME_LEN};
+use crate::naming::{BUILD_NAMESPACE_PREFIX, MAX_BRANCH_NAME_LEN, MAX_PROJECT_NAME_LEN};
 use crate::validation::{
     DNS_LABEL, DNS_SUBDOMAIN, DURATION, GIT_URL, GIT_URL_INSECURE, GIT_URL_LOOPBACK, HTTP_PATH,
     INTEGER_QUOTA_RESOURCE_NAMES, MAX_BRANCH_GLOBS, MAX_CONDITIONS, MAX_DURATION_LEN,
@@ -83,10 +83,10 @@ pub const DEFAULT_BUILDER_NAME: &str = "default";
     validation = Rule::new(matches_rule("self.metadata.name", DNS_LABEL))
         .message("metadata.name of a Project must be a DNS label (lower-case [a-z0-9-], no dots, not starting or ending with '-'): it is a label of every host of the project"),
     validation = Rule::new(format!(
-        "has(self.spec.__namespace__) || !(self.metadata.name in {} || self.metadata.name.startsWith('kube-'))",
+        "has(self.spec.__namespace__) || !(self.metadata.name in {} || self.metadata.name.startsWith('kube-') || self.metadata.name.startsWith('{BUILD_NAMESPACE_PREFIX}'))",
         cel_list(&RESERVED_NAMESPACES)
     ))
-    .message("metadata.name of a Project without spec.namespace is its namespace, which must not be kube-system, kube-public, kube-node-lease, default, kapsa-system or start with kube-; set spec.namespace")
+    .message("metadata.name of a Project without spec.namespace is its namespace, which must not be kube-system, kube-public, kube-node-lease, default, kapsa-system or start with kube- or kapsa-build- (Kapsa's build namespaces); set spec.namespace")
 )]
 #[x_kube(validation = Rule::new("has(self.__namespace__) == has(oldSelf.__namespace__)")
     .message("spec.namespace cannot be added or removed after the Project is created")
@@ -97,15 +97,16 @@ pub struct ProjectSpec {
     /// Environment, build and runtime object of the project in it. Optional,
     /// default `metadata.name`. A DNS label of at most 63 characters, never
     /// `kube-system`, `kube-public`, `kube-node-lease`, `default`,
-    /// `kapsa-system` or any `kube-*` name. Immutable: it can be neither
+    /// `kapsa-system`, any `kube-*` name or any `kapsa-build-*` name (Kapsa's
+    /// build namespaces). Immutable: it can be neither
     /// changed nor added or removed after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(
         validation = Rule::new(matches_rule("self", DNS_LABEL))
             .message("spec.namespace must be a DNS label: lower-case [a-z0-9-], not starting or ending with '-'"),
-        validation = Rule::new(format!("!(self in {} || self.startsWith('kube-'))", cel_list(&RESERVED_NAMESPACES)))
-            .message("spec.namespace must not be kube-system, kube-public, kube-node-lease, default, kapsa-system or start with kube-")
+        validation = Rule::new(format!("!(self in {} || self.startsWith('kube-') || self.startsWith('{BUILD_NAMESPACE_PREFIX}'))", cel_list(&RESERVED_NAMESPACES)))
+            .message("spec.namespace must not be kube-system, kube-public, kube-node-lease, default, kapsa-system or start with kube- or kapsa-build- (Kapsa's build namespaces)")
             .reason(Reason::FieldValueForbidden),
         validation = Rule::new("self == oldSelf").message("spec.namespace is immutable")
     )]
@@ -290,13 +291,15 @@ pub struct BuildSpec {
 }
 
 /// Kind of kpack builder: `ClusterBuilder` (cluster-scoped) or `Builder`
-/// (in the project's namespace).
+/// (in the Project's build namespace `kapsa-build-<project>`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
 pub enum BuilderKind {
     /// A kpack `ClusterBuilder`.
     #[default]
     ClusterBuilder,
-    /// A kpack `Builder` in the project's namespace.
+    /// A kpack `Builder` in the Project's build namespace
+    /// (`kapsa-build-<project>`, made by a platform admin: builds run there,
+    /// out of the tenants' reach).
     Builder,
 }
 
@@ -304,7 +307,8 @@ pub enum BuilderKind {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BuilderReference {
-    /// `ClusterBuilder` (default) or `Builder` (in the project's namespace).
+    /// `ClusterBuilder` (default) or `Builder` (in the Project's build
+    /// namespace `kapsa-build-<project>`, where builds run).
     #[serde(default)]
     pub kind: BuilderKind,
     /// Name of the builder, a DNS subdomain, e.g. `default`.

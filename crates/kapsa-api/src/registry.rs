@@ -70,6 +70,10 @@ pub enum RegistryProvider {
     validation = Rule::new("!has(self.spec.credentialsSecretRef) || has(self.spec.credentialsSecretRef.__namespace__)")
         .message("spec.credentialsSecretRef.namespace is required on a ClusterRegistry (e.g. kapsa-system)")
         .field_path(".spec.credentialsSecretRef.namespace")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("!has(self.spec.pullSecretRef) || has(self.spec.pullSecretRef.__namespace__)")
+        .message("spec.pullSecretRef.namespace is required on a ClusterRegistry (e.g. kapsa-system)")
+        .field_path(".spec.pullSecretRef.namespace")
         .reason(Reason::FieldValueRequired)
 )]
 // The namespaced `Registry` kind shares this spec type; it is implemented by
@@ -103,13 +107,27 @@ pub struct RegistrySpec {
         .message("spec.repository must be a registry path such as kapsa or team/kapsa: lower-case [a-z0-9] components separated by '/', with '.', '_' or '-' inside a component"))]
     pub repository: Option<String>,
 
-    /// The Secret (type `kubernetes.io/dockerconfigjson`) with push and pull
-    /// credentials for the registry, by reference only. On a ClusterRegistry
-    /// both `name` and `namespace` are required; on a Registry only `name`,
-    /// and the Secret lives in the Registry's namespace. Optional for
-    /// registries that need no credentials.
+    /// The Secret (type `kubernetes.io/dockerconfigjson`) with the push
+    /// credentials for the registry, by reference only. Only builds use it:
+    /// Kapsa copies it into each Project's build namespace
+    /// (`kapsa-build-<project>`, which tenants cannot read), never into a
+    /// project namespace. On a ClusterRegistry both `name` and `namespace`
+    /// are required; on a Registry only `name`, and the Secret lives in the
+    /// Registry's namespace. Optional for registries that need no
+    /// credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
+
+    /// The Secret (type `kubernetes.io/dockerconfigjson`) with pull-only
+    /// credentials (a Harbor robot account with pull permission, a GitLab
+    /// deploy token with `read_registry`, …), by reference only. Kapsa
+    /// copies it into every project namespace as `kapsa-registry` and the
+    /// apps' service account pulls with it. Without it, apps pull with no
+    /// credentials (a public registry, or credentials configured on the
+    /// nodes): push credentials are never given to apps. Namespace rules as
+    /// for `credentialsSecretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secret_ref: Option<SecretReference>,
 
     /// Whether the registry is reached over plain HTTP or with a certificate
     /// that is not trusted. Default `false`. Only for local or test
@@ -269,17 +287,21 @@ impl CustomResourceExt for Registry {
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
                 schema.description = Some(REGISTRY_DESCRIPTION.to_owned());
-                schema.x_kubernetes_validations = Some(vec![ValidationRule {
-                    rule: "!has(self.spec.credentialsSecretRef) || !has(self.spec.credentialsSecretRef.__namespace__)"
-                        .to_owned(),
-                    message: Some(
-                        "spec.credentialsSecretRef.namespace must not be set on a Registry: the Secret is read from the Registry's own namespace"
-                            .to_owned(),
-                    ),
-                    field_path: Some(".spec.credentialsSecretRef.namespace".to_owned()),
-                    reason: Some("FieldValueForbidden".to_owned()),
-                    ..ValidationRule::default()
-                }]);
+                schema.x_kubernetes_validations = Some(
+                    ["credentialsSecretRef", "pullSecretRef"]
+                        .map(|field| ValidationRule {
+                            rule: format!(
+                                "!has(self.spec.{field}) || !has(self.spec.{field}.__namespace__)"
+                            ),
+                            message: Some(format!(
+                                "spec.{field}.namespace must not be set on a Registry: the Secret is read from the Registry's own namespace"
+                            )),
+                            field_path: Some(format!(".spec.{field}.namespace")),
+                            reason: Some("FieldValueForbidden".to_owned()),
+                            ..ValidationRule::default()
+                        })
+                        .to_vec(),
+                );
             }
         }
         crd
@@ -342,6 +364,7 @@ mod tests {
                     name: "push".into(),
                     namespace: None,
                 }),
+                pull_secret_ref: None,
                 insecure: false,
             },
         );

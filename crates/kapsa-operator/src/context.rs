@@ -45,7 +45,10 @@ pub struct Stores {
     pub service_accounts: Store<ServiceAccount>,
     pub roles: Store<Role>,
     pub role_bindings: Store<RoleBinding>,
+    /// Kapsa's copies of the registry credentials (`kapsa-registry`).
     pub secrets: Store<Secret>,
+    /// Kapsa's copies of git credentials (`kapsa-git`, build namespaces).
+    pub git_secrets: Store<Secret>,
     pub quotas: Store<ResourceQuota>,
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
@@ -97,6 +100,7 @@ impl Stores {
             ("roles", filled(&self.roles)),
             ("rolebindings", filled(&self.role_bindings)),
             ("secrets", filled(&self.secrets)),
+            ("git secrets", filled(&self.git_secrets)),
             ("resourcequotas", filled(&self.quotas)),
             ("deployments", filled(&self.deployments)),
             ("services", filled(&self.services)),

@@ -19,8 +19,10 @@ pub struct Problem {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistryRef {
     pub spec: RegistrySpec,
-    /// Namespace and name of the `kubernetes.io/dockerconfigjson` Secret.
+    /// Namespace and name of the push credentials (`kubernetes.io/dockerconfigjson`).
     pub credentials: Option<(String, String)>,
+    /// Namespace and name of the pull-only credentials, if any.
+    pub pull: Option<(String, String)>,
 }
 
 /// Looks up the registry a Project names in the caches (a ClusterRegistry,
@@ -64,7 +66,7 @@ pub fn resolve_registry(
             })?
         }
     };
-    let credentials = spec.credentials_secret_ref.as_ref().map(|secret| {
+    let locate = |secret: &kapsa_api::common::SecretReference| {
         let ns = match reference.kind {
             RegistryKind::ClusterRegistry => secret
                 .namespace
@@ -73,16 +75,30 @@ pub fn resolve_registry(
             RegistryKind::Registry => namespace.to_string(),
         };
         (ns, secret.name.clone())
-    });
-    Ok(RegistryRef { spec, credentials })
+    };
+    let credentials = spec.credentials_secret_ref.as_ref().map(locate);
+    let pull = spec.pull_secret_ref.as_ref().map(locate);
+    Ok(RegistryRef {
+        spec,
+        credentials,
+        pull,
+    })
 }
 
-/// Whether a Project names `(namespace, name)` as its registry's credentials
-/// (for mapping a changed Secret to the Projects that copy it).
+/// Whether a Project copies the Secret `(namespace, name)`: its registry's
+/// push or pull credentials, or its git credentials (for mapping a changed
+/// Secret to the Projects that copy it).
 pub fn uses_credentials(stores: &Stores, project: &Project, secret: (&str, &str)) -> bool {
     let namespace = crate::resources::project::namespace_name(project);
-    registry(stores, project, &namespace)
+    let is = |s: &(String, String)| s.0 == secret.0 && s.1 == secret.1;
+    let git = project
+        .spec
+        .source
+        .git
+        .secret_ref
+        .as_ref()
+        .is_some_and(|r| namespace == secret.0 && r.name == secret.1);
+    git || registry(stores, project, &namespace)
         .ok()
-        .and_then(|r| r.credentials)
-        .is_some_and(|(ns, name)| ns == secret.0 && name == secret.1)
+        .is_some_and(|r| r.credentials.iter().chain(r.pull.iter()).any(is))
 }

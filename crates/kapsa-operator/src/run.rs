@@ -329,8 +329,10 @@ impl Owners {
             "Project" => match self.projects.get(&ObjectRef::new(&owner.name)) {
                 Some(p) => {
                     uid_matches(p.uid())
-                        && meta.namespace.as_deref()
-                            == Some(crate::resources::project::namespace_name(&p).as_str())
+                        && meta.namespace.as_deref().is_some_and(|ns| {
+                            ns == crate::resources::project::namespace_name(&p)
+                                || ns == crate::resources::project::build_namespace_name(&p)
+                        })
                 }
                 None => starting,
             },
@@ -642,13 +644,20 @@ pub async fn run(
     let (service_accounts, sa_stream) = managed_cache!(ServiceAccount);
     let (roles, role_stream) = managed_cache!(Role);
     let (role_bindings, binding_stream) = managed_cache!(RoleBinding);
-    // Of Secrets only the registry copies, by name: no tenant can make Kapsa
+    // Of Secrets only Kapsa's copies, by name: no tenant can make Kapsa
     // cache other Secrets, whatever labels they carry.
     let (secrets, secret_stream) = managed_cache!(
         Secret,
         managed().fields(&format!(
             "metadata.name={}",
             crate::resources::project::REGISTRY_SECRET
+        ))
+    );
+    let (git_secrets, git_secret_stream) = managed_cache!(
+        Secret,
+        managed().fields(&format!(
+            "metadata.name={}",
+            crate::resources::project::GIT_SECRET
         ))
     );
     let (quotas, quota_stream) = managed_cache!(ResourceQuota);
@@ -744,6 +753,7 @@ pub async fn run(
         roles,
         role_bindings,
         secrets,
+        git_secrets,
         quotas,
         deployments,
         services,
@@ -796,12 +806,16 @@ pub async fn run(
     };
     let project_controller = Controller::for_shared_stream(projects_for_projects, projects.clone())
         .with_config(controller_config.clone())
-        .owns_shared_stream(environments_for_projects)
+        .watches_shared_stream(
+            environments_for_projects,
+            mappers.clone().project_of_environment(),
+        )
         .owns_stream(namespace_stream)
         .owns_stream(sa_stream)
         .owns_stream(role_stream)
         .owns_stream(binding_stream)
         .owns_stream(secret_stream)
+        .owns_stream(git_secret_stream)
         .owns_stream(quota_stream)
         .watches_shared_stream(pools_for_projects, mappers.clone().all_projects())
         .watches_shared_stream(
@@ -832,7 +846,11 @@ pub async fn run(
             .owns_stream(deployment_stream)
             .owns_stream(service_stream)
             .owns_stream(ingress_stream)
-            .owns_stream_with(image_stream, image_resource)
+            .watches_stream_with(
+                image_stream,
+                mappers.clone().environment_of_image(),
+                image_resource,
+            )
             .watches_stream_with(
                 certificate_stream,
                 mappers.clone().environments_of_certificate(),
@@ -1100,6 +1118,33 @@ impl Mappers {
     /// Maps a Certificate to the Environments whose TLS it serves: the one
     /// whose Ingress owns it (HTTP01), or every Environment of the namespace
     /// (the project's DNS01 wildcard).
+    /// Every Environment's changes (a deletion included, and Environments a
+    /// person made, which the Project does not own) concern its Project:
+    /// its summary, and the kpack Image it leaves in the build namespace.
+    fn project_of_environment(
+        self,
+    ) -> impl Fn(Arc<Environment>) -> Vec<ObjectRef<Project>> + Send + Sync {
+        move |env| vec![ObjectRef::new(&env.spec.project)]
+    }
+
+    /// A kpack Image is named after its Environment, in the Project's build
+    /// namespace (or, made by an older Kapsa, in the project namespace).
+    fn environment_of_image(
+        self,
+    ) -> impl Fn(DynamicObject) -> Vec<ObjectRef<Environment>> + Send + Sync {
+        move |image| {
+            let Some(project) = image
+                .labels()
+                .get(crate::resources::PROJECT_LABEL)
+                .and_then(|p| self.stores.projects.get(&ObjectRef::new(p)))
+            else {
+                return Vec::new();
+            };
+            let namespace = crate::resources::project::namespace_name(&project);
+            vec![ObjectRef::new(&image.name_any()).within(&namespace)]
+        }
+    }
+
     fn environments_of_certificate(
         self,
     ) -> impl Fn(DynamicObject) -> Vec<ObjectRef<Environment>> + Send + Sync {

@@ -160,14 +160,24 @@ async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
         condition_of(&pstatus.conditions, "SourceReachable").map(|c| c.0),
         Some("True".into())
     );
-    // The registry credentials are copied into the namespace for the builder and the app.
-    let copied = Api::<Secret>::namespaced(client.clone(), name)
+    // The registry's push credentials are copied into the build namespace
+    // for the builder, never into the project namespace (the registry names
+    // no pull-only credentials, so the app pulls with none).
+    let copied = Api::<Secret>::namespaced(client.clone(), &format!("kapsa-build-{name}"))
         .get("kapsa-registry")
         .await
         .unwrap();
     assert_eq!(
         copied.type_.as_deref(),
         Some("kubernetes.io/dockerconfigjson")
+    );
+    assert!(
+        Api::<Secret>::namespaced(client.clone(), name)
+            .get_opt("kapsa-registry")
+            .await
+            .unwrap()
+            .is_none(),
+        "no copy of the push credentials in the project namespace"
     );
     // No secret value reaches the status.
     assert!(

@@ -132,7 +132,10 @@ async fn a_fixed_image_prunes_the_build_and_nothing_foreign_is_deleted() {
     )
     .await;
     let ns = live.name.as_str();
-    let images = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &image_resource());
+    // Builds run in the Project's build namespace.
+    let build_ns = kapsa_api::naming::build_namespace(ns);
+    let images =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &build_ns, &image_resource());
     let environments = Api::<Environment>::namespaced(client.clone(), ns);
     // A person's Environment built from a commit ...
     create(
@@ -333,7 +336,11 @@ async fn a_rotated_registry_secret_reaches_the_copy_within_seconds() {
         |_| {},
     )
     .await;
-    let copies = Api::<Secret>::namespaced(client.clone(), &live.name);
+    // The push credentials' copy is in the build namespace.
+    let copies = Api::<Secret>::namespaced(
+        client.clone(),
+        &kapsa_api::naming::build_namespace(&live.name),
+    );
     let data = |s: &Secret| {
         s.data
             .as_ref()

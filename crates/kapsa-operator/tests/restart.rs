@@ -27,10 +27,12 @@ async fn writes_by(
 }
 
 async fn build_counter(client: &Client, namespace: &str) -> i64 {
-    let image = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &image_resource())
-        .get("production")
-        .await
-        .unwrap();
+    let build_namespace = kapsa_api::naming::build_namespace(namespace);
+    let image =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &build_namespace, &image_resource())
+            .get("production")
+            .await
+            .unwrap();
     image.data["status"]["buildCounter"].as_i64().unwrap_or(0)
 }
 
@@ -91,10 +93,15 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
     // Mid-way: stop as soon as the build of a new commit has started.
     let second = repo.commit("main", "a", "2", "two").unwrap();
     eventually("the build of the second commit to start", || async {
-        let image = Api::<DynamicObject>::namespaced_with(client.clone(), name, &image_resource())
-            .get("production")
-            .await
-            .ok()?;
+        let build_namespace = kapsa_api::naming::build_namespace(name);
+        let image = Api::<DynamicObject>::namespaced_with(
+            client.clone(),
+            &build_namespace,
+            &image_resource(),
+        )
+        .get("production")
+        .await
+        .ok()?;
         (image.data["spec"]["source"]["git"]["revision"].as_str() == Some(second.as_str()))
             .then_some(())
     })

@@ -734,7 +734,14 @@ async fn raw_project(
 ) -> anyhow::Result<()> {
     const MANAGER: &str = RAW_MANAGER;
     let name = project.name_any();
-    apply(client, MANAGER, &children::namespace(project)).await?;
+    let (namespace, build_namespace) = (
+        children::namespace(project),
+        children::build_namespace(project, Default::default()),
+    );
+    tokio::try_join!(
+        apply(client, MANAGER, &namespace),
+        apply(client, MANAGER, &build_namespace),
+    )?;
     let host = format!("{name}.{BASE_DOMAIN}");
     let production = children::production_environment(project, Some(commit), Some(&host));
     let seen = k8s_openapi::jiff::Timestamp::now();
@@ -756,10 +763,12 @@ async fn raw_project(
             anyhow::Ok((env, head.as_str()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let secret = children::registry_secret(project, registry_source);
-    let builder = children::builder_service_account(project, true);
-    let runtime = children::runtime_service_account(project, true);
-    let role = children::builder_role(project, true);
+    // The push credentials go to the build namespace; the registry names
+    // no pull-only credentials.
+    let secret = children::push_secret(project, registry_source);
+    let builder = children::builder_service_account(project, true, false);
+    let runtime = children::runtime_service_account(project, false);
+    let role = children::builder_role(project, true, false);
     let binding = children::builder_role_binding(project);
     let (environment, preview_environments, ..) = tokio::try_join!(
         apply(client, MANAGER, &production),

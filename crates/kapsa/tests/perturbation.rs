@@ -612,6 +612,13 @@ fn kapsa_fields(object: &Value) -> Value {
     {
         *hash = json!("<hash>");
     }
+    // A kpack Image names its Environment by uid, which differs between
+    // runs (each run makes its Environments anew).
+    if let Some(uid) = out["metadata"]["labels"].get_mut("kapsa.dev/environment-uid")
+        && uid.is_string()
+    {
+        *uid = json!("<uid>");
+    }
     let generation = object["metadata"]["generation"].as_i64();
     normalise_generations(&mut out, generation);
     normalise_times(&mut out);
@@ -853,11 +860,19 @@ impl Suite {
             .await
             .unwrap()
             .items;
+        // kpack Images live in the Project's build namespace, the rest in
+        // its namespace.
+        let build_namespace = kapsa_api::naming::build_namespace(&project.name_any());
         let find = |kind: &str, name: &str| {
+            let ns = if kind == "Image" {
+                build_namespace.as_str()
+            } else {
+                namespace.as_str()
+            };
             all.iter()
                 .find(|(r, _, v)| {
                     r.kind == kind
-                        && v["metadata"]["namespace"] == namespace.as_str()
+                        && v["metadata"]["namespace"] == ns
                         && v["metadata"]["name"] == name
                 })
                 .map(|(_, _, v)| v.clone())
@@ -1139,11 +1154,13 @@ impl Suite {
         let project = scenario.project();
         let projects = Api::<Project>::all(self.client.clone());
         let exists = projects.get_opt(&project).await.unwrap().is_some();
-        let namespace_exists = Api::<Namespace>::all(self.client.clone())
-            .get_opt(&project)
-            .await
-            .unwrap()
-            .is_some();
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        let namespace_exists = namespaces.get_opt(&project).await.unwrap().is_some()
+            || namespaces
+                .get_opt(&kapsa_api::naming::build_namespace(&project))
+                .await
+                .unwrap()
+                .is_some();
         if !exists && !namespace_exists {
             return;
         }
@@ -1153,26 +1170,31 @@ impl Suite {
         // The garbage collector would delete the namespace (its owner is the
         // Project), but it learns new kinds only every 30 s: deleting the
         // namespace at once saves that wait.
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&project, &DeleteParams::default())
-            .await;
+        let build_namespace = kapsa_api::naming::build_namespace(&project);
+        for namespace in [&project, &build_namespace] {
+            let _ = Api::<Namespace>::all(self.client.clone())
+                .delete(namespace, &DeleteParams::default())
+                .await;
+        }
         let client = self.client.clone();
         let host = format!("{project}.{BASE}");
         kapsa_testenv::wait::eventually(
             Duration::from_secs(120),
-            &format!("Project {project}, its namespace and its host to go"),
+            &format!("Project {project}, its namespaces and its host to go"),
             || {
                 let client = client.clone();
                 let (project, host) = (project.clone(), host.clone());
+                let build_namespace = build_namespace.clone();
                 async move {
                     let p = Api::<Project>::all(client.clone())
                         .get_opt(&project)
                         .await
                         .ok()?;
-                    let ns = Api::<Namespace>::all(client.clone())
-                        .get_opt(&project)
-                        .await
-                        .ok()?;
+                    let namespaces = Api::<Namespace>::all(client.clone());
+                    let ns = match namespaces.get_opt(&project).await.ok()? {
+                        None => namespaces.get_opt(&build_namespace).await.ok()?,
+                        some => some,
+                    };
                     let table = Api::<ConfigMap>::namespaced(client, PLATFORM_NAMESPACE)
                         .get_opt(HOST_OWNERS)
                         .await

@@ -18,10 +18,12 @@
 //!   - `events`: `Normal/<reason>` or `Warning/<reason>`, in any order;
 //!   - `status` (optional): fields of the planned status (null: absent);
 //!   - `objects` (optional): `{ref: Kind/name, pointer: <JSON pointer>,
-//!     equals: <value>}` on children to apply (null: absent);
+//!     equals: <value>}` on children to apply (null: absent); `ref` may be
+//!     `Kind/namespace/name` where one name is applied in two namespaces;
 //!   - `requeueSeconds` (optional).
 //! - `kind: Cluster` (optional, Environment fixtures): `kpackInstalled: false`
-//!   for a cluster without kpack.
+//!   for a cluster without kpack; `buildNamespaceExists: false` before the
+//!   Project has made its build namespace.
 //! - `kind: Poll` (optional): the last git poll of the Project
 //!   (`branches`, `merged`, `error`, `consecutiveFailures`); without it the
 //!   repository has not been polled since the operator started.
@@ -385,6 +387,17 @@ fn child_ref(key: &ChildKey) -> String {
     format!("{kind}/{}", key.name)
 }
 
+/// Whether `reference` (`Kind/name`, or `Kind/namespace/name` where one
+/// name is applied in two namespaces) names the child.
+fn names_child(reference: &str, key: &ChildKey) -> bool {
+    let kind = key.kind.rsplit('/').next().unwrap_or(&key.kind);
+    reference == child_ref(key)
+        || key
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| reference == format!("{kind}/{ns}/{}", key.name))
+}
+
 fn type_of(document: &Value) -> (&str, &str) {
     (
         document["apiVersion"].as_str().unwrap_or(""),
@@ -547,7 +560,7 @@ fn check_objects(problems: &mut Vec<String>, want: &Value, apply: &[Child]) {
             problems.push(format!("objects: {check} needs `ref` and `pointer`"));
             continue;
         };
-        let Some(child) = apply.iter().find(|c| child_ref(&c.key()) == reference) else {
+        let Some(child) = apply.iter().find(|c| names_child(reference, &c.key())) else {
             problems.push(format!("objects: {reference} is not applied"));
             continue;
         };

@@ -100,6 +100,23 @@ pub(crate) fn parse(input: &str) -> Result<RemoteUrl, GitError> {
     })
 }
 
+/// The value of kpack's `kpack.io/git` annotation for credentials of this
+/// repository: `https://host[:port]` (or `http://`) for HTTP, `user@host`
+/// for ssh (kpack matches credentials to a repository by it). `None` for a
+/// URL that [`parse`] refuses.
+pub fn kpack_git_annotation(input: &str) -> Option<String> {
+    let remote = parse(input).ok()?;
+    let url = &remote.url;
+    let host = url.host()?;
+    Some(match remote.transport {
+        Transport::Http => match url.port {
+            Some(port) => format!("{}://{host}:{port}", url.scheme.as_str()),
+            None => format!("{}://{host}", url.scheme.as_str()),
+        },
+        Transport::Ssh => format!("{}@{host}", url.user().unwrap_or("git")),
+    })
+}
+
 /// The URL with the password of an `scheme://user:password@host` URL masked,
 /// for messages about URLs that were refused.
 pub(crate) fn redact(input: &str) -> String {
@@ -243,5 +260,26 @@ mod tests {
             "https://github.com/a.git"
         );
         assert_eq!(redact("git@github.com:a.git"), "git@github.com:a.git");
+    }
+
+    #[test]
+    fn kpack_git_annotation_names_scheme_and_host() {
+        assert_eq!(
+            kpack_git_annotation("https://git.example.com/acme/shop.git").as_deref(),
+            Some("https://git.example.com")
+        );
+        assert_eq!(
+            kpack_git_annotation("http://127.0.0.1:8080/shop.git").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            kpack_git_annotation("git@github.com:acme/shop.git").as_deref(),
+            Some("git@github.com")
+        );
+        assert_eq!(
+            kpack_git_annotation("ssh://deploy@git.example.com:2222/shop.git").as_deref(),
+            Some("deploy@git.example.com")
+        );
+        assert_eq!(kpack_git_annotation("file:///tmp/x"), None);
     }
 }

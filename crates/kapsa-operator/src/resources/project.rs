@@ -18,8 +18,17 @@ use kube::{Resource, ResourceExt};
 use super::environment::{BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT};
 use super::{controller_reference, project_labels};
 
-/// The copy of the registry's dockerconfigjson Secret in the project namespace.
+/// The copies of the registry's credentials: the push credentials in the
+/// build namespace, the pull-only credentials in the project namespace
+/// (one name, two namespaces; the push credentials never reach the project
+/// namespace).
 pub const REGISTRY_SECRET: &str = "kapsa-registry";
+/// The copy of the Project's git credentials in the build namespace.
+pub const GIT_SECRET: &str = "kapsa-git";
+/// kpack's annotation naming the git server a credentials Secret is for.
+pub const KPACK_GIT_ANNOTATION: &str = "kpack.io/git";
+/// Label on a build namespace (value: the Project).
+pub const BUILD_NAMESPACE_LABEL: &str = "kapsa.dev/build-namespace-of";
 /// Role and RoleBinding of the builder service account.
 pub const BUILDER_ROLE: &str = "kapsa-builder";
 /// The project's optional ResourceQuota.
@@ -90,6 +99,25 @@ pub fn namespace_with_pod_security(project: &Project, level: PodSecurityLevel) -
     }
 }
 
+/// The namespace a Project's builds run in: `kapsa-build-<project>`. Only
+/// Kapsa and the platform's admins have access to it: the registry's push
+/// credentials live there, never in the project namespace.
+pub fn build_namespace_name(project: &Project) -> String {
+    kapsa_api::naming::build_namespace(&project.name_any())
+}
+
+/// The build namespace, enforcing the Pod Security Standard `level`.
+pub fn build_namespace(project: &Project, level: PodSecurityLevel) -> Namespace {
+    let mut namespace = namespace_with_pod_security(project, level);
+    namespace.metadata.name = Some(build_namespace_name(project));
+    namespace
+        .metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(BUILD_NAMESPACE_LABEL.to_string(), project.name_any());
+    namespace
+}
+
 /// Whether an existing namespace may be used by `project`: only if it is
 /// already this Project's (by owner reference or owner annotation).
 pub fn namespace_belongs_to(ns: &impl Resource, project: &Project) -> bool {
@@ -101,29 +129,27 @@ pub fn namespace_belongs_to(ns: &impl Resource, project: &Project) -> bool {
     by_owner || ns.annotations().get(OWNER_ANNOTATION) == Some(&project.name_any())
 }
 
-/// The builder's service account: kpack pushes with the registry secret and
-/// clones with the git secret, both attached here.
-pub fn builder_service_account(project: &Project, has_registry_secret: bool) -> ServiceAccount {
-    let ns = namespace_name(project);
-    let mut secrets = Vec::new();
-    if has_registry_secret {
-        secrets.push(REGISTRY_SECRET.to_string());
-    }
-    if let Some(git) = &project.spec.source.git.secret_ref {
-        secrets.push(git.name.clone());
-    }
+/// The builder's service account, in the build namespace: kpack pushes
+/// with the registry's push credentials and clones with the git
+/// credentials, both copied there and attached here.
+pub fn builder_service_account(project: &Project, has_push: bool, has_git: bool) -> ServiceAccount {
+    let secrets = builder_secrets(has_push, has_git);
     ServiceAccount {
-        metadata: meta(project, BUILDER_SERVICE_ACCOUNT, Some(&ns)),
+        metadata: meta(
+            project,
+            BUILDER_SERVICE_ACCOUNT,
+            Some(&build_namespace_name(project)),
+        ),
         secrets: Some(
             secrets
                 .iter()
                 .map(|name| ObjectReference {
-                    name: Some(name.clone()),
+                    name: Some(name.to_string()),
                     ..ObjectReference::default()
                 })
                 .collect(),
         ),
-        image_pull_secrets: has_registry_secret.then(|| {
+        image_pull_secrets: has_push.then(|| {
             vec![LocalObjectReference {
                 name: REGISTRY_SECRET.to_string(),
             }]
@@ -132,16 +158,24 @@ pub fn builder_service_account(project: &Project, has_registry_secret: bool) -> 
     }
 }
 
-/// The app's service account: pulls with the registry secret, holds no API
+fn builder_secrets(has_push: bool, has_git: bool) -> Vec<&'static str> {
+    [(has_push, REGISTRY_SECRET), (has_git, GIT_SECRET)]
+        .into_iter()
+        .filter_map(|(has, name)| has.then_some(name))
+        .collect()
+}
+
+/// The app's service account, in the project namespace: pulls with the
+/// registry's pull-only credentials (if it names any), holds no API
 /// permissions and mounts no token.
-pub fn runtime_service_account(project: &Project, has_registry_secret: bool) -> ServiceAccount {
+pub fn runtime_service_account(project: &Project, has_pull: bool) -> ServiceAccount {
     ServiceAccount {
         metadata: meta(
             project,
             RUNTIME_SERVICE_ACCOUNT,
             Some(&namespace_name(project)),
         ),
-        image_pull_secrets: has_registry_secret.then(|| {
+        image_pull_secrets: has_pull.then(|| {
             vec![LocalObjectReference {
                 name: REGISTRY_SECRET.to_string(),
             }]
@@ -152,14 +186,11 @@ pub fn runtime_service_account(project: &Project, has_registry_secret: bool) -> 
 }
 
 /// The builder may read exactly the secrets it needs, nothing else.
-pub fn builder_role(project: &Project, has_registry_secret: bool) -> Role {
-    let mut names = Vec::new();
-    if has_registry_secret {
-        names.push(REGISTRY_SECRET.to_string());
-    }
-    if let Some(git) = &project.spec.source.git.secret_ref {
-        names.push(git.name.clone());
-    }
+pub fn builder_role(project: &Project, has_push: bool, has_git: bool) -> Role {
+    let names: Vec<String> = builder_secrets(has_push, has_git)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     let rules = (!names.is_empty()).then(|| {
         vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
@@ -170,13 +201,13 @@ pub fn builder_role(project: &Project, has_registry_secret: bool) -> Role {
         }]
     });
     Role {
-        metadata: meta(project, BUILDER_ROLE, Some(&namespace_name(project))),
+        metadata: meta(project, BUILDER_ROLE, Some(&build_namespace_name(project))),
         rules: Some(rules.unwrap_or_default()),
     }
 }
 
 pub fn builder_role_binding(project: &Project) -> RoleBinding {
-    let ns = namespace_name(project);
+    let ns = build_namespace_name(project);
     RoleBinding {
         metadata: meta(project, BUILDER_ROLE, Some(&ns)),
         role_ref: RoleRef {
@@ -235,13 +266,23 @@ pub fn copy_matches(copy: &Secret, version: &str) -> bool {
         .map(String::as_str)
         == Some(version)
         && annotations.get(DATA_DIGEST_ANNOTATION) == Some(&data_digest(copy.data.as_ref()))
-        && copy.type_.as_deref() == Some("kubernetes.io/dockerconfigjson")
 }
 
-/// A copy of the registry's dockerconfigjson Secret, kept in sync. Only the
-/// data is copied: labels and annotations of the source are not trusted.
-pub fn registry_secret(project: &Project, source: &Secret) -> Secret {
-    let mut metadata = meta(project, REGISTRY_SECRET, Some(&namespace_name(project)));
+/// Whether `copy` was made from the Secret with uid `source_uid`.
+pub fn copied_from(copy: &Secret, source_uid: Option<&str>) -> bool {
+    source_uid.is_some_and(|uid| {
+        copy.annotations()
+            .get(SOURCE_VERSION_ANNOTATION)
+            .and_then(|v| v.split_once('/'))
+            .is_some_and(|(copied, _)| copied == uid)
+    })
+}
+
+/// A copy of a Secret's data (and type) in `namespace` under `name`, kept
+/// in sync with the source. Only the data is copied: labels and
+/// annotations of the source are not trusted.
+fn secret_copy(project: &Project, name: &str, namespace: &str, source: &Secret) -> Secret {
+    let mut metadata = meta(project, name, Some(namespace));
     metadata.annotations = Some(BTreeMap::from([
         (
             SOURCE_VERSION_ANNOTATION.to_string(),
@@ -254,10 +295,39 @@ pub fn registry_secret(project: &Project, source: &Secret) -> Secret {
     ]));
     Secret {
         metadata,
-        type_: Some("kubernetes.io/dockerconfigjson".to_string()),
+        type_: source.type_.clone(),
         data: source.data.clone(),
         ..Secret::default()
     }
+}
+
+/// The copy of the registry's push credentials in the build namespace.
+pub fn push_secret(project: &Project, source: &Secret) -> Secret {
+    secret_copy(
+        project,
+        REGISTRY_SECRET,
+        &build_namespace_name(project),
+        source,
+    )
+}
+
+/// The copy of the registry's pull-only credentials in the project
+/// namespace.
+pub fn pull_secret(project: &Project, source: &Secret) -> Secret {
+    secret_copy(project, REGISTRY_SECRET, &namespace_name(project), source)
+}
+
+/// The copy of the Project's git credentials in the build namespace, with
+/// the `kpack.io/git` annotation kpack matches it to the repository by.
+pub fn git_secret(project: &Project, source: &Secret) -> Secret {
+    let mut copy = secret_copy(project, GIT_SECRET, &build_namespace_name(project), source);
+    if let Some(value) = crate::git::kpack_git_annotation(&project.spec.source.git.url) {
+        copy.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(KPACK_GIT_ANNOTATION.to_string(), value);
+    }
+    copy
 }
 
 pub fn resource_quota(project: &Project) -> Option<ResourceQuota> {
@@ -416,20 +486,29 @@ mod tests {
     }
 
     #[test]
-    fn service_accounts_carry_registry_and_git_secrets_only_where_needed() {
+    fn the_builder_lives_in_the_build_namespace_with_the_push_and_git_copies() {
         let p = project();
-        let builder = builder_service_account(&p, true);
+        let build_ns = build_namespace(&p, PodSecurityLevel::Restricted);
+        assert_eq!(build_ns.name_any(), "kapsa-build-shop");
+        assert!(namespace_belongs_to(&build_ns, &p));
+        assert_eq!(
+            build_ns
+                .labels()
+                .get(BUILD_NAMESPACE_LABEL)
+                .map(String::as_str),
+            Some("shop")
+        );
+        let builder = builder_service_account(&p, true, true);
+        assert_eq!(builder.namespace().as_deref(), Some("kapsa-build-shop"));
         let names: Vec<_> = builder
             .secrets
             .unwrap()
             .into_iter()
             .filter_map(|s| s.name)
             .collect();
-        assert_eq!(
-            names,
-            vec![REGISTRY_SECRET.to_string(), "shop-git".to_string()]
-        );
+        assert_eq!(names, [REGISTRY_SECRET, GIT_SECRET]);
         let runtime = runtime_service_account(&p, true);
+        assert_eq!(runtime.namespace().as_deref(), Some("shop"));
         assert!(runtime.secrets.is_none(), "the runtime SA holds no secrets");
         assert_eq!(runtime.image_pull_secrets.unwrap()[0].name, REGISTRY_SECRET);
         assert_eq!(runtime.automount_service_account_token, Some(false));
@@ -438,20 +517,56 @@ mod tests {
                 .image_pull_secrets
                 .is_none()
         );
+        assert!(
+            builder_service_account(&p, false, false)
+                .secrets
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn builder_role_reads_only_named_secrets() {
-        let role = builder_role(&project(), true);
+        let role = builder_role(&project(), true, true);
+        assert_eq!(role.namespace().as_deref(), Some("kapsa-build-shop"));
         let rules = role.rules.unwrap();
         assert_eq!(rules.len(), 1);
         assert_eq!(rules[0].verbs, vec!["get"]);
         assert_eq!(
             rules[0].resource_names.as_ref().unwrap(),
-            &vec![REGISTRY_SECRET.to_string(), "shop-git".to_string()]
+            &vec![REGISTRY_SECRET.to_string(), GIT_SECRET.to_string()]
+        );
+        assert!(
+            builder_role(&project(), false, false)
+                .rules
+                .unwrap()
+                .is_empty()
         );
         let binding = builder_role_binding(&project());
+        assert_eq!(binding.namespace().as_deref(), Some("kapsa-build-shop"));
         assert_eq!(binding.subjects.unwrap()[0].name, BUILDER_SERVICE_ACCOUNT);
+    }
+
+    #[test]
+    fn the_git_copy_keeps_the_type_and_names_the_server_for_kpack() {
+        let source = Secret {
+            metadata: ObjectMeta {
+                name: Some("shop-git".into()),
+                ..ObjectMeta::default()
+            },
+            type_: Some("kubernetes.io/basic-auth".into()),
+            data: Some(BTreeMap::from([(
+                "password".into(),
+                k8s_openapi::ByteString(b"token".to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let copy = git_secret(&project(), &source);
+        assert_eq!(copy.name_any(), GIT_SECRET);
+        assert_eq!(copy.namespace().as_deref(), Some("kapsa-build-shop"));
+        assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/basic-auth"));
+        assert_eq!(copy.data, source.data);
+        assert!(copy.annotations().contains_key(KPACK_GIT_ANNOTATION));
     }
 
     #[test]
@@ -462,13 +577,16 @@ mod tests {
                 annotations: Some(BTreeMap::from([("evil".into(), "x".into())])),
                 ..ObjectMeta::default()
             },
+            type_: Some("kubernetes.io/dockerconfigjson".into()),
             data: Some(BTreeMap::from([(
                 ".dockerconfigjson".into(),
                 k8s_openapi::ByteString(b"{}".to_vec()),
             )])),
             ..Secret::default()
         };
-        let copy = registry_secret(&project(), &source);
+        let copy = push_secret(&project(), &source);
+        assert_eq!(copy.namespace().as_deref(), Some("kapsa-build-shop"));
+        let copy = pull_secret(&project(), &source);
         assert_eq!(
             copy.type_.as_deref(),
             Some("kubernetes.io/dockerconfigjson")

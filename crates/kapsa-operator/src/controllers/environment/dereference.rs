@@ -17,8 +17,10 @@ use crate::children::Observed;
 use crate::context::{Context, cached, cached_with};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
-    certificate_api_resource, kpack_image_api_resource, wildcard_certificate_name,
+    ENVIRONMENT_UID_LABEL, certificate_api_resource, kpack_image_api_resource,
+    wildcard_certificate_name,
 };
+use crate::resources::project::build_namespace_name;
 
 /// Whether the kpack builder a Project names can build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +43,14 @@ pub struct EnvironmentWorld {
     pub deployment: Option<Arc<Deployment>>,
     pub service: Option<Arc<Service>>,
     pub ingress: Option<Arc<Ingress>>,
+    /// Its kpack Image in the Project's build namespace.
     pub image: Option<Arc<DynamicObject>>,
+    /// A kpack Image in the project namespace that an older Kapsa made for
+    /// it (pruned: builds run in the build namespace now).
+    pub legacy_image: Option<Arc<DynamicObject>>,
+    /// Whether the Project's build namespace exists (the Project makes it)
+    /// and is not being deleted.
+    pub build_namespace_exists: bool,
     /// The Certificates its TLS may come from: `<env>-tls` (per host) and
     /// `<project>-wildcard` (DNS01), when cached.
     pub certificates: Vec<Arc<DynamicObject>>,
@@ -61,13 +70,32 @@ impl EnvironmentWorld {
             self.deployment.as_deref().map(Observed::typed),
             self.service.as_deref().map(Observed::typed),
             self.ingress.as_deref().map(Observed::typed),
-            self.image
+            self.image.as_deref().map(|i| self.build_image(i)),
+            self.legacy_image
                 .as_deref()
                 .map(|i| Observed::of(&kpack_image_api_resource(), i)),
         ]
         .into_iter()
         .flatten()
         .collect()
+    }
+}
+
+impl EnvironmentWorld {
+    /// The kpack Image in the build namespace, seen as this Environment's
+    /// child: its controller is the Project, and it is this Environment's
+    /// when it carries the Environment's uid. (Only then may the
+    /// Environment prune it.)
+    fn build_image(&self, image: &DynamicObject) -> Observed {
+        let mut observed = Observed::of(&kpack_image_api_resource(), image);
+        let project_uid = self.project.as_ref().and_then(|p| p.uid());
+        let env_uid = self.environment.uid();
+        let ours = observed.controller_uid.is_some()
+            && observed.controller_uid == project_uid
+            && env_uid.is_some()
+            && image.labels().get(ENVIRONMENT_UID_LABEL) == env_uid.as_ref();
+        observed.controller_uid = if ours { env_uid } else { None };
+        observed
     }
 }
 
@@ -132,7 +160,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
                     .get(&ObjectRef::new_with(&builder, resource)),
                 BuilderKind::Builder => stores
                     .builders
-                    .get(&ObjectRef::new_with(&builder, resource).within(&namespace)),
+                    .get(&ObjectRef::new_with(&builder, resource).within(&build_namespace_name(p))),
             };
             if found.is_some() {
                 BuilderState::Present
@@ -170,6 +198,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
             .and_then(|poll| poll.branches?.get(branch).cloned()),
         _ => None,
     };
+    let build_ns = project.as_deref().map(build_namespace_name);
     let world = EnvironmentWorld {
         branch_head,
         project,
@@ -179,12 +208,21 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         deployment: cached(&stores.deployments, &name, Some(&namespace)),
         service: cached(&stores.services, &name, Some(&namespace)),
         ingress: cached(&stores.ingresses, &name, Some(&namespace)),
-        image: cached_with(
+        image: build_ns.as_ref().and_then(|bns| {
+            cached_with(&stores.images, &name, Some(bns), kpack_image_api_resource())
+        }),
+        legacy_image: cached_with(
             &stores.images,
             &name,
             Some(&namespace),
             kpack_image_api_resource(),
         ),
+        // A build namespace being deleted (its Project's earlier life) is
+        // waited out: nothing can be made in it.
+        build_namespace_exists: build_ns.as_ref().is_some_and(|bns| {
+            cached(&stores.namespaces, bns, None)
+                .is_some_and(|n| n.metadata.deletion_timestamp.is_none())
+        }),
         certificates: certificates.into_iter().flatten().collect(),
         missing_references,
         now: Time(crate::controllers::now()),

@@ -153,7 +153,12 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             let needs_no_image = env.spec.image.is_some()
                 || project.spec.build.strategy != BuildStrategy::Buildpacks;
             if !needs_no_image {
-                keep.extend(observed_key("kpack.io/Image"));
+                keep.extend(
+                    world
+                        .image
+                        .as_deref()
+                        .map(|i| Observed::of(&kpack_image_api_resource(), i).key),
+                );
             }
             build
         }
@@ -449,6 +454,19 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
                 );
             }
         }
+    }
+    if !world.build_namespace_exists {
+        return (
+            pending(
+                "WaitingForBuildNamespace",
+                format!(
+                    "the build namespace {:?} does not exist yet (the Project makes it)",
+                    crate::resources::project::build_namespace_name(project)
+                ),
+                false,
+            ),
+            None,
+        );
     }
     let inputs = EnvironmentInputs {
         project,

@@ -20,10 +20,11 @@ use crate::error::{Error, Result};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
     BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT, certificate_api_resource,
-    wildcard_certificate_name,
+    kpack_image_api_resource, wildcard_certificate_name,
 };
 use crate::resources::project::{
-    BUILDER_ROLE, REGISTRY_SECRET, RESOURCE_QUOTA, namespace_name, source_version,
+    BUILDER_ROLE, GIT_SECRET, REGISTRY_SECRET, RESOURCE_QUOTA, build_namespace_name,
+    namespace_name, source_version,
 };
 
 /// The registry credentials to copy into the project namespace.
@@ -45,18 +46,38 @@ pub struct ProjectWorld {
     pub project: Arc<Project>,
     /// The namespace it names, if it exists (metadata only).
     pub namespace: Option<Arc<PartialObjectMeta<Namespace>>>,
+    /// Its build namespace (`kapsa-build-<project>`), if it exists.
+    pub build_namespace: Option<Arc<PartialObjectMeta<Namespace>>>,
     /// Every other Project (namespace and host claims).
     pub others: Vec<Arc<Project>>,
     pub pools: Vec<Arc<DomainPool>>,
     pub registry: Result<RegistryRef, Problem>,
+    /// The registry's push credentials, copied into the build namespace.
     pub credentials: Credentials,
-    /// Kapsa's children in the namespace, as cached.
+    /// The registry's pull-only credentials, copied into the project namespace.
+    pub pull_credentials: Credentials,
+    /// The git credentials, copied into the build namespace.
+    pub git_credentials: Credentials,
+    /// Kapsa's children in both namespaces, as cached (the builder's in the
+    /// project namespace only where an older Kapsa put them there).
     pub service_accounts: Vec<Arc<ServiceAccount>>,
-    pub role: Option<Arc<Role>>,
-    pub role_binding: Option<Arc<RoleBinding>>,
+    pub roles: Vec<Arc<Role>>,
+    pub role_bindings: Vec<Arc<RoleBinding>>,
+    /// The push credentials' copy in the build namespace.
+    pub push_secret: Option<Arc<Secret>>,
+    /// The copy in the project namespace: pull-only credentials (an older
+    /// Kapsa put the push credentials there).
     pub registry_secret: Option<Arc<Secret>>,
+    /// The git credentials' copy in the build namespace.
+    pub git_secret: Option<Arc<Secret>>,
+    /// The uid of the registry's push credentials Secret, if cached (a copy
+    /// made from it is never left in the project namespace).
+    pub push_source_uid: Option<String>,
     pub quota: Option<Arc<ResourceQuota>>,
     pub wildcard_certificate: Option<Arc<DynamicObject>>,
+    /// The kpack Images in the build namespace (one per Environment that
+    /// builds; an Environment's deletion leaves its Image to the Project).
+    pub build_images: Vec<Arc<DynamicObject>>,
     /// The Project's Environments in its namespace (production among them).
     pub environments: Vec<Arc<Environment>>,
     /// The latest poll of its repository (None until the first poll since start).
@@ -69,7 +90,7 @@ pub struct ProjectWorld {
 }
 
 impl ProjectWorld {
-    /// The Project's children as cached (the namespace included), for prune
+    /// The Project's children as cached (the namespaces included), for prune
     /// and compare.
     pub fn observed(&self) -> Vec<Observed> {
         let mut observed: Vec<Observed> = self
@@ -77,14 +98,28 @@ impl ProjectWorld {
             .iter()
             .map(|sa| Observed::typed(sa.as_ref()))
             .collect();
-        observed.extend(self.role.as_deref().map(Observed::typed));
-        observed.extend(self.role_binding.as_deref().map(Observed::typed));
-        observed.extend(self.registry_secret.as_deref().map(Observed::typed));
+        observed.extend(self.roles.iter().map(|r| Observed::typed(r.as_ref())));
+        observed.extend(
+            self.role_bindings
+                .iter()
+                .map(|r| Observed::typed(r.as_ref())),
+        );
+        observed.extend(
+            [&self.push_secret, &self.registry_secret, &self.git_secret]
+                .into_iter()
+                .flatten()
+                .map(|s| Observed::typed(s.as_ref())),
+        );
         observed.extend(self.quota.as_deref().map(Observed::typed));
         observed.extend(
             self.wildcard_certificate
                 .as_deref()
                 .map(|c| Observed::of(&certificate_api_resource(), c)),
+        );
+        observed.extend(
+            self.build_images
+                .iter()
+                .map(|i| Observed::of(&kpack_image_api_resource(), i.as_ref())),
         );
         observed.extend(
             self.environments
@@ -95,7 +130,10 @@ impl ProjectWorld {
                 })
                 .map(|e| Observed::typed(e.as_ref())),
         );
-        if let Some(ns) = &self.namespace {
+        for ns in [&self.namespace, &self.build_namespace]
+            .into_iter()
+            .flatten()
+        {
             // Only metadata is cached; that is all Kapsa sets on a namespace.
             let mut namespace = Observed::typed(&Namespace {
                 metadata: ns.metadata.clone(),
@@ -115,28 +153,51 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
     let stores = &ctx.stores;
     let name = project.name_any();
     let namespace = namespace_name(&project);
+    let build_ns = build_namespace_name(&project);
     let ns = Some(namespace.as_str());
+    let bns = Some(build_ns.as_str());
     let registry = registry(stores, &project, &namespace);
-    let registry_secret = cached(&stores.secrets, REGISTRY_SECRET, ns);
     let others: Vec<Arc<Project>> = stores
         .projects
         .state()
         .into_iter()
         .filter(|p| p.name_any() != name)
         .collect();
+    let both = [bns, ns];
     let mut world = ProjectWorld {
         namespace: cached(&stores.namespaces, &namespace, None),
+        build_namespace: cached(&stores.namespaces, &build_ns, None),
         others,
         pools: stores.pools.state(),
-        registry,
         credentials: Credentials::None,
-        service_accounts: [BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT]
+        pull_credentials: Credentials::None,
+        git_credentials: Credentials::None,
+        push_source_uid: registry
+            .as_ref()
+            .ok()
+            .and_then(|r| r.credentials.as_ref())
+            .and_then(|(sns, sname)| cached(&stores.secret_metadata, sname, Some(sns)))
+            .and_then(|m| m.metadata.uid.clone()),
+        registry,
+        service_accounts: [
+            (BUILDER_SERVICE_ACCOUNT, bns),
+            (RUNTIME_SERVICE_ACCOUNT, ns),
+            (BUILDER_SERVICE_ACCOUNT, ns),
+        ]
+        .iter()
+        .filter_map(|(sa, ns)| cached(&stores.service_accounts, sa, *ns))
+        .collect(),
+        roles: both
             .iter()
-            .filter_map(|sa| cached(&stores.service_accounts, sa, ns))
+            .filter_map(|ns| cached(&stores.roles, BUILDER_ROLE, *ns))
             .collect(),
-        role: cached(&stores.roles, BUILDER_ROLE, ns),
-        role_binding: cached(&stores.role_bindings, BUILDER_ROLE, ns),
-        registry_secret,
+        role_bindings: both
+            .iter()
+            .filter_map(|ns| cached(&stores.role_bindings, BUILDER_ROLE, *ns))
+            .collect(),
+        push_secret: cached(&stores.secrets, REGISTRY_SECRET, bns),
+        registry_secret: cached(&stores.secrets, REGISTRY_SECRET, ns),
+        git_secret: cached(&stores.git_secrets, GIT_SECRET, bns),
         quota: cached(&stores.quotas, RESOURCE_QUOTA, ns),
         wildcard_certificate: cached_with(
             &stores.certificates,
@@ -144,6 +205,12 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             ns,
             certificate_api_resource(),
         ),
+        build_images: stores
+            .images
+            .state()
+            .into_iter()
+            .filter(|i| i.metadata.namespace.as_deref() == bns)
+            .collect(),
         environments: stores
             .environments
             .state()
@@ -157,52 +224,81 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
         project,
     };
     // A Project refused its namespace reads no Secret (a Registry's
-    // credentials live in that namespace).
+    // credentials and the git credentials live in that namespace).
     if super::plan::namespace_problem(&world, &namespace).is_some() {
         return Ok(world);
     }
-    world.credentials = match &world.registry {
-        Err(_) => Credentials::Unusable(Problem {
-            reason: "RegistryUnavailable",
-            message: String::new(),
-        }),
-        Ok(RegistryRef {
-            credentials: None, ..
-        }) => Credentials::None,
-        Ok(RegistryRef {
-            credentials: Some((secret_ns, secret_name)),
-            ..
-        }) => {
-            credentials(
-                ctx,
-                secret_ns,
-                secret_name,
-                world.registry_secret.as_deref(),
-            )
-            .await?
+    match world.registry.clone() {
+        Err(_) => {
+            let unavailable = || {
+                Credentials::Unusable(Problem {
+                    reason: "RegistryUnavailable",
+                    message: String::new(),
+                })
+            };
+            world.credentials = unavailable();
+            world.pull_credentials = unavailable();
         }
-    };
+        Ok(registry) => {
+            if let Some(at) = &registry.credentials {
+                world.credentials =
+                    credentials(ctx, at, &PUSH, world.push_secret.as_deref()).await?;
+            }
+            if let Some(at) = &registry.pull {
+                world.pull_credentials =
+                    credentials(ctx, at, &PULL, world.registry_secret.as_deref()).await?;
+            }
+        }
+    }
+    if let Some(git) = &world.project.spec.source.git.secret_ref {
+        let location = (namespace.clone(), git.name.clone());
+        world.git_credentials =
+            credentials(ctx, &location, &GIT, world.git_secret.as_deref()).await?;
+    }
     Ok(world)
 }
 
-/// The state of the registry credentials: from the metadata cache when the
-/// copy is known to match the source; otherwise the source is read.
+/// A kind of Secret Kapsa copies: the field naming it, the types it may
+/// have and the reasons of its problems.
+pub(crate) struct CopiedSecret {
+    field: &'static str,
+    types: &'static [&'static str],
+    not_found: &'static str,
+    invalid: &'static str,
+}
+
+pub(crate) const PUSH: CopiedSecret = CopiedSecret {
+    field: "the registry's credentialsSecretRef",
+    types: &["kubernetes.io/dockerconfigjson"],
+    not_found: "RegistryCredentialsNotFound",
+    invalid: "RegistryCredentialsInvalid",
+};
+
+pub(crate) const PULL: CopiedSecret = CopiedSecret {
+    field: "the registry's pullSecretRef",
+    types: &["kubernetes.io/dockerconfigjson"],
+    not_found: "RegistryPullSecretNotFound",
+    invalid: "RegistryPullSecretInvalid",
+};
+
+pub(crate) const GIT: CopiedSecret = CopiedSecret {
+    field: "spec.source.git.secretRef",
+    types: &["kubernetes.io/basic-auth", "kubernetes.io/ssh-auth"],
+    not_found: "GitCredentialsNotFound",
+    invalid: "GitCredentialsInvalid",
+};
+
+/// The state of a Secret to copy: from the metadata cache when the copy is
+/// known to match the source; otherwise the source is read.
 async fn credentials(
     ctx: &Context,
-    namespace: &str,
-    name: &str,
+    location: &(String, String),
+    kind: &CopiedSecret,
     copy: Option<&Secret>,
 ) -> Result<Credentials> {
-    let not_found = || {
-        Credentials::Unusable(Problem {
-            reason: "RegistryCredentialsNotFound",
-            message: format!(
-                "Secret {namespace}/{name} (the registry's credentialsSecretRef) does not exist"
-            ),
-        })
-    };
+    let (namespace, name) = location;
     let Some(meta) = cached(&ctx.stores.secret_metadata, name, Some(namespace)) else {
-        return Ok(not_found());
+        return Ok(judge(kind, location, None));
     };
     if copy.is_some_and(|copy| {
         crate::resources::project::copy_matches(copy, &source_version(&meta.metadata))
@@ -214,19 +310,33 @@ async fn credentials(
         .await
         .map_err(Error::Dereference)?;
     ctx.metrics.record_live_read("Secret");
-    Ok(match secret {
-        None => not_found(),
-        Some(s) if s.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") => {
+    Ok(judge(kind, location, secret))
+}
+
+/// What a Secret to copy, as read (`None`: it does not exist), means.
+pub(crate) fn judge(
+    kind: &CopiedSecret,
+    (namespace, name): &(String, String),
+    source: Option<Secret>,
+) -> Credentials {
+    match source {
+        None => Credentials::Unusable(Problem {
+            reason: kind.not_found,
+            message: format!("Secret {namespace}/{name} ({}) does not exist", kind.field),
+        }),
+        Some(s) if !kind.types.contains(&s.type_.as_deref().unwrap_or_default()) => {
             Credentials::Unusable(Problem {
-                reason: "RegistryCredentialsInvalid",
+                reason: kind.invalid,
                 message: format!(
-                    "Secret {namespace}/{name} has type {:?}; registry credentials must be kubernetes.io/dockerconfigjson",
-                    s.type_.clone().unwrap_or_default()
+                    "Secret {namespace}/{name} ({}) has type {:?}; it must be {}",
+                    kind.field,
+                    s.type_.clone().unwrap_or_default(),
+                    kind.types.join(" or ")
                 ),
             })
         }
         Some(s) => Credentials::Fetched(Arc::new(s)),
-    })
+    }
 }
 
 /// Whether a Project was refused its namespace, from the caches (for the

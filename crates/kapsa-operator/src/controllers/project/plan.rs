@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kapsa_api::conditions::{
     DOMAIN_ALLOCATED, IMPLEMENTED, READY, SOURCE_REACHABLE, find_condition, is_condition_true,
     merge_conditions,
@@ -19,12 +20,17 @@ use super::dereference::{Credentials, ProjectWorld};
 use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::domains::{AllocationError, Landscape, allocate_host, choose_base_domain, select_pool};
-use crate::resources::environment::{certificate_api_resource, wildcard_certificate};
+use crate::resources::environment::{
+    certificate_api_resource, kpack_image_api_resource, wildcard_certificate,
+};
 use crate::resources::project as build;
 use crate::status::PlannedEvent;
 
 /// A safety-net resync: reads only, writes nothing when nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(600);
+
+/// How soon a Project waiting for its old build namespace to go looks again.
+pub const BUILD_NAMESPACE_RECHECK: Duration = Duration::from_secs(5);
 
 /// What the Project reconcile does next.
 #[derive(Clone, Debug)]
@@ -89,46 +95,89 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         select_pool(project, &pools).ok(),
         world.pod_security_default,
     );
-    let mut apply = vec![Child::typed(&build::namespace_with_pod_security(
-        project, level,
-    ))];
+    let mut apply = vec![
+        Child::typed(&build::namespace_with_pod_security(project, level)),
+        Child::typed(&build::build_namespace(project, level)),
+    ];
     let mut keep: Vec<ChildKey> = Vec::new();
     let observed = world.observed();
 
-    // Registry credentials: copied while usable; without a usable registry
-    // the existing copy is kept (running pods may need it to pull); a
-    // registry that names none has no copy.
-    let registry_problem = match (&world.registry, &world.credentials) {
-        (Err(problem), _) | (Ok(_), Credentials::Unusable(problem)) => Some(problem.clone()),
+    // Registry credentials: the push credentials are copied into the build
+    // namespace only, the pull-only credentials into the project namespace.
+    // Without a usable registry an existing copy is kept (builds and
+    // running pods may need it); a registry that names none has no copy.
+    let registry_problem = match (&world.registry, &world.credentials, &world.pull_credentials) {
+        (Err(problem), _, _)
+        | (Ok(_), Credentials::Unusable(problem), _)
+        | (Ok(_), _, Credentials::Unusable(problem)) => Some(problem.clone()),
         _ => None,
     };
-    let mut has_registry_secret = false;
-    match &world.credentials {
-        Credentials::Fetched(source) => {
-            apply.push(Child::typed(&build::registry_secret(project, source)));
-            has_registry_secret = true;
-        }
-        Credentials::Current | Credentials::Unusable(_) => {
-            if let Some(copy) = &world.registry_secret {
-                keep.push(Observed::typed(copy.as_ref()).key);
-                has_registry_secret = true;
+    let mut copy = |credentials: &Credentials,
+                    existing: Option<&Secret>,
+                    make: fn(&Project, &Secret) -> Secret,
+                    keep_unusable: bool|
+     -> bool {
+        match credentials {
+            Credentials::Fetched(source) => {
+                apply.push(Child::typed(&make(project, source)));
+                true
             }
+            Credentials::Current => existing.is_some_and(|copy| {
+                keep.push(Observed::typed(copy).key);
+                true
+            }),
+            Credentials::Unusable(_) if keep_unusable => existing.is_some_and(|copy| {
+                keep.push(Observed::typed(copy).key);
+                true
+            }),
+            Credentials::Unusable(_) | Credentials::None => false,
         }
-        Credentials::None => {}
-    }
+    };
+    let has_push = copy(
+        &world.credentials,
+        world.push_secret.as_deref(),
+        build::push_secret,
+        true,
+    );
+    // A copy of the push credentials in the project namespace (made by an
+    // older Kapsa) is never kept there.
+    let pull_copy = world
+        .registry_secret
+        .as_deref()
+        .filter(|copy| !build::copied_from(copy, world.push_source_uid.as_deref()));
+    let has_pull = copy(&world.pull_credentials, pull_copy, build::pull_secret, true);
+    // Git credentials the Project no longer names, or that are gone, are
+    // not kept (the poller reports the problem).
+    let has_git = copy(
+        &world.git_credentials,
+        world.git_secret.as_deref(),
+        build::git_secret,
+        false,
+    );
     apply.push(Child::typed(&build::builder_service_account(
-        project,
-        has_registry_secret,
+        project, has_push, has_git,
     )));
     apply.push(Child::typed(&build::runtime_service_account(
-        project,
-        has_registry_secret,
+        project, has_pull,
     )));
     apply.push(Child::typed(&build::builder_role(
-        project,
-        has_registry_secret,
+        project, has_push, has_git,
     )));
     apply.push(Child::typed(&build::builder_role_binding(project)));
+    // The build namespace's kpack Images stay while their Environment does.
+    let live: std::collections::BTreeSet<String> =
+        world.environments.iter().filter_map(|e| e.uid()).collect();
+    keep.extend(
+        world
+            .build_images
+            .iter()
+            .filter(|i| {
+                i.labels()
+                    .get(crate::resources::environment::ENVIRONMENT_UID_LABEL)
+                    .is_some_and(|uid| live.contains(uid))
+            })
+            .map(|i| Observed::of(&kpack_image_api_resource(), i.as_ref()).key),
+    );
     if let Some(quota) = build::resource_quota(project) {
         apply.push(Child::typed(&quota));
     }
@@ -338,6 +387,22 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         &mut status.conditions,
         [domain_condition, source_condition, implemented, ready],
     );
+    // A build namespace being deleted (left by an earlier Project of this
+    // name) is waited out: nothing can be made in it, and what is in it goes
+    // with it. The Project comes back when it is gone.
+    let build_namespace = build::build_namespace_name(project);
+    let build_namespace_terminating = world
+        .build_namespace
+        .as_ref()
+        .is_some_and(|n| n.metadata.deletion_timestamp.is_some());
+    if build_namespace_terminating {
+        let inside = |key: &ChildKey| {
+            key.namespace.as_deref() == Some(build_namespace.as_str())
+                || (key.kind == "/Namespace" && key.name == build_namespace)
+        };
+        apply.retain(|child| !inside(&child.key()));
+        keep.extend(observed.iter().map(|o| o.key.clone()).filter(inside));
+    }
     let delete = prune(&observed, &apply, &keep, &project.uid().unwrap_or_default());
     let mut events = events(project, &before, &status);
     events.extend(previews.events);
@@ -347,7 +412,11 @@ pub fn plan(world: &ProjectWorld) -> ProjectPlan {
         observed,
         events,
         status,
-        requeue: previews.wake.map_or(RESYNC, |wake| wake.min(RESYNC)),
+        requeue: if build_namespace_terminating {
+            BUILD_NAMESPACE_RECHECK
+        } else {
+            previews.wake.map_or(RESYNC, |wake| wake.min(RESYNC))
+        },
     }
 }
 
@@ -412,12 +481,25 @@ pub(crate) fn namespace_problem(
     world: &ProjectWorld,
     namespace: &str,
 ) -> Option<(&'static str, String)> {
+    let project = world.project.as_ref();
     refused_namespace(
-        world.project.as_ref(),
+        project,
         namespace,
         world.others.iter().map(|p| p.as_ref()),
         world.namespace.as_deref(),
     )
+    .or_else(|| {
+        let build_ns = world.build_namespace.as_deref()?;
+        (!build::namespace_belongs_to(build_ns, project)).then(|| {
+            (
+                "BuildNamespaceConflict",
+                format!(
+                    "namespace {:?}, where this Project's builds run, exists and is not this Project's; Kapsa never takes over a namespace",
+                    build_ns.name_any()
+                ),
+            )
+        })
+    })
 }
 
 /// Why `project` may not use `namespace`: reserved for the system, named
@@ -430,7 +512,10 @@ pub fn refused_namespace<'a>(
     mut others: impl Iterator<Item = &'a Project>,
     existing: Option<&impl Resource>,
 ) -> Option<(&'static str, String)> {
-    if RESERVED_NAMESPACES.contains(&namespace) || namespace.starts_with("kube-") {
+    if RESERVED_NAMESPACES.contains(&namespace)
+        || namespace.starts_with("kube-")
+        || namespace.starts_with(kapsa_api::naming::BUILD_NAMESPACE_PREFIX)
+    {
         return Some((
             "NamespaceForbidden",
             format!("namespace {namespace:?} is reserved for the system"),

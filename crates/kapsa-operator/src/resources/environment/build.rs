@@ -9,8 +9,9 @@ use serde_json::json;
 
 use super::{EnvironmentInputs, metadata};
 
-/// ServiceAccount kpack builds run as (created by the Project reconciler,
-/// with the registry push and git secrets attached).
+/// ServiceAccount kpack builds run as, in the Project's build namespace
+/// (created by the Project reconciler, with the copies of the registry's
+/// push credentials and the git credentials attached).
 pub const BUILDER_SERVICE_ACCOUNT: &str = "kapsa-builder";
 
 /// The image repository of a project in a registry:
@@ -38,6 +39,14 @@ pub fn kpack_image_api_resource() -> ApiResource {
 /// The kpack `Image` that builds `commit` of the Environment's branch into
 /// `<repository>:<environment>`. One per Environment, so successive builds
 /// reuse kpack's cache. `repository` is [`image_repository`].
+///
+/// It lives in the Project's build namespace (where the push credentials
+/// are), named after the Environment. An owner reference cannot cross
+/// namespaces, so its controller is the Project (the garbage collector
+/// removes it with the Project), and the label
+/// [`ENVIRONMENT_UID_LABEL`](super::ENVIRONMENT_UID_LABEL) ties it to its
+/// Environment: the Environment prunes it after a switch to a fixed image,
+/// the Project once the Environment is gone.
 pub fn kpack_image(inputs: &EnvironmentInputs, repository: &str, commit: &str) -> DynamicObject {
     let project = inputs.project;
     let env_name = inputs.environment.name_any();
@@ -64,6 +73,15 @@ pub fn kpack_image(inputs: &EnvironmentInputs, repository: &str, commit: &str) -
     let mut image =
         DynamicObject::new(&env_name, &kpack_image_api_resource()).data(json!({ "spec": spec }));
     image.metadata = metadata(inputs, Some(commit));
+    image.metadata.namespace = Some(crate::resources::project::build_namespace_name(project));
+    image.metadata.owner_references = Some(vec![crate::resources::controller_reference(project)]);
+    if let Some(uid) = inputs.environment.uid() {
+        image
+            .metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(super::ENVIRONMENT_UID_LABEL.to_string(), uid);
+    }
     image
 }
 
@@ -111,7 +129,24 @@ mod tests {
         let types = image.types.as_ref().unwrap();
         assert_eq!(types.api_version, "kpack.io/v1alpha2");
         assert_eq!(types.kind, "Image");
-        assert_child_metadata(&image.metadata, Some("3f2a9c1"));
+        // In the build namespace, controlled by the Project, tied to the
+        // Environment by its uid.
+        let meta = &image.metadata;
+        assert_eq!(meta.name.as_deref(), Some("production"));
+        assert_eq!(meta.namespace.as_deref(), Some("kapsa-build-shop"));
+        let owners = meta.owner_references.as_ref().expect("owner references");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].name.as_str()),
+            ("Project", "shop")
+        );
+        assert_eq!(owners[0].controller, Some(true));
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(
+            labels.get(crate::resources::environment::ENVIRONMENT_UID_LABEL),
+            Some(&ENV_UID.to_string())
+        );
+        assert_eq!(labels[VERSION_LABEL], "3f2a9c1");
         let spec = &image.data["spec"];
         assert_eq!(spec["tag"], "harbor.example.com/team/kapsa/shop:production");
         assert_eq!(spec["serviceAccountName"], BUILDER_SERVICE_ACCOUNT);
@@ -153,7 +188,10 @@ mod tests {
             image.metadata.labels.as_ref().unwrap()[VERSION_LABEL],
             "1234567"
         );
-        assert_eq!(image.metadata.namespace.as_deref(), Some("blog"));
+        assert_eq!(
+            image.metadata.namespace.as_deref(),
+            Some("kapsa-build-blog")
+        );
 
         // An empty context dir is the repository root.
         let mut p2 = p.clone();

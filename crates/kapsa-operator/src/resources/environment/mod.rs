@@ -110,6 +110,10 @@ fn labels(inputs: &EnvironmentInputs, commit: Option<&str>) -> BTreeMap<String, 
 }
 
 /// Name, namespace, labels and controller reference of a child object.
+/// Label on an Environment's kpack Image in the build namespace: the uid of
+/// the Environment it builds for.
+pub const ENVIRONMENT_UID_LABEL: &str = "kapsa.dev/environment-uid";
+
 fn metadata(inputs: &EnvironmentInputs, commit: Option<&str>) -> ObjectMeta {
     ObjectMeta {
         name: Some(inputs.environment.name_any()),

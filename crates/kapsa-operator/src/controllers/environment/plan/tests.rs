@@ -18,6 +18,7 @@ use super::super::dereference::{self, BuilderState, EnvironmentWorld, builder_re
 use super::{EnvironmentPlan, plan};
 use crate::references::Problem;
 use crate::resources::environment::wildcard_certificate_name;
+use crate::resources::project::build_namespace_name;
 
 use crate::controllers::plan_fixtures as fixtures;
 use crate::controllers::plan_fixtures::cases;
@@ -62,13 +63,20 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
         .test_document("Cluster")
         .and_then(|c| c["kpackInstalled"].as_bool())
         .unwrap_or(true);
+    // The Project's build namespace exists unless the Cluster document
+    // says `buildNamespaceExists: false`.
+    let build_ns = project.as_ref().map(build_namespace_name);
+    let build_namespace_exists = fixture
+        .test_document("Cluster")
+        .and_then(|c| c["buildNamespaceExists"].as_bool())
+        .unwrap_or(true);
     let builder = match &project {
         _ if !kpack_installed => BuilderState::KpackNotInstalled,
         Some(p) if p.spec.build.strategy == BuildStrategy::Buildpacks => {
             let (kind, builder) = builder_ref(p);
             let found = match kind {
                 BuilderKind::ClusterBuilder => exists(KPACK, "ClusterBuilder", &builder, None),
-                BuilderKind::Builder => exists(KPACK, "Builder", &builder, ns),
+                BuilderKind::Builder => exists(KPACK, "Builder", &builder, build_ns.as_deref()),
             };
             if found {
                 BuilderState::Present
@@ -117,9 +125,15 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
         ingress: fixture
             .find::<Ingress>("networking.k8s.io/v1", "Ingress", &name, ns)
             .map(Arc::new),
-        image: fixture
+        image: build_ns.as_deref().and_then(|bns| {
+            fixture
+                .find::<DynamicObject>(KPACK, "Image", &name, Some(bns))
+                .map(Arc::new)
+        }),
+        legacy_image: fixture
             .find::<DynamicObject>(KPACK, "Image", &name, ns)
             .map(Arc::new),
+        build_namespace_exists,
         certificates,
         missing_references,
         now: fixtures::now(),
@@ -151,6 +165,8 @@ cases! {
         preview_dns01_uses_the_wildcard => "preview-dns01-uses-the-wildcard",
         build_done_rollout_complete => "build-done-rollout-complete",
         build_reports_no_image => "build-reports-no-image",
+        build_namespace_missing => "build-namespace-missing",
+        legacy_kpack_image_moves_to_build_namespace => "legacy-kpack-image-moves-to-build-namespace",
         builder_missing_build_due => "builder-missing-build-due",
         builder_missing_image_builds_commit => "builder-missing-image-builds-commit",
         dockerfile_strategy => "dockerfile-strategy",

@@ -15,7 +15,7 @@ use kapsa_api::{DomainPool, Environment, Project};
 use kube::ResourceExt;
 use kube::api::{DynamicObject, PartialObjectMeta};
 
-use super::super::dereference::{Credentials, ProjectWorld};
+use super::super::dereference::{CopiedSecret, Credentials, GIT, PULL, PUSH, ProjectWorld, judge};
 use super::{ProjectPlan, plan};
 use crate::context::PollResult;
 use crate::references::Problem;
@@ -23,8 +23,8 @@ use crate::resources::environment::{
     BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT, wildcard_certificate_name,
 };
 use crate::resources::project::{
-    BUILDER_ROLE, REGISTRY_SECRET, RESOURCE_QUOTA, copy_matches, namespace_name, registry_secret,
-    source_version,
+    BUILDER_ROLE, GIT_SECRET, REGISTRY_SECRET, RESOURCE_QUOTA, build_namespace_name, copy_matches,
+    namespace_name, source_version,
 };
 
 use crate::controllers::plan_fixtures as fixtures;
@@ -55,24 +55,60 @@ fn world(fixture: &Fixture) -> ProjectWorld {
     let namespace = namespace_name(&project);
     let ns = Some(namespace.as_str());
     let registry = fixture.registry(&project, &namespace);
-    let registry_secret: Option<Secret> = fixture.find("v1", "Secret", REGISTRY_SECRET, ns);
-    let credentials = match &registry {
-        Err(_) => Credentials::Unusable(Problem {
+    let build_namespace = build_namespace_name(&project);
+    let bns = Some(build_namespace.as_str());
+    let secret = |name: &str, namespace: Option<&str>| {
+        fixture
+            .find::<Secret>("v1", "Secret", name, namespace)
+            .map(Arc::new)
+    };
+    let (push_secret, registry_secret, git_secret) = (
+        secret(REGISTRY_SECRET, bns),
+        secret(REGISTRY_SECRET, ns),
+        secret(GIT_SECRET, bns),
+    );
+    let unavailable = || {
+        Credentials::Unusable(Problem {
             reason: "RegistryUnavailable",
             message: String::new(),
-        }),
-        Ok(r) => match &r.credentials {
-            None => Credentials::None,
-            Some((secret_ns, secret_name)) => {
-                credentials(fixture, secret_ns, secret_name, registry_secret.as_ref())
-            }
-        },
+        })
     };
-    let service_accounts = [BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT]
-        .iter()
-        .filter_map(|sa| fixture.find::<ServiceAccount>("v1", "ServiceAccount", sa, ns))
-        .map(Arc::new)
-        .collect();
+    let copy_of = |location: &Option<(String, String)>,
+                   kind: &CopiedSecret,
+                   copy: &Option<Arc<Secret>>| match location {
+        None => Credentials::None,
+        Some(at) => credentials(fixture, at, kind, copy.as_deref()),
+    };
+    let (credentials, pull_credentials) = match &registry {
+        Err(_) => (unavailable(), unavailable()),
+        Ok(r) => (
+            copy_of(&r.credentials, &PUSH, &push_secret),
+            copy_of(&r.pull, &PULL, &registry_secret),
+        ),
+    };
+    let git_location = project
+        .spec
+        .source
+        .git
+        .secret_ref
+        .as_ref()
+        .map(|r| (namespace.clone(), r.name.clone()));
+    let git_credentials = copy_of(&git_location, &GIT, &git_secret);
+    let push_source_uid = registry
+        .as_ref()
+        .ok()
+        .and_then(|r| r.credentials.as_ref())
+        .and_then(|(sns, sname)| fixture.find::<Secret>("v1", "Secret", sname, Some(sns)))
+        .and_then(|s| s.metadata.uid);
+    let service_accounts = [
+        (BUILDER_SERVICE_ACCOUNT, bns),
+        (RUNTIME_SERVICE_ACCOUNT, ns),
+        (BUILDER_SERVICE_ACCOUNT, ns),
+    ]
+    .iter()
+    .filter_map(|(sa, ns)| fixture.find::<ServiceAccount>("v1", "ServiceAccount", sa, *ns))
+    .map(Arc::new)
+    .collect();
     let environments = fixture
         .all::<Environment>(KAPSA, "Environment")
         .into_iter()
@@ -105,6 +141,15 @@ fn world(fixture: &Fixture) -> ProjectWorld {
         namespace: fixture
             .find::<PartialObjectMeta<Namespace>>("v1", "Namespace", &namespace, None)
             .map(Arc::new),
+        build_namespace: fixture
+            .find::<PartialObjectMeta<Namespace>>("v1", "Namespace", &build_namespace, None)
+            .map(Arc::new),
+        build_images: fixture
+            .all::<DynamicObject>("kpack.io/v1alpha2", "Image")
+            .into_iter()
+            .filter(|i| i.metadata.namespace.as_deref() == bns)
+            .map(Arc::new)
+            .collect(),
         others: projects.into_iter().map(Arc::new).collect(),
         pools: fixture
             .all::<DomainPool>(KAPSA, "DomainPool")
@@ -113,14 +158,23 @@ fn world(fixture: &Fixture) -> ProjectWorld {
             .collect(),
         registry,
         credentials,
+        pull_credentials,
+        git_credentials,
+        push_source_uid,
         service_accounts,
-        role: fixture
-            .find::<Role>(RBAC, "Role", BUILDER_ROLE, ns)
-            .map(Arc::new),
-        role_binding: fixture
-            .find::<RoleBinding>(RBAC, "RoleBinding", BUILDER_ROLE, ns)
-            .map(Arc::new),
-        registry_secret: registry_secret.map(Arc::new),
+        roles: [bns, ns]
+            .iter()
+            .filter_map(|ns| fixture.find::<Role>(RBAC, "Role", BUILDER_ROLE, *ns))
+            .map(Arc::new)
+            .collect(),
+        role_bindings: [bns, ns]
+            .iter()
+            .filter_map(|ns| fixture.find::<RoleBinding>(RBAC, "RoleBinding", BUILDER_ROLE, *ns))
+            .map(Arc::new)
+            .collect(),
+        push_secret,
+        registry_secret,
+        git_secret,
         quota: fixture
             .find::<ResourceQuota>("v1", "ResourceQuota", RESOURCE_QUOTA, ns)
             .map(Arc::new),
@@ -146,35 +200,21 @@ fn world(fixture: &Fixture) -> ProjectWorld {
     }
 }
 
-/// The registry credentials as the dereference step finds them: current
-/// when the copy matches the source's version, else the source as read.
+/// A Secret to copy as the dereference step finds it: current when the
+/// copy matches the source's version, else judged as read.
 fn credentials(
     fixture: &Fixture,
-    namespace: &str,
-    name: &str,
+    location: &(String, String),
+    kind: &CopiedSecret,
     copy: Option<&Secret>,
 ) -> Credentials {
-    let Some(source) = fixture.find::<Secret>("v1", "Secret", name, Some(namespace)) else {
-        return Credentials::Unusable(Problem {
-            reason: "RegistryCredentialsNotFound",
-            message: format!(
-                "Secret {namespace}/{name} (the registry's credentialsSecretRef) does not exist"
-            ),
-        });
-    };
-    if copy.is_some_and(|copy| copy_matches(copy, &source_version(&source.metadata))) {
+    let source = fixture.find::<Secret>("v1", "Secret", &location.1, Some(&location.0));
+    if let Some(source) = &source
+        && copy.is_some_and(|copy| copy_matches(copy, &source_version(&source.metadata)))
+    {
         return Credentials::Current;
     }
-    if source.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") {
-        return Credentials::Unusable(Problem {
-            reason: "RegistryCredentialsInvalid",
-            message: format!(
-                "Secret {namespace}/{name} has type {:?}; registry credentials must be kubernetes.io/dockerconfigjson",
-                source.type_.clone().unwrap_or_default()
-            ),
-        });
-    }
-    Credentials::Fetched(Arc::new(source))
+    judge(kind, location, source)
 }
 
 fn outcome(plan: &ProjectPlan) -> Outcome<'_> {
@@ -235,6 +275,14 @@ cases! {
         previews_unchanged => "previews-unchanged",
         production_not_ready => "production-not-ready",
         production_ready => "production-ready",
+        build_images_of_deleted_environments_pruned => "build-images-of-deleted-environments-pruned",
+        build_namespace_foreign => "build-namespace-foreign",
+        build_namespace_terminating => "build-namespace-terminating",
+        git_credentials_copied => "git-credentials-copied",
+        git_credentials_removed => "git-credentials-removed",
+        registry_legacy_push_copy_removed => "registry-legacy-push-copy-removed",
+        registry_pull_secret_replaces_push_copy => "registry-pull-secret-replaces-push-copy",
+        registry_pull_secret_missing_drops_push_copy => "registry-pull-secret-missing-drops-push-copy",
         registry_credentials_changed => "registry-credentials-changed",
         registry_credentials_current => "registry-credentials-current",
         registry_credentials_fetched => "registry-credentials-fetched",
@@ -278,9 +326,9 @@ fn the_current_copy_fixture_is_what_kapsa_writes() {
         .find("v1", "Secret", "harbor-push", Some("kapsa-system"))
         .expect("the source Secret");
     let copy: Secret = fixture
-        .find("v1", "Secret", REGISTRY_SECRET, Some("shop"))
+        .find("v1", "Secret", REGISTRY_SECRET, Some("kapsa-build-shop"))
         .expect("the copy");
-    let written = registry_secret(project, &source);
+    let written = crate::resources::project::push_secret(project, &source);
     assert_eq!(copy.metadata.annotations, written.metadata.annotations);
     assert_eq!(copy.data, written.data);
     assert_eq!(copy.type_, written.type_);
