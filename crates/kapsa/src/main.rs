@@ -1,10 +1,11 @@
 //! `kapsa`: the one binary of Kapsa.
 
+mod cli;
 mod demo;
 mod dev;
 mod operator;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -28,10 +29,13 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    #[command(flatten)]
+    App(cli::AppCommand),
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Also `kubectl kapsa`: a symlink named kubectl-kapsa (see docs/cli.md).
+    let cli: Cli = cli::parse();
     match cli.command {
         Command::Crds => {
             print!("{}", kapsa_api::crds_yaml());
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Operator(args) => operator::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::App(command) => cli::run(command, Cli::command),
     }
 }
