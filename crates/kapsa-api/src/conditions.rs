@@ -30,6 +30,10 @@ pub const IMPLEMENTED: &str = "Implemented";
 /// object Kapsa applies for it (False, reason `Refused`, names the refused
 /// ones and the API server's reason: a ResourceQuota, an admission policy).
 pub const APPLIED: &str = "Applied";
+/// Environment: `spec.pin` holds a release back (True, naming it and what
+/// waits), or cannot be honoured (False, e.g. `ReleaseNotFound`). Absent
+/// when the Environment is not pinned.
+pub const PINNED: &str = "Pinned";
 
 /// Status of a condition: `True`, `False` or `Unknown`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

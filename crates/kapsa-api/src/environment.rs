@@ -150,6 +150,35 @@ pub struct EnvironmentSpec {
     /// for a preview annotated `kapsa.dev/keep: "true"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+
+    /// Hold a release back (a rollback): while set, Kapsa runs this release
+    /// and nothing newer. New commits are still built, but not rolled out;
+    /// the `Pinned` condition names the release held and what waits.
+    /// Remove it (`kapsa unpin`) to roll out the newest build again. Set by
+    /// a person (`kapsa rollback`); Kapsa never sets or clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<Pin>,
+}
+
+/// What a pinned Environment runs: exactly one of `release` and `image`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("has(self.release) != has(self.image)")
+    .message("spec.pin needs exactly one of release (a number from status.history) or image"))]
+#[serde(rename_all = "camelCase")]
+pub struct Pin {
+    /// A release of `status.history`, by its `number`, e.g. `3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub release: Option<i64>,
+
+    /// An image to run as is, e.g.
+    /// `harbor.example.com/kapsa/shop@sha256:<digest>`. At most 512
+    /// characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_IMAGE_LEN))]
+    #[x_kube(validation = Rule::new(matches_rule("self", IMAGE_REFERENCE))
+        .message("spec.pin.image must be an image reference [host[:port]/]path[:tag][@sha256:digest] with a lower-case path"))]
+    pub image: Option<String>,
 }
 
 /// Observed state of an Environment, written by the operator.
@@ -200,6 +229,11 @@ pub struct EnvironmentStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Release {
+    /// The release's number: 1 for the first, one more for each release
+    /// after it (a rollback is a release too). `spec.pin.release` names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<i64>,
+
     /// Commit the image was built from (absent for fixed images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,

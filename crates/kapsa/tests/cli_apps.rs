@@ -39,13 +39,17 @@ struct Setup {
     /// An admin kubeconfig.
     kubeconfig: PathBuf,
     /// The git server and the repository the Projects build (kept alive).
-    _git: GitServer,
+    git: GitServer,
     repo: TestRepo,
     /// The commit the live Project serves.
     commit: String,
 }
 
 static SETUP: OnceCell<Setup> = OnceCell::const_new();
+
+/// Held by a test while it depends on how long builds take: the kpack
+/// simulator's build delay is one setting for every build.
+static BUILDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs `kapsa` with `args` against `kubeconfig`, never with a browser.
 fn kapsa(kubeconfig: &Path, args: &[&str]) -> Output {
@@ -229,7 +233,7 @@ async fn setup() -> &'static Setup {
             Setup {
                 before_crds,
                 kubeconfig,
-                _git: git,
+                git,
                 repo,
                 commit,
             }
@@ -457,6 +461,7 @@ async fn status_shows_a_failing_condition_with_reason_and_message() {
 async fn status_shows_the_build_in_progress_with_its_age() {
     use kapsa_testenv::simulators::kpack::{SETTINGS_NAME, SETTINGS_NAMESPACE};
     let s = setup().await;
+    let _builds = BUILDS.lock().await;
     let client = kapsa_testenv::shared().await.client().await;
     let settings: Api<ConfigMap> = Api::namespaced(client.clone(), SETTINGS_NAMESPACE);
     let set_delay = |millis: u64| {
@@ -505,6 +510,141 @@ async fn status_shows_the_build_in_progress_with_its_age() {
         "{table}"
     );
     set_delay(0).await;
+}
+
+/// The image the simulated build of `commit` of `repo` pushes.
+fn built_digest(repo: &TestRepo, commit: &str) -> String {
+    kapsa_testenv::simulators::kpack::simulated_digest(repo.url(), commit)
+}
+
+fn deployed_image(
+    client: &Client,
+    namespace: &str,
+) -> impl std::future::Future<Output = Option<String>> {
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), namespace);
+    async move {
+        let deployment = deployments.get_opt("production").await.ok()??;
+        deployment.spec?.template.spec?.containers[0].image.clone()
+    }
+}
+
+/// `rollback` pins production to the release before the running one: the
+/// Deployment and `status.image` change to it and `status` shows the pin; a
+/// new commit is built but not rolled out; `unpin` rolls it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_runs_an_earlier_release_until_unpin() {
+    let s = setup().await;
+    let _builds = BUILDS.lock().await;
+    let client = kapsa_testenv::shared().await.client().await;
+    let name = "cli-roll";
+    let repo = s.git.create_repo("roll").expect("repository");
+    let first = repo.commit("main", "app.txt", "v1", "first").unwrap();
+    create(
+        &Api::<Project>::all(client.clone()),
+        project_manifest(name, repo.url(), REGISTRY),
+    )
+    .await;
+    let environments: Api<Environment> = Api::namespaced(client.clone(), name);
+    let serving = |commit: String| {
+        let environments = environments.clone();
+        async move {
+            let status = environments.get_opt("production").await.ok()??.status?;
+            (status.phase == Some(EnvironmentPhase::Ready)
+                && status.commit.as_deref() == Some(commit.as_str()))
+            .then_some(status)
+        }
+    };
+    until("release 1 to serve", || serving(first.clone())).await;
+    let second = repo.commit("main", "app.txt", "v2", "second").unwrap();
+    let status = until("release 2 to serve", || serving(second.clone())).await;
+    let numbers: Vec<Option<i64>> = status.history.iter().map(|r| r.number).collect();
+    assert_eq!(numbers, [Some(2), Some(1)], "{:?}", status.history);
+    let first_image = status.history[1].image.clone();
+    assert!(first_image.ends_with(&built_digest(&repo, &first)));
+
+    let out = ok(kapsa(&s.kubeconfig, &["rollback", name]), "rollback");
+    println!("$ kapsa rollback {name}\n{out}");
+    assert!(out.contains("pinned to release 1"), "{out}");
+    until("the Deployment to run release 1 again", || async {
+        (deployed_image(&client, name).await? == first_image).then_some(())
+    })
+    .await;
+    let status = until("status to say release 1 is held", || async {
+        let status = environments.get("production").await.ok()?.status?;
+        let pinned = kapsa_api::conditions::find_condition(&status.conditions, "Pinned")?;
+        (status.image.as_deref() == Some(first_image.as_str())
+            && pinned.status == kapsa_api::ConditionStatus::True)
+            .then_some(status)
+    })
+    .await;
+    assert_eq!(status.commit.as_deref(), Some(first.as_str()));
+    assert_eq!(status.history[0].number, Some(3), "a rollback is a release");
+    let report: Value = serde_json::from_str(&ok(
+        kapsa(&s.kubeconfig, &["status", name, "-o", "json"]),
+        "status",
+    ))
+    .unwrap();
+    assert_eq!(report["environments"][0]["pinnedRelease"], 1, "{report}");
+    assert!(
+        report["notOk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["type"] == "Pinned" && p["status"] == "True"),
+        "{report}"
+    );
+    let table = ok(kapsa(&s.kubeconfig, &["status", name]), "status");
+    println!("$ kapsa status {name}\n{table}");
+    assert!(table.contains("Releases of production:"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("v1") && l.contains("pinned")),
+        "{table}"
+    );
+
+    // A new commit is built, not rolled out.
+    let third = repo.commit("main", "app.txt", "v3", "third").unwrap();
+    let third_digest = built_digest(&repo, &third);
+    until("the third commit to be built and wait", || async {
+        let status = environments.get("production").await.ok()?.status?;
+        let built = kapsa_api::conditions::find_condition(&status.conditions, "Built")?;
+        let pinned = kapsa_api::conditions::find_condition(&status.conditions, "Pinned")?;
+        (built.message.contains(&third_digest)
+            && pinned.message.contains("newer build waiting")
+            && pinned.message.contains(&third_digest))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        deployed_image(&client, name).await.as_deref(),
+        Some(first_image.as_str()),
+        "a pinned Environment does not roll out the new build"
+    );
+
+    let out = ok(kapsa(&s.kubeconfig, &["unpin", name]), "unpin");
+    assert!(out.contains("unpinned"), "{out}");
+    let status = until("the third commit to roll out", || serving(third.clone())).await;
+    assert!(
+        kapsa_api::conditions::find_condition(&status.conditions, "Pinned").is_none(),
+        "{:?}",
+        status.conditions
+    );
+    assert!(
+        deployed_image(&client, name)
+            .await
+            .is_some_and(|i| i.ends_with(&third_digest))
+    );
+    let err = fails(
+        kapsa(&s.kubeconfig, &["rollback", name, "--to", "99"]),
+        5,
+        "rollback to an unknown release",
+    );
+    assert!(
+        err.contains("no release 99") && err.contains("releases kept: 4, 3, 2, 1"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

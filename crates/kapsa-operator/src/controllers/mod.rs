@@ -35,7 +35,7 @@ pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
 
 /// Transitions announced with a Normal Event: the milestones a person
 /// follows. Every other transition to True is routine and only in the status.
-const MILESTONES: [&str; 3] = ["ProductionReady", "RolledOut", "Allocated"];
+const MILESTONES: [&str; 4] = ["ProductionReady", "RolledOut", "Allocated", "Pinned"];
 
 /// Reasons of conditions that are False on the way to True (a new object,
 /// a build or rollout under way): normal, and not worth an Event.

@@ -359,6 +359,7 @@ pub fn production_environment(
             image: None,
             host: host.map(str::to_string),
             expires_at: None,
+            pin: None,
         },
     );
     env.metadata = meta(
@@ -395,6 +396,7 @@ pub fn preview_environment(
             image: None,
             host: base_domain.map(|base| format!("{slug}.{}.{base}", project.name_any())),
             expires_at: expires.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            pin: None,
         },
     );
     env.metadata = meta(project, &name, Some(&namespace_name(project)));

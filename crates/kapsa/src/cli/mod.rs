@@ -1,5 +1,6 @@
 //! The application developer's verbs of `kapsa` (also `kubectl kapsa`):
-//! `projects`, `status`, `logs`, `open`, `create project` and `completion`.
+//! `projects`, `status`, `logs`, `open`, `rollback`, `unpin`, `create
+//! project` and `completion`.
 //!
 //! Every verb talks to the cluster of the current kubeconfig context
 //! (`--context`, `--kubeconfig`), prints a table for people and JSON or YAML
@@ -15,6 +16,7 @@ mod lookup;
 mod open;
 mod output;
 mod projects;
+mod rollback;
 mod status;
 
 use std::ffi::OsString;
@@ -37,6 +39,11 @@ pub enum AppCommand {
     Logs(logs::LogsArgs),
     /// Print the URL of an Environment and open it in a browser if there is one.
     Open(open::OpenArgs),
+    /// Run an earlier release of an Environment (pins it: new commits are
+    /// built but not rolled out until `unpin`).
+    Rollback(rollback::RollbackArgs),
+    /// Remove an Environment's pin: the newest build rolls out again.
+    Unpin(rollback::UnpinArgs),
     /// Create a Kapsa object (server-side apply, field manager `kapsa-cli`).
     Create {
         #[command(subcommand)]
@@ -74,6 +81,8 @@ async fn run_async(command: AppCommand) -> anyhow::Result<()> {
         AppCommand::Status(args) => status::run(args).await,
         AppCommand::Logs(args) => logs::run(args).await,
         AppCommand::Open(args) => open::run(args).await,
+        AppCommand::Rollback(args) => rollback::rollback(args).await,
+        AppCommand::Unpin(args) => rollback::unpin(args).await,
         AppCommand::Create { what } => create::run(what).await,
         AppCommand::Completion(_) => unreachable!("handled without a runtime"),
     }

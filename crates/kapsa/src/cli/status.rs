@@ -33,7 +33,10 @@ const PROJECT_LABEL: &str = "kapsa.dev/project";
 /// Label kpack puts on a Build (and its Pod): the Image it builds.
 pub const KPACK_IMAGE_LABEL: &str = "image.kpack.io/image";
 /// Condition types whose `True` is the news (the others are OK when `True`).
-const TRUE_IS_NEWS: [&str; 3] = ["Pinned", "Stalled", "Degraded"];
+const TRUE_IS_NEWS: [&str; 2] = ["Stalled", "Degraded"];
+/// Condition types worth showing whatever their status: `Pinned` True says
+/// what is held back, False that a pin cannot be honoured.
+const ALWAYS_NEWS: [&str; 1] = ["Pinned"];
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -91,6 +94,20 @@ pub struct EnvironmentStatus {
     pub phase: Option<EnvironmentPhase>,
     pub url: Option<String>,
     pub expires_at: Option<Time>,
+    /// The release `spec.pin` holds, if pinned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_release: Option<i64>,
+    /// Its release history, newest first (`kapsa rollback --to N`).
+    pub releases: Vec<ReleaseRow>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseRow {
+    pub number: Option<i64>,
+    pub commit: Option<String>,
+    pub image: String,
+    pub deployed_at: Time,
 }
 
 #[derive(Serialize)]
@@ -132,7 +149,9 @@ pub struct EventRow {
 
 /// True when `condition` is worth a person's attention.
 pub fn not_ok(condition: &Condition) -> bool {
-    if TRUE_IS_NEWS.contains(&condition.type_.as_str()) {
+    if ALWAYS_NEWS.contains(&condition.type_.as_str()) {
+        true
+    } else if TRUE_IS_NEWS.contains(&condition.type_.as_str()) {
         condition.status != ConditionStatus::False
     } else {
         condition.status != ConditionStatus::True
@@ -171,6 +190,17 @@ fn environment_status(env: &Environment) -> EnvironmentStatus {
         phase: status.phase,
         url: status.url,
         expires_at: env.spec.expires_at.clone(),
+        pinned_release: env.spec.pin.as_ref().and_then(|p| p.release),
+        releases: status
+            .history
+            .iter()
+            .map(|r| ReleaseRow {
+                number: r.number,
+                commit: r.commit.clone(),
+                image: r.image.clone(),
+                deployed_at: r.deployed_at.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -566,6 +596,35 @@ pub fn render_report(report: &StatusReport) -> String {
     }
 
     out.push('\n');
+    for env in report
+        .environments
+        .iter()
+        .filter(|e| !e.releases.is_empty())
+    {
+        out.push_str(&format!("Releases of {}:\n", env.name));
+        let mut t = table(["release", "commit", "image", "deployed", ""]);
+        for (i, release) in env.releases.iter().enumerate() {
+            let mut notes = Vec::new();
+            if i == 0 && env.image.as_deref() == Some(release.image.as_str()) {
+                notes.push("running");
+            }
+            if release.number.is_some() && release.number == env.pinned_release {
+                notes.push("pinned");
+            }
+            t.add_row([
+                release
+                    .number
+                    .map_or_else(|| "-".to_string(), |n| format!("v{n}")),
+                short_commit(release.commit.as_deref()),
+                release.image.clone(),
+                relative(&release.deployed_at),
+                notes.join(", "),
+            ]);
+        }
+        out.push_str(&indent(&render(&t)));
+        out.push('\n');
+    }
+
     if report.builds.is_empty() {
         out.push_str("Build in progress: none.\n");
     } else {
@@ -677,6 +736,7 @@ mod tests {
         assert!(not_ok(&condition("Ready", ConditionStatus::False)));
         assert!(not_ok(&condition("Built", ConditionStatus::Unknown)));
         assert!(not_ok(&condition("Pinned", ConditionStatus::True)));
-        assert!(!not_ok(&condition("Pinned", ConditionStatus::False)));
+        assert!(not_ok(&condition("Pinned", ConditionStatus::False)));
+        assert!(!not_ok(&condition("Stalled", ConditionStatus::False)));
     }
 }

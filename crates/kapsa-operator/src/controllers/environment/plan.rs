@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kapsa_api::conditions::{
-    BUILT, DEPLOYED, READY, REFERENCES_RESOLVED, TLS_READY, find_condition, merge_conditions,
+    BUILT, DEPLOYED, PINNED, READY, REFERENCES_RESOLVED, TLS_READY, find_condition,
+    merge_conditions,
 };
 use kapsa_api::environment::{EnvironmentStatus, Release};
 use kapsa_api::project::BuildStrategy;
@@ -189,12 +190,38 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             message.clone(),
         ),
     };
-    let to_deploy = match &build {
+    let built = match &build {
         Build::Ready { image, commit } => Some((image.clone(), commit.clone())),
         // Keep what Kapsa deployed last, never what the Deployment says
         // now: a person's edit of it is to be reverted, not kept.
         Build::Pending { .. } => last_good_build(world, &before)
             .or_else(|| before.image.clone().map(|i| (i, before.commit.clone()))),
+    };
+    // A pin holds a release back: it runs instead of the newest build,
+    // which waits (builds go on).
+    let (to_deploy, pinned_condition) = match pinned_release(env, &before) {
+        None => (built, None),
+        Some(Ok(held)) => {
+            let message = pin_message(&held, &build);
+            (
+                Some((held.image, held.commit)),
+                Some(condition(PINNED, ConditionStatus::True, "Pinned", message)),
+            )
+        }
+        // A pin that names no known release changes nothing that runs.
+        Some(Err(message)) => (
+            before
+                .image
+                .clone()
+                .map(|i| (i, before.commit.clone()))
+                .or(built),
+            Some(condition(
+                PINNED,
+                ConditionStatus::False,
+                "ReleaseNotFound",
+                message,
+            )),
+        ),
     };
 
     // Deploy: the new image when there is one, else keep the current release.
@@ -287,15 +314,28 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
     if let Some((image, commit)) = rolled_out
         && (status.image.as_deref() != Some(image.as_str()) || status.commit != commit)
     {
+        let number = next_release_number(&status.history);
         status.history.insert(
             0,
             Release {
+                number: Some(number),
                 commit: commit.clone(),
                 image: image.clone(),
                 deployed_at: now.clone(),
             },
         );
-        status.history.truncate(HISTORY_LIMIT);
+        // The oldest release goes, never the one a pin holds.
+        let held = env.spec.pin.as_ref().and_then(|p| p.release);
+        while status.history.len() > HISTORY_LIMIT {
+            match status
+                .history
+                .iter()
+                .rposition(|r| held.is_none() || r.number != held)
+            {
+                Some(oldest) => status.history.remove(oldest),
+                None => break,
+            };
+        }
         status.image = Some(image);
         status.commit = commit;
     }
@@ -358,6 +398,12 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             ready,
         ],
     );
+    match pinned_condition {
+        Some(pinned) => {
+            merge_conditions(&mut status.conditions, [pinned]);
+        }
+        None => status.conditions.retain(|c| c.type_ != PINNED),
+    }
     let delete = prune(&observed, &apply, &keep, &env.uid().unwrap_or_default());
     EnvironmentPlan {
         apply,
@@ -375,8 +421,23 @@ fn events(before: &EnvironmentStatus, after: &EnvironmentStatus) -> Vec<PlannedE
     let mut events = transitions(
         &before.conditions,
         &after.conditions,
-        &[BUILT, DEPLOYED, TLS_READY, REFERENCES_RESOLVED, READY],
+        &[
+            BUILT,
+            DEPLOYED,
+            TLS_READY,
+            REFERENCES_RESOLVED,
+            READY,
+            PINNED,
+        ],
     );
+    if find_condition(&before.conditions, PINNED).is_some()
+        && find_condition(&after.conditions, PINNED).is_none()
+    {
+        events.push(PlannedEvent::normal(
+            "Unpinned",
+            "spec.pin was removed: the newest build rolls out",
+        ));
+    }
     let old = find_condition(&before.conditions, BUILT);
     if let Some(new) = find_condition(&after.conditions, BUILT)
         && new.reason == "Building"
@@ -522,6 +583,91 @@ fn deployed_release(d: &Deployment) -> (Option<String>, Option<String>) {
         .and_then(|m| m.annotations.as_ref())
         .and_then(|a| a.get(COMMIT_ANNOTATION).cloned());
     (image, commit)
+}
+
+/// The release a pin holds.
+#[derive(Clone, Debug)]
+struct Held {
+    image: String,
+    commit: Option<String>,
+    /// `release 3` or `image <ref>`.
+    what: String,
+}
+
+/// What `spec.pin` holds: `None` unpinned, an error when it names a release
+/// `status.history` does not have.
+fn pinned_release(env: &Environment, status: &EnvironmentStatus) -> Option<Result<Held, String>> {
+    let pin = env.spec.pin.as_ref()?;
+    if let Some(image) = &pin.image {
+        return Some(Ok(Held {
+            image: image.clone(),
+            commit: None,
+            what: format!("image {image}"),
+        }));
+    }
+    let number = pin.release?;
+    Some(
+        status
+            .history
+            .iter()
+            .find(|r| r.number == Some(number))
+            .map(|r| Held {
+                image: r.image.clone(),
+                commit: r.commit.clone(),
+                what: format!("release {number}"),
+            })
+            .ok_or_else(|| {
+                let known: Vec<String> = status
+                    .history
+                    .iter()
+                    .filter_map(|r| r.number.map(|n| n.to_string()))
+                    .collect();
+                format!(
+                    "spec.pin.release {number} is not in status.history (releases kept: {}); what runs stays",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            }),
+    )
+}
+
+/// The `Pinned` message: the release held, and what waits.
+fn pin_message(held: &Held, build: &Build) -> String {
+    let commit = |c: &Option<String>| {
+        c.as_deref()
+            .map(|c| format!(" (commit {})", &c[..c.len().min(12)]))
+            .unwrap_or_default()
+    };
+    let mut message = format!(
+        "holding {}{}: {}",
+        held.what,
+        commit(&held.commit),
+        held.image
+    );
+    match build {
+        Build::Ready { image, commit: c } if *image != held.image || *c != held.commit => {
+            message.push_str(&format!(
+                "; newer build waiting to roll out: {image}{}",
+                commit(c)
+            ));
+        }
+        Build::Pending { message: why, .. } => {
+            message.push_str(&format!("; the newest commit is not built yet ({why})"));
+        }
+        _ => message.push_str("; nothing newer waits"),
+    }
+    message.push_str("; remove spec.pin (kapsa unpin) to roll out the newest build");
+    message
+}
+
+/// One more than the highest release number in `history` (releases made
+/// before numbers existed count by position).
+fn next_release_number(history: &[Release]) -> i64 {
+    let highest = history.iter().filter_map(|r| r.number).max().unwrap_or(0);
+    highest.max(i64::try_from(history.len()).unwrap_or(i64::MAX)) + 1
 }
 
 /// The last image kpack built successfully for this Environment (kpack keeps
