@@ -21,7 +21,11 @@
 //! - `new-commit`: a live Project's branch gets a new commit, which is built
 //!   and rolled out (the operator is stopped while the commit is pushed);
 //! - `preview-created`: a branch appears in a live Project with
-//!   `previewEnvironments.enabled`, and its preview goes live.
+//!   `previewEnvironments.enabled`, and its preview goes live;
+//! - `preview-deleted`: a live preview's branch is deleted; the preview
+//!   Environment goes (the garbage collector takes its Deployment, Service
+//!   and Ingress: the end state waits for it) and the Project deletes its
+//!   kpack Image from the build namespace.
 //!
 //! The oracle, read from the API server (objects and the audit log), never
 //! from the operator's metrics:
@@ -39,7 +43,9 @@
 //!   skip an intermediate spec, so the generation may be lower than
 //!   unperturbed; a stale one stays a number and so a difference);
 //! - no orphan: every Kapsa object but the host-ownership table has an
-//!   ownerReference to a live object with the same uid;
+//!   ownerReference to a live object with the same uid, and every kpack
+//!   Image of the build namespace (controlled by the Project) carries the
+//!   uid of a live Environment;
 //! - no duplicate build: every kpack Image's `status.buildCounter` (the
 //!   simulator counts the builds it starts) is what the scenario needs and
 //!   what the unperturbed run shows, and no Deployment has more ReplicaSets
@@ -57,9 +63,10 @@
 //!   long form then waits a second window, after the snapshot.
 //!
 //! Quick form (`make test`, `hack/test.sh`): per scenario the unperturbed
-//! run and a few k spread evenly over 1..=W (4 for new-project, 3 for the
-//! others, whose every run first brings a Project live): about three
-//! minutes on two cores. Long form: every k of every scenario, e.g.
+//! run and a few k spread evenly over the positions of the operator's own
+//! writes among 1..=W (a restart right after a Lease renewal interrupts
+//! nothing new; 4 for new-project, 3 for the others, whose every run first
+//! brings a Project live): about four and a half minutes on two cores. Long form: every k of every scenario, e.g.
 //! `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa --features fault-injection
 //! --test perturbation -- --nocapture` (W is 30 to 50 per scenario, about
 //! 15 to 30 s per perturbation: expect 30 to 60 minutes).
@@ -118,13 +125,17 @@ enum Scenario {
     NewProject,
     NewCommit,
     PreviewCreated,
+    /// A live preview's branch is deleted: the preview Environment, its
+    /// children and its build in the build namespace go.
+    PreviewDeleted,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 3] = [
+    const ALL: [Scenario; 4] = [
         Scenario::NewProject,
         Scenario::NewCommit,
         Scenario::PreviewCreated,
+        Scenario::PreviewDeleted,
     ];
 
     fn name(self) -> &'static str {
@@ -132,6 +143,7 @@ impl Scenario {
             Scenario::NewProject => "new-project",
             Scenario::NewCommit => "new-commit",
             Scenario::PreviewCreated => "preview-created",
+            Scenario::PreviewDeleted => "preview-deleted",
         }
     }
 
@@ -143,11 +155,22 @@ impl Scenario {
     fn quick_sample(self) -> u64 {
         match self {
             Scenario::NewProject => 4,
-            Scenario::NewCommit | Scenario::PreviewCreated => 3,
+            Scenario::NewCommit | Scenario::PreviewCreated | Scenario::PreviewDeleted => 3,
         }
     }
 
+    /// Whether the Project has preview environments enabled.
     fn previews(self) -> bool {
+        matches!(self, Scenario::PreviewCreated | Scenario::PreviewDeleted)
+    }
+
+    /// Whether the preview is live before the trigger (and goes with it).
+    fn starts_with_preview(self) -> bool {
+        self == Scenario::PreviewDeleted
+    }
+
+    /// Whether the preview is part of the end state.
+    fn ends_with_preview(self) -> bool {
         self == Scenario::PreviewCreated
     }
 }
@@ -384,7 +407,7 @@ impl ScenarioRepo {
         let second = match scenario {
             Scenario::NewProject => None,
             Scenario::NewCommit => Some(repo.commit("main", "app.txt", "v2", "second").unwrap()),
-            Scenario::PreviewCreated => Some(
+            Scenario::PreviewCreated | Scenario::PreviewDeleted => Some(
                 repo.commit(PREVIEW_BRANCH, "login.txt", "login", "login page")
                     .unwrap(),
             ),
@@ -664,6 +687,9 @@ struct RunOutcome {
     end: EndState,
     /// Writes (Lease included) of the operator under test until at rest.
     writes: usize,
+    /// The positions (1-based, among `writes`) of the writes that are not
+    /// Lease renewals: where a restart interrupts Kapsa's own work.
+    work_positions: Vec<u64>,
     write_summary: String,
     /// For a perturbed run: which write it exited after, as it logged it.
     exit_note: Option<String>,
@@ -877,6 +903,24 @@ impl Suite {
                 })
                 .map(|(_, _, v)| v.clone())
         };
+        // Builds: the Project controls the kpack Images of its build
+        // namespace (so the orphan check above passes them); each must be
+        // for an Environment that exists (by uid).
+        let live_uids: BTreeSet<String> = environments.iter().filter_map(|e| e.uid()).collect();
+        for (r, _, v) in all.iter() {
+            if r.kind == "Image"
+                && r.group == "kpack.io"
+                && v["metadata"]["namespace"] == build_namespace.as_str()
+            {
+                let uid = v["metadata"]["labels"]["kapsa.dev/environment-uid"].as_str();
+                if !uid.is_some_and(|u| live_uids.contains(u)) {
+                    failures.push(format!(
+                        "kpack Image {build_namespace}/{}: built for no live Environment (environment-uid {uid:?})",
+                        v["metadata"]["name"]
+                    ));
+                }
+            }
+        }
         let url = repo.repo.url();
         let mut expected_envs: BTreeMap<String, (String, i64)> =
             BTreeMap::from([("production".to_string(), (String::new(), 0))]);
@@ -893,6 +937,9 @@ impl Suite {
                     kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH),
                     (repo.second.clone().unwrap(), 1),
                 );
+            }
+            Scenario::PreviewDeleted => {
+                expected_envs.insert("production".into(), (repo.first.clone(), 1));
             }
         }
         let names: BTreeSet<String> = environments.iter().map(|e| e.name_any()).collect();
@@ -1075,18 +1122,52 @@ impl Suite {
         if !env_ready(&self.client, &project, "production", &production_commit).await {
             return false;
         }
-        if scenario.previews() {
-            let preview = kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH);
-            if !env_ready(
+        let preview = kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH);
+        if scenario.starts_with_preview()
+            && Api::<Environment>::namespaced(self.client.clone(), &project)
+                .get_opt(&preview)
+                .await
+                .map_or(true, |e| e.is_some())
+        {
+            return false;
+        }
+        // The garbage collector (not Kapsa) removes the deleted preview's
+        // Deployment, Service and Ingress; wait for it.
+        if scenario.starts_with_preview() {
+            let gone = |found: Result<Option<_>, kube::Error>| matches!(found, Ok(None));
+            let ns = project.as_str();
+            if !gone(
+                Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(self.client.clone(), ns)
+                    .get_opt(&preview)
+                    .await
+                    .map(|d| d.map(|_| ())),
+            ) || !gone(
+                Api::<k8s_openapi::api::core::v1::Service>::namespaced(self.client.clone(), ns)
+                    .get_opt(&preview)
+                    .await
+                    .map(|d| d.map(|_| ())),
+            ) || !gone(
+                Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(
+                    self.client.clone(),
+                    ns,
+                )
+                .get_opt(&preview)
+                .await
+                .map(|d| d.map(|_| ())),
+            ) {
+                return false;
+            }
+        }
+        if scenario.ends_with_preview()
+            && !env_ready(
                 &self.client,
                 &project,
                 &preview,
                 repo.second.as_ref().unwrap(),
             )
             .await
-            {
-                return false;
-            }
+        {
+            return false;
         }
         // The Project's summary follows its Environments a moment later.
         let Ok(Some(p)) = Api::<Project>::all(self.client.clone())
@@ -1096,7 +1177,7 @@ impl Suite {
             return false;
         };
         let status = p.status.unwrap_or_default();
-        let expected = if scenario.previews() { 2 } else { 1 };
+        let expected = if scenario.ends_with_preview() { 2 } else { 1 };
         status.environments.len() == expected
             && status.environments.iter().all(|e| e.ready)
             && status.latest_commit.as_deref() == Some(production_commit.as_str())
@@ -1215,7 +1296,13 @@ impl Suite {
     async fn prepare(&mut self, scenario: Scenario, repo: &ScenarioRepo) -> Result<(), String> {
         self.clean(scenario).await;
         repo.set_ref("main", Some(&repo.first));
-        repo.set_ref(PREVIEW_BRANCH, None);
+        repo.set_ref(
+            PREVIEW_BRANCH,
+            scenario
+                .starts_with_preview()
+                .then_some(repo.second.as_deref())
+                .flatten(),
+        );
         if scenario == Scenario::NewProject {
             return Ok(());
         }
@@ -1224,7 +1311,17 @@ impl Suite {
             self.start_operator(USER_SETUP, &format!("{}-setup", scenario.name()), None);
         let project = scenario.project();
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
-        while !live(&self.client, &project, &repo.first).await {
+        let preview = kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH);
+        while !live(&self.client, &project, &repo.first).await
+            || (scenario.starts_with_preview()
+                && !env_ready(
+                    &self.client,
+                    &project,
+                    &preview,
+                    repo.second.as_deref().unwrap_or_default(),
+                )
+                .await)
+        {
             if Instant::now() > deadline {
                 return Err(format!("{project} did not go live:\n{}", operator.tail(30)));
             }
@@ -1261,6 +1358,7 @@ impl Suite {
             Scenario::NewProject => self.create_project(scenario, repo).await,
             Scenario::NewCommit => repo.set_ref("main", repo.second.as_deref()),
             Scenario::PreviewCreated => repo.set_ref(PREVIEW_BRANCH, repo.second.as_deref()),
+            Scenario::PreviewDeleted => repo.set_ref(PREVIEW_BRANCH, None),
         }
     }
 
@@ -1337,6 +1435,13 @@ impl Suite {
             }
             None => all_writes.len(),
         };
+        let work_positions = all_writes
+            .iter()
+            .take(counted)
+            .zip(1u64..)
+            .filter(|(e, _)| e.resource != "leases")
+            .map(|(_, position)| position)
+            .collect();
         converging.stop().await;
         if std::env::var_os("KAPSA_PERTURBATION_TIMING").is_some() {
             eprintln!(
@@ -1349,6 +1454,7 @@ impl Suite {
         RunOutcome {
             end,
             writes: counted,
+            work_positions,
             write_summary: summary(&all_writes),
             exit_note,
             failures,
@@ -1414,8 +1520,11 @@ fn diff(expected: &EndState, actual: &EndState) -> Vec<String> {
 }
 
 /// The k values to run for a scenario with `w` writes: every one in the
-/// long form; in the quick form `quick` of them, spread evenly over 1..=w.
-fn sample(w: u64, long: bool, quick: u64) -> Vec<u64> {
+/// long form (or as `KAPSA_PERTURBATION_K` lists them); in the quick form
+/// `quick` of them, spread evenly over the positions of Kapsa's own writes
+/// (`work`: a restart right after a Lease renewal interrupts nothing of
+/// Kapsa's that a restart after the write before it does not).
+fn sample(w: u64, work: &[u64], long: bool, quick: u64) -> Vec<u64> {
     if let Ok(list) = std::env::var("KAPSA_PERTURBATION_K") {
         return list
             .split(',')
@@ -1426,8 +1535,17 @@ fn sample(w: u64, long: bool, quick: u64) -> Vec<u64> {
     if long || w <= quick {
         return (1..=w).collect();
     }
+    let candidates: Vec<u64> = if work.is_empty() {
+        (1..=w).collect()
+    } else {
+        work.to_vec()
+    };
+    let n = candidates.len() as u64;
+    if n <= quick {
+        return candidates;
+    }
     let ks: BTreeSet<u64> = (1..=quick)
-        .map(|i| (i * w).div_ceil(quick + 1).max(1))
+        .map(|i| candidates[((i * n).div_ceil(quick + 1).max(1) - 1) as usize])
         .collect();
     ks.into_iter().collect()
 }
@@ -1498,7 +1616,12 @@ async fn restart_at_every_write_point() {
             scenario.name(),
             baseline.write_summary
         );
-        let ks = sample(w, suite.long, scenario.quick_sample());
+        let ks = sample(
+            w,
+            &baseline.work_positions,
+            suite.long,
+            scenario.quick_sample(),
+        );
         let mut exits = Vec::new();
         for &k in &ks {
             let t = Instant::now();
@@ -1550,4 +1673,21 @@ async fn restart_at_every_write_point() {
             failures.join("\n\n")
         );
     }
+}
+
+#[test]
+fn the_quick_form_restarts_after_kapsas_own_writes() {
+    if std::env::var_os("KAPSA_PERTURBATION_K").is_some() {
+        return;
+    }
+    // 24 writes, Kapsa's own at 1, 2, 3, 6, 7 and 9 (the rest Lease renewals).
+    assert_eq!(sample(24, &[1, 2, 3, 6, 7, 9], false, 3), [2, 3, 7]);
+    assert_eq!(sample(24, &[5, 9], false, 3), [5, 9]);
+    assert_eq!(sample(3, &[1], false, 3), [1, 2, 3], "few writes: all");
+    assert_eq!(
+        sample(9, &[], false, 3),
+        [3, 5, 7],
+        "positions unknown: spread"
+    );
+    assert_eq!(sample(6, &[1], true, 3).len(), 6, "the long form: all");
 }
