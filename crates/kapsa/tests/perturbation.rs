@@ -25,7 +25,12 @@
 //! - `preview-deleted`: a live preview's branch is deleted; the preview
 //!   Environment goes (the garbage collector takes its Deployment, Service
 //!   and Ingress: the end state waits for it) and the Project deletes its
-//!   kpack Image from the build namespace.
+//!   kpack Image from the build namespace;
+//! - `children-deleted`: while the operator is stopped (it never sees the
+//!   delete events), a live Project's Deployment, Service, Ingress, kpack
+//!   Image, runtime ServiceAccount, push credentials' copy and builder Role
+//!   are deleted; they must come back as they were (one new build: the
+//!   Image is a new object).
 //!
 //! The oracle, read from the API server (objects and the audit log), never
 //! from the operator's metrics:
@@ -66,7 +71,7 @@
 //! run and a few k spread evenly over the positions of the operator's own
 //! writes among 1..=W (a restart right after a Lease renewal interrupts
 //! nothing new; 4 for new-project, 3 for the others, whose every run first
-//! brings a Project live): about four and a half minutes on two cores. Long form: every k of every scenario, e.g.
+//! brings a Project live): about five and a half minutes on two cores. Long form: every k of every scenario, e.g.
 //! `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa --features fault-injection
 //! --test perturbation -- --nocapture` (W is 30 to 50 per scenario, about
 //! 15 to 30 s per perturbation: expect 30 to 60 minutes).
@@ -128,14 +133,18 @@ enum Scenario {
     /// A live preview's branch is deleted: the preview Environment, its
     /// children and its build in the build namespace go.
     PreviewDeleted,
+    /// While the operator is stopped, a live Project's children are
+    /// deleted (events it never sees): they come back as they were.
+    ChildrenDeleted,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::NewProject,
         Scenario::NewCommit,
         Scenario::PreviewCreated,
         Scenario::PreviewDeleted,
+        Scenario::ChildrenDeleted,
     ];
 
     fn name(self) -> &'static str {
@@ -144,6 +153,7 @@ impl Scenario {
             Scenario::NewCommit => "new-commit",
             Scenario::PreviewCreated => "preview-created",
             Scenario::PreviewDeleted => "preview-deleted",
+            Scenario::ChildrenDeleted => "children-deleted",
         }
     }
 
@@ -155,7 +165,10 @@ impl Scenario {
     fn quick_sample(self) -> u64 {
         match self {
             Scenario::NewProject => 4,
-            Scenario::NewCommit | Scenario::PreviewCreated | Scenario::PreviewDeleted => 3,
+            Scenario::NewCommit
+            | Scenario::PreviewCreated
+            | Scenario::PreviewDeleted
+            | Scenario::ChildrenDeleted => 3,
         }
     }
 
@@ -405,7 +418,7 @@ impl ScenarioRepo {
         let repo = git.create_repo(scenario.name()).expect("repository");
         let first = repo.commit("main", "app.txt", "v1", "first").unwrap();
         let second = match scenario {
-            Scenario::NewProject => None,
+            Scenario::NewProject | Scenario::ChildrenDeleted => None,
             Scenario::NewCommit => Some(repo.commit("main", "app.txt", "v2", "second").unwrap()),
             Scenario::PreviewCreated | Scenario::PreviewDeleted => Some(
                 repo.commit(PREVIEW_BRANCH, "login.txt", "login", "login page")
@@ -938,7 +951,7 @@ impl Suite {
                     (repo.second.clone().unwrap(), 1),
                 );
             }
-            Scenario::PreviewDeleted => {
+            Scenario::PreviewDeleted | Scenario::ChildrenDeleted => {
                 expected_envs.insert("production".into(), (repo.first.clone(), 1));
             }
         }
@@ -1115,6 +1128,18 @@ impl Suite {
     /// Whether the scenario's end state is there (not yet whether at rest).
     async fn reached(&self, scenario: Scenario, repo: &ScenarioRepo) -> bool {
         let project = scenario.project();
+        if scenario == Scenario::ChildrenDeleted {
+            for (resource, namespace, name) in deleted_children(scenario) {
+                let api = Api::<DynamicObject>::namespaced_with(
+                    self.client.clone(),
+                    &namespace,
+                    &resource,
+                );
+                if !matches!(api.get_opt(name).await, Ok(Some(_))) {
+                    return false;
+                }
+            }
+        }
         let production_commit = match scenario {
             Scenario::NewCommit => repo.second.clone().unwrap(),
             _ => repo.first.clone(),
@@ -1359,6 +1384,20 @@ impl Suite {
             Scenario::NewCommit => repo.set_ref("main", repo.second.as_deref()),
             Scenario::PreviewCreated => repo.set_ref(PREVIEW_BRANCH, repo.second.as_deref()),
             Scenario::PreviewDeleted => repo.set_ref(PREVIEW_BRANCH, None),
+            Scenario::ChildrenDeleted => {
+                for (resource, namespace, name) in deleted_children(scenario) {
+                    let api = Api::<DynamicObject>::namespaced_with(
+                        self.client.clone(),
+                        &namespace,
+                        &resource,
+                    );
+                    api.delete(name, &DeleteParams::default())
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("deleting {} {namespace}/{name}: {e}", resource.kind)
+                        });
+                }
+            }
         }
     }
 
@@ -1517,6 +1556,52 @@ fn diff(expected: &EndState, actual: &EndState) -> Vec<String> {
         ));
     }
     out
+}
+
+/// What children-deleted deletes while the operator is stopped: the
+/// production Environment's Deployment, Service, Ingress and kpack Image,
+/// the push credentials' copy and the builder's Role in the build
+/// namespace, and the apps' ServiceAccount.
+fn deleted_children(scenario: Scenario) -> Vec<(ApiResource, String, &'static str)> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+    use k8s_openapi::api::networking::v1::Ingress;
+    use k8s_openapi::api::rbac::v1::Role;
+    let project = scenario.project();
+    let build = kapsa_api::naming::build_namespace(&project);
+    vec![
+        (
+            ApiResource::erase::<Deployment>(&()),
+            project.clone(),
+            "production",
+        ),
+        (
+            ApiResource::erase::<Service>(&()),
+            project.clone(),
+            "production",
+        ),
+        (
+            ApiResource::erase::<Ingress>(&()),
+            project.clone(),
+            "production",
+        ),
+        (
+            ApiResource::erase::<ServiceAccount>(&()),
+            project,
+            "kapsa-runtime",
+        ),
+        (
+            kapsa_api::external::kpack_image(),
+            build.clone(),
+            "production",
+        ),
+        (
+            ApiResource::erase::<Secret>(&()),
+            build.clone(),
+            "kapsa-registry",
+        ),
+        (ApiResource::erase::<Role>(&()), build, "kapsa-builder"),
+    ]
 }
 
 /// The k values to run for a scenario with `w` writes: every one in the
