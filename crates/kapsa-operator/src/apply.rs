@@ -165,6 +165,11 @@ impl Applier {
         if self.unchanged(&key.to_string(), &wanted, cached.map(|o| &o.value)) {
             return Ok(false);
         }
+        tracing::debug!(
+            object = %key,
+            cached_rv = cached.and_then(|o| resource_version(&o.value)),
+            "applying: the cached object is missing or differs"
+        );
         let answer = api(&self.client, &child.resource, key.namespace.as_deref())
             .patch(&key.name, &params(), &Patch::Apply(&wanted))
             .await

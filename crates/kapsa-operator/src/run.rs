@@ -810,13 +810,17 @@ pub async fn run(
             environments_for_projects,
             mappers.clone().project_of_environment(),
         )
-        .owns_stream(namespace_stream)
-        .owns_stream(sa_stream)
-        .owns_stream(role_stream)
-        .owns_stream(binding_stream)
-        .owns_stream(secret_stream)
-        .owns_stream(git_secret_stream)
-        .owns_stream(quota_stream)
+        // Not `owns_stream`: kube-runtime gives an owner found in a child's
+        // ownerReferences the child's namespace, and a Project is
+        // cluster-scoped; those references would differ from the Project's
+        // own, and one Project would be reconciled several times at once.
+        .watches_stream(namespace_stream, owning_project)
+        .watches_stream(sa_stream, owning_project)
+        .watches_stream(role_stream, owning_project)
+        .watches_stream(binding_stream, owning_project)
+        .watches_stream(secret_stream, owning_project)
+        .watches_stream(git_secret_stream, owning_project)
+        .watches_stream(quota_stream, owning_project)
         .watches_shared_stream(pools_for_projects, mappers.clone().all_projects())
         .watches_shared_stream(
             cr_for_projects,
@@ -953,6 +957,21 @@ fn log_failure<T, E: std::error::Error>(
         Err(error) => tracing::warn!(controller, %error, "controller error"),
     }
     futures::future::ready(())
+}
+
+/// The Project that is the controller of `object` (a namespace, or a child
+/// in the project or build namespace), as the reference of the
+/// cluster-scoped Project itself (no namespace).
+fn owning_project<K: Resource>(object: K) -> Option<ObjectRef<Project>> {
+    object
+        .owner_references()
+        .iter()
+        .find(|o| {
+            o.controller == Some(true)
+                && o.kind == "Project"
+                && o.api_version.starts_with("kapsa.dev/")
+        })
+        .map(|o| ObjectRef::new(&o.name))
 }
 
 /// Maps a changed object to the Projects or Environments that read it.
@@ -1213,5 +1232,33 @@ impl<K: Resource> NamespaceAndName for PartialObjectMeta<K> {
 impl<K: Resource> NamespaceAndName for Arc<PartialObjectMeta<K>> {
     fn namespace_and_name(&self) -> (String, String) {
         self.as_ref().namespace_and_name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_projects_child_maps_to_the_cluster_scoped_project() {
+        let child: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kapsa-runtime", "namespace": "shop", "ownerReferences": [
+                {"apiVersion": "kapsa.dev/v1alpha1", "kind": "Project", "name": "shop",
+                 "uid": "u", "controller": true}]}
+        }))
+        .unwrap();
+        let reference = owning_project(child).expect("the Project");
+        assert_eq!(reference.name, "shop");
+        assert_eq!(
+            reference.namespace, None,
+            "the same reference as the Project's own, so one reconcile at a time"
+        );
+        assert_eq!(reference, ObjectRef::<Project>::new("shop"));
+        let foreign: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x", "namespace": "shop", "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Project", "name": "shop", "uid": "u", "controller": true}]}
+        }))
+        .unwrap();
+        assert!(owning_project(foreign).is_none());
     }
 }

@@ -224,7 +224,11 @@ impl Operator {
                 PLATFORM_NAMESPACE,
             ])
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("KAPSA_PERTURBATION_RUST_LOG")
+                    .unwrap_or_else(|_| "info,kube=warn".into()),
+            )
             .env_remove(fault::ENV_VAR)
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
@@ -703,6 +707,8 @@ struct RunOutcome {
     /// The positions (1-based, among `writes`) of the writes that are not
     /// Lease renewals: where a restart interrupts Kapsa's own work.
     work_positions: Vec<u64>,
+    /// How often each object was written: `<verb> <resource> <ns>/<name>`.
+    write_counts: BTreeMap<String, usize>,
     write_summary: String,
     /// For a perturbed run: which write it exited after, as it logged it.
     exit_note: Option<String>,
@@ -1474,6 +1480,18 @@ impl Suite {
             }
             None => all_writes.len(),
         };
+        let mut write_counts = BTreeMap::new();
+        for e in all_writes.iter().take(counted) {
+            *write_counts
+                .entry(format!(
+                    "{} {} {}/{}",
+                    e.verb,
+                    e.target(),
+                    e.namespace,
+                    e.name
+                ))
+                .or_insert(0) += 1;
+        }
         let work_positions = all_writes
             .iter()
             .take(counted)
@@ -1494,6 +1512,7 @@ impl Suite {
             end,
             writes: counted,
             work_positions,
+            write_counts,
             write_summary: summary(&all_writes),
             exit_note,
             failures,
@@ -1701,6 +1720,20 @@ async fn restart_at_every_write_point() {
             scenario.name(),
             baseline.write_summary
         );
+        // Each deleted child is written once to bring it back: two
+        // reconciles of one Project at once would write it twice.
+        if scenario == Scenario::ChildrenDeleted {
+            for (resource, namespace, name) in deleted_children(scenario) {
+                let key = format!("patch {} {namespace}/{name}", resource.plural);
+                let n = baseline.write_counts.get(&key).copied().unwrap_or(0);
+                if n != 1 {
+                    failures.push(format!(
+                        "{}: {key} written {n} times to bring it back (once is enough)",
+                        scenario.name()
+                    ));
+                }
+            }
+        }
         let ks = sample(
             w,
             &baseline.work_positions,

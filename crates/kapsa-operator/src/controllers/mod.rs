@@ -103,7 +103,9 @@ pub(crate) async fn apply_and_prune(
         let key = child.key();
         let cached = observed.iter().find(|o| o.key == key);
         match ctx.applier.apply(child, cached).await {
-            Ok(_) => {}
+            Ok(wrote) => {
+                tracing::trace!(object = %key, wrote, cached = cached.is_some(), "apply step")
+            }
             Err(error) => match refusal(&error) {
                 Some(message) => {
                     tracing::info!(object = %key, %message, "the API server refused it");
