@@ -10,6 +10,12 @@ step "control-plane binaries (built from the official Go modules on first use, t
 KUBEBUILDER_ASSETS="$(./hack/install-control-plane.sh)"
 export KUBEBUILDER_ASSETS
 
+step "helm (built from its official Go module on first use, then cached; the chart tests need it)"
+KAPSA_HELM="$(./hack/install-helm.sh)"
+# crates/kapsa/tests/chart.rs fails instead of skipping when helm is missing.
+KAPSA_HELM_REQUIRED=1
+export KAPSA_HELM KAPSA_HELM_REQUIRED
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
