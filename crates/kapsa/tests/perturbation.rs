@@ -30,7 +30,11 @@
 //!   delete events), a live Project's Deployment, Service, Ingress, kpack
 //!   Image, runtime ServiceAccount, push credentials' copy and builder Role
 //!   are deleted; they must come back as they were (one new build: the
-//!   Image is a new object).
+//!   Image is a new object), each with one write;
+//! - `project-deleted`: a live Project is deleted; its namespaces go with
+//!   everything in them (the garbage collector and the namespace
+//!   controller, waited for) and its host leaves the host-ownership table
+//!   (Kapsa's part).
 //!
 //! The oracle, read from the API server (objects and the audit log), never
 //! from the operator's metrics:
@@ -136,15 +140,20 @@ enum Scenario {
     /// While the operator is stopped, a live Project's children are
     /// deleted (events it never sees): they come back as they were.
     ChildrenDeleted,
+    /// A live Project is deleted: its namespaces and everything in them go
+    /// (the garbage collector), and its host leaves the host-ownership
+    /// table (Kapsa).
+    ProjectDeleted,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::NewProject,
         Scenario::NewCommit,
         Scenario::PreviewCreated,
         Scenario::PreviewDeleted,
         Scenario::ChildrenDeleted,
+        Scenario::ProjectDeleted,
     ];
 
     fn name(self) -> &'static str {
@@ -154,6 +163,7 @@ impl Scenario {
             Scenario::PreviewCreated => "preview-created",
             Scenario::PreviewDeleted => "preview-deleted",
             Scenario::ChildrenDeleted => "children-deleted",
+            Scenario::ProjectDeleted => "project-deleted",
         }
     }
 
@@ -168,7 +178,8 @@ impl Scenario {
             Scenario::NewCommit
             | Scenario::PreviewCreated
             | Scenario::PreviewDeleted
-            | Scenario::ChildrenDeleted => 3,
+            | Scenario::ChildrenDeleted
+            | Scenario::ProjectDeleted => 3,
         }
     }
 
@@ -422,7 +433,7 @@ impl ScenarioRepo {
         let repo = git.create_repo(scenario.name()).expect("repository");
         let first = repo.commit("main", "app.txt", "v1", "first").unwrap();
         let second = match scenario {
-            Scenario::NewProject | Scenario::ChildrenDeleted => None,
+            Scenario::NewProject | Scenario::ChildrenDeleted | Scenario::ProjectDeleted => None,
             Scenario::NewCommit => Some(repo.commit("main", "app.txt", "v2", "second").unwrap()),
             Scenario::PreviewCreated | Scenario::PreviewDeleted => Some(
                 repo.commit(PREVIEW_BRANCH, "login.txt", "login", "login page")
@@ -882,6 +893,15 @@ impl Suite {
             }
         }
 
+        if scenario == Scenario::ProjectDeleted {
+            if !self.project_gone(&project_name).await {
+                failures.push(format!(
+                    "Project {project_name}, its namespaces or its host-ownership entry remain"
+                ));
+            }
+            return failures;
+        }
+
         // The Project, its Environments and their children.
         let Some(project) = Api::<Project>::all(self.client.clone())
             .get_opt(&project_name)
@@ -957,7 +977,7 @@ impl Suite {
                     (repo.second.clone().unwrap(), 1),
                 );
             }
-            Scenario::PreviewDeleted | Scenario::ChildrenDeleted => {
+            Scenario::PreviewDeleted | Scenario::ChildrenDeleted | Scenario::ProjectDeleted => {
                 expected_envs.insert("production".into(), (repo.first.clone(), 1));
             }
         }
@@ -1134,6 +1154,9 @@ impl Suite {
     /// Whether the scenario's end state is there (not yet whether at rest).
     async fn reached(&self, scenario: Scenario, repo: &ScenarioRepo) -> bool {
         let project = scenario.project();
+        if scenario == Scenario::ProjectDeleted {
+            return self.project_gone(&project).await;
+        }
         if scenario == Scenario::ChildrenDeleted {
             for (resource, namespace, name) in deleted_children(scenario) {
                 let api = Api::<DynamicObject>::namespaced_with(
@@ -1321,6 +1344,29 @@ impl Suite {
         operator.stop().await;
     }
 
+    /// Whether a Project, both its namespaces and its host's entry in the
+    /// host-ownership table are gone.
+    async fn project_gone(&self, project: &str) -> bool {
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        let build = kapsa_api::naming::build_namespace(project);
+        let host = format!("{project}.{BASE}");
+        let table = Api::<ConfigMap>::namespaced(self.client.clone(), PLATFORM_NAMESPACE)
+            .get_opt(HOST_OWNERS)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.data)
+            .unwrap_or_default();
+        matches!(
+            Api::<Project>::all(self.client.clone())
+                .get_opt(project)
+                .await,
+            Ok(None)
+        ) && matches!(namespaces.get_opt(project).await, Ok(None))
+            && matches!(namespaces.get_opt(&build).await, Ok(None))
+            && !table.contains_key(&host)
+    }
+
     /// Brings the scenario to its starting point, with the operator stopped:
     /// refs reset, and for the scenarios that start from a live Project, that
     /// Project live.
@@ -1390,6 +1436,12 @@ impl Suite {
             Scenario::NewCommit => repo.set_ref("main", repo.second.as_deref()),
             Scenario::PreviewCreated => repo.set_ref(PREVIEW_BRANCH, repo.second.as_deref()),
             Scenario::PreviewDeleted => repo.set_ref(PREVIEW_BRANCH, None),
+            Scenario::ProjectDeleted => {
+                Api::<Project>::all(self.client.clone())
+                    .delete(&scenario.project(), &DeleteParams::default())
+                    .await
+                    .expect("deleting the Project");
+            }
             Scenario::ChildrenDeleted => {
                 for (resource, namespace, name) in deleted_children(scenario) {
                     let api = Api::<DynamicObject>::namespaced_with(
