@@ -178,7 +178,10 @@ async fn show(client: &Client, env: &Environment, took: Duration) -> anyhow::Res
 
 /// Sets up the demo and shows a Project going live; returns the git server
 /// and repository, which must outlive the demo for polling to work.
-pub async fn run(client: &Client) -> anyhow::Result<(GitServer, TestRepo)> {
+pub async fn run(
+    client: &Client,
+    kubeconfig: &std::path::Path,
+) -> anyhow::Result<(GitServer, TestRepo)> {
     println!(
         "demo: a platform (DomainPool apps.kapsa.localhost, ClusterRegistry, kpack and cert-manager simulators)"
     );
@@ -235,9 +238,27 @@ pub async fn run(client: &Client) -> anyhow::Result<(GitServer, TestRepo)> {
         "  preview-feature-greeting: gone after {:.1}s",
         started.elapsed().as_secs_f64()
     );
+    // What `kapsa status` says now, and what to try next.
+    println!("demo: `kapsa status hello` says:");
+    match std::env::current_exe().and_then(|kapsa| {
+        std::process::Command::new(kapsa)
+            .args(["status", "hello"])
+            .env("KUBECONFIG", kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .output()
+    }) {
+        Ok(output) => print!("{}", String::from_utf8_lossy(&output.stdout)),
+        Err(error) => println!("  (could not run kapsa status: {error})"),
+    }
     println!(
-        "demo: done. Try `kubectl get kapsa -A` and `kubectl describe project hello`; \
-         push to the repository with `git clone {} && …` to roll out more",
+        "demo: done. Try, with `export KUBECONFIG={}`:\n  \
+         kapsa projects\n  \
+         kapsa status hello\n  \
+         kapsa open hello\n  \
+         kapsa rollback hello   # run the first version again; `kapsa unpin hello` to undo\n  \
+         kubectl get kapsa -A\n\
+         and push to the repository (`git clone {}`, commit, push) to roll out more.",
+        kubeconfig.display(),
         repo.bare_path().display()
     );
     Ok((git, repo))

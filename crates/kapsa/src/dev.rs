@@ -75,8 +75,14 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    // kube-client logs every failed request at ERROR, and a starting API
+    // server refuses connections and answers 500 for a few seconds: waiting
+    // for it is not an error. Whoever makes a request reports a failure that
+    // matters (the control plane's start, the operator's reconcile errors),
+    // so the per-request lines stay out of the terminal (RUST_LOG overrides).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,kube_client::client::builder=off")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -139,6 +145,7 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     .context("starting the control plane")?;
     println!("{EXPORT_PREFIX}{}", plane.kubeconfig_path().display());
     let client = plane.client().await?;
+    let kubeconfig = plane.kubeconfig_path().to_path_buf();
     kapsa_testenv::simulators::install(&client).await?;
     let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml())?;
     kapsa_testenv::crds::install_crds(&client, &crds, "kapsa").await?;
@@ -172,7 +179,7 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
         if !options.demo {
             return futures::future::pending().await;
         }
-        match demo::run(&client).await {
+        match demo::run(&client, &kubeconfig).await {
             // Keep the repository served so that polling goes on.
             Ok(served) => {
                 futures::future::pending::<()>().await;

@@ -81,6 +81,18 @@ fn dev_up_detach_then_down() {
         established,
         "Kapsa's CRDs are served by the dev control plane"
     );
+    // Waiting for a starting API server is not an error: the terminal shows
+    // progress and real problems only.
+    let log = std::fs::read_to_string(state.path().join("kapsa-dev.log")).unwrap();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("500 Internal Server Error"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "dev up logged errors:\n{}",
+        errors.join("\n")
+    );
 
     let down = kapsa()
         .args(["dev", "down", "--state-dir"])
