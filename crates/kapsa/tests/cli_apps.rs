@@ -800,20 +800,24 @@ async fn create_project_dry_run_prints_a_project_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_project_applies_it_with_the_cli_field_manager() {
     let s = setup().await;
-    let output = kapsa(
-        &s.kubeconfig,
-        &[
-            "create",
-            "project",
-            "cli-new",
-            "--git",
-            "https://git.example.invalid/acme/new.git",
-            "--registry",
-            REGISTRY,
-            "--port",
-            "3000",
-        ],
-    );
+    // The same command twice: created, then configured.
+    let create = || {
+        kapsa(
+            &s.kubeconfig,
+            &[
+                "create",
+                "project",
+                "cli-new",
+                "--git",
+                "https://git.example.invalid/acme/new.git",
+                "--registry",
+                REGISTRY,
+                "--port",
+                "3000",
+            ],
+        )
+    };
+    let output = create();
     let note = stderr(&output);
     let yaml = ok(output, "create project");
     assert!(note.contains("project.kapsa.dev/cli-new created"), "{note}");
@@ -841,20 +845,7 @@ async fn create_project_applies_it_with_the_cli_field_manager() {
         "{managers:?}"
     );
     // Applying again is not an error: the same object, configured.
-    let again = kapsa(
-        &s.kubeconfig,
-        &[
-            "create",
-            "project",
-            "cli-new",
-            "--git",
-            "https://git.example.invalid/acme/new.git",
-            "--registry",
-            REGISTRY,
-            "--port",
-            "3000",
-        ],
-    );
+    let again = create();
     assert!(stderr(&again).contains("project.kapsa.dev/cli-new configured"));
     ok(again, "create again");
     // A name the API would refuse never reaches it.
