@@ -16,6 +16,10 @@ KAPSA_HELM="$(./hack/install-helm.sh)"
 KAPSA_HELM_REQUIRED=1
 export KAPSA_HELM KAPSA_HELM_REQUIRED
 
+step "Prometheus Operator CRDs (fetched from its official Go module on first use, then cached; the app-metrics tests install them)"
+KAPSA_PROMETHEUS_OPERATOR_CRDS="$(./hack/install-prometheus-operator-crds.sh)"
+export KAPSA_PROMETHEUS_OPERATOR_CRDS
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

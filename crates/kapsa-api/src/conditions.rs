@@ -34,6 +34,11 @@ pub const APPLIED: &str = "Applied";
 /// waits), or cannot be honoured (False, e.g. `ReleaseNotFound`). Absent
 /// when the Environment is not pinned.
 pub const PINNED: &str = "Pinned";
+/// Environment, with the Project's `runtime.metrics`: a Prometheus Operator
+/// `ServiceMonitor` selects its Service's `metrics` port (True), or cannot,
+/// e.g. False with reason `PrometheusOperatorNotInstalled`. Absent without
+/// `runtime.metrics`.
+pub const MONITORED: &str = "Monitored";
 
 /// Status of a condition: `True`, `False` or `Unknown`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

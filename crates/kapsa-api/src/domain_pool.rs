@@ -129,6 +129,12 @@ impl std::str::FromStr for PodSecurityLevel {
         description = "ACME challenge: HTTP01 or DNS01"
     ),
     printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Usable: its ClusterIssuer exists"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -232,7 +238,8 @@ pub struct DomainPoolStatus {
 
     /// Current state of the pool. Condition types: `Ready` (the pool is
     /// usable: its ClusterIssuer exists and it is the only default pool, if
-    /// default).
+    /// default; reasons `Ready`, `ClusterIssuerNotFound`,
+    /// `CertManagerNotInstalled`, `MultipleDefaults`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_CONDITIONS))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -1,6 +1,7 @@
 //! The kinds of other projects that Kapsa creates, reads or watches: kpack
-//! (`kpack.io/v1alpha2`: `Image`, `ClusterBuilder`, `Builder`) and
-//! cert-manager (`cert-manager.io/v1`: `Certificate`, `ClusterIssuer`).
+//! (`kpack.io/v1alpha2`: `Image`, `ClusterBuilder`, `Builder`),
+//! cert-manager (`cert-manager.io/v1`: `Certificate`, `ClusterIssuer`) and
+//! the Prometheus Operator (`monitoring.coreos.com/v1`: `ServiceMonitor`).
 //!
 //! Kapsa has no Rust types for these; it handles them as
 //! `kube::core::DynamicObject`s, which need an [`ApiResource`] to be sent to
@@ -28,6 +29,11 @@ pub const CERT_MANAGER_GROUP: &str = "cert-manager.io";
 pub const CERT_MANAGER_VERSION: &str = "v1";
 /// `apiVersion` of the cert-manager objects Kapsa uses: `cert-manager.io/v1`.
 pub const CERT_MANAGER_API_VERSION: &str = "cert-manager.io/v1";
+
+/// API group of the Prometheus Operator.
+pub const PROMETHEUS_OPERATOR_GROUP: &str = "monitoring.coreos.com";
+/// The Prometheus Operator API version Kapsa uses.
+pub const PROMETHEUS_OPERATOR_VERSION: &str = "v1";
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
@@ -83,17 +89,38 @@ pub fn cert_manager_cluster_issuer() -> ApiResource {
     )
 }
 
+/// A Prometheus Operator `ServiceMonitor` (namespaced, plural
+/// `servicemonitors`): tells Prometheus to scrape the Services it selects.
+/// The operator creates one per Environment of a Project with
+/// `runtime.metrics`, where the CRD is installed.
+pub fn prometheus_service_monitor() -> ApiResource {
+    resource(
+        PROMETHEUS_OPERATOR_GROUP,
+        PROMETHEUS_OPERATOR_VERSION,
+        "ServiceMonitor",
+        "servicemonitors",
+    )
+}
+
 /// Every kind of this module, in the order: kpack `Image`, `ClusterBuilder`,
-/// `Builder`, cert-manager `Certificate`, `ClusterIssuer`. For looking a kind
-/// up by its `apiVersion` and `kind`.
-pub fn all() -> [ApiResource; 5] {
+/// `Builder`, cert-manager `Certificate`, `ClusterIssuer`, Prometheus
+/// Operator `ServiceMonitor`. For looking a kind up by its `apiVersion` and
+/// `kind`.
+pub fn all() -> [ApiResource; 6] {
     [
         kpack_image(),
         kpack_cluster_builder(),
         kpack_namespaced_builder(),
         cert_manager_certificate(),
         cert_manager_cluster_issuer(),
+        prometheus_service_monitor(),
     ]
+}
+
+/// The name of the CustomResourceDefinition that serves `resource`
+/// (`<plural>.<group>`), e.g. `servicemonitors.monitoring.coreos.com`.
+pub fn crd_name(resource: &ApiResource) -> String {
+    format!("{}.{}", resource.plural, resource.group)
 }
 
 #[cfg(test)]
@@ -108,6 +135,11 @@ mod tests {
             ("kpack.io/v1alpha2", "Builder", "builders"),
             ("cert-manager.io/v1", "Certificate", "certificates"),
             ("cert-manager.io/v1", "ClusterIssuer", "clusterissuers"),
+            (
+                "monitoring.coreos.com/v1",
+                "ServiceMonitor",
+                "servicemonitors",
+            ),
         ];
         for (resource, (api_version, kind, plural)) in all().into_iter().zip(expected) {
             assert_eq!(resource.api_version, api_version);
@@ -127,6 +159,11 @@ mod tests {
             CERT_MANAGER_API_VERSION,
             format!("{CERT_MANAGER_GROUP}/{CERT_MANAGER_VERSION}")
         );
+        assert_eq!(
+            crd_name(&prometheus_service_monitor()),
+            "servicemonitors.monitoring.coreos.com"
+        );
+        assert_eq!(crd_name(&kpack_image()), "images.kpack.io");
     }
 
     #[test]

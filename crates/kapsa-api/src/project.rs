@@ -742,7 +742,11 @@ pub struct ProjectStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_commit: Option<String>,
 
-    /// When the repository was last polled (successfully or not).
+    /// When the repository was last polled (successfully or not), as of the
+    /// last change of this status: it is written with a change (a new
+    /// commit, a branch, reachability, an Environment's state), never on
+    /// its own, so that Projects at rest cost no writes; it can be older
+    /// than `pollInterval`. `SourceReachable` says whether polls succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_poll_time: Option<Time>,
 

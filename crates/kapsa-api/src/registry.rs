@@ -66,6 +66,7 @@ pub enum RegistryProvider {
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider", description = "Registry product"),
     printcolumn(name = "Server", type_ = "string", json_path = ".spec.server", description = "Registry host[:port]"),
     printcolumn(name = "Repository", type_ = "string", json_path = ".spec.repository", description = "Repository path prefix", priority = 1),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Its credentials are a Docker config for the server"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("!has(self.spec.credentialsSecretRef) || has(self.spec.credentialsSecretRef.__namespace__)")
         .message("spec.credentialsSecretRef.namespace is required on a ClusterRegistry (e.g. kapsa-system)")
@@ -145,7 +146,11 @@ pub struct RegistryStatus {
     pub observed_generation: Option<i64>,
 
     /// Current state of the registry. Condition types: `Ready` (the
-    /// credentials Secret exists and has the expected type).
+    /// credentials Secrets it names exist, are of type
+    /// `kubernetes.io/dockerconfigjson` and hold credentials for `server`;
+    /// reasons `CredentialsValid`, `NoCredentials`, `CredentialsNotFound`,
+    /// `CredentialsInvalid`, `CredentialsForOtherServer` and the same with
+    /// `Pull` for `pullSecretRef`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_CONDITIONS))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -190,10 +190,13 @@ fn printer_columns_answer_the_first_question() {
     );
     assert_eq!(
         names("DomainPool"),
-        ["Domains", "Issuer", "Challenge", "Age"]
+        ["Domains", "Issuer", "Challenge", "Ready", "Age"]
     );
-    assert_eq!(names("ClusterRegistry"), ["Provider", "Server", "Age"]);
-    assert_eq!(names("Registry"), ["Provider", "Server", "Age"]);
+    assert_eq!(
+        names("ClusterRegistry"),
+        ["Provider", "Server", "Ready", "Age"]
+    );
+    assert_eq!(names("Registry"), ["Provider", "Server", "Ready", "Age"]);
     let ready = crd("Project").spec.versions[0]
         .additional_printer_columns
         .clone()

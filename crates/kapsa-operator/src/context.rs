@@ -58,16 +58,24 @@ pub struct Stores {
     pub ingress_hosts: Store<Ingress>,
     pub images: Store<DynamicObject>,
     pub certificates: Store<DynamicObject>,
+    /// ClusterIssuers' metadata (where cert-manager is installed): a
+    /// DomainPool is Ready when the one it names exists.
+    pub cluster_issuers: Store<PartialObjectMeta<DynamicObject>>,
+    /// The Environments' ServiceMonitors (where the Prometheus Operator's
+    /// CRD is installed).
+    pub service_monitors: Store<DynamicObject>,
     /// Which optional APIs the cluster serves (found at start-up).
     pub installed: Installed,
 }
 
 /// The optional APIs Kapsa integrates with, as discovered at start-up.
 /// Their caches count for readiness only when they are installed.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Installed {
     pub kpack: bool,
     pub cert_manager: bool,
+    /// The Prometheus Operator's `ServiceMonitor` API.
+    pub prometheus_operator: bool,
 }
 
 impl Stores {
@@ -91,7 +99,11 @@ impl Stores {
         {
             store.wait_until_ready().now_or_never().is_some()
         }
-        let (kpack, cert_manager) = (self.installed.kpack, self.installed.cert_manager);
+        let Installed {
+            kpack,
+            cert_manager,
+            prometheus_operator,
+        } = self.installed;
         [
             ("projects", filled(&self.projects)),
             ("environments", filled(&self.environments)),
@@ -118,6 +130,14 @@ impl Stores {
             ),
             ("kpack builders", !kpack || filled(&self.builders)),
             ("certificates", !cert_manager || filled(&self.certificates)),
+            (
+                "clusterissuers",
+                !cert_manager || filled(&self.cluster_issuers),
+            ),
+            (
+                "servicemonitors",
+                !prometheus_operator || filled(&self.service_monitors),
+            ),
         ]
         .into_iter()
         .filter(|(_, synced)| !synced)
@@ -166,6 +186,8 @@ pub struct PollResult {
     /// Failed polls since the last success.
     pub consecutive_failures: u32,
     pub last_success: Option<Time>,
+    /// When this poll ended (successful or not).
+    pub polled_at: Option<Time>,
     /// Preview-candidate branches whose head the production branch's head
     /// contains (merged, or no commits of their own), as far as the bounded
     /// history fetched shows; `None` when not known (previews disabled, the
@@ -221,7 +243,19 @@ pub struct Context {
     pub pod_security_default: kapsa_api::domain_pool::PodSecurityLevel,
     /// Consecutive failed reconciles per object, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// What the registry reconcilers concluded of each credentials Secret
+    /// they read, keyed by `(<namespace>/<name>, <server> <field>)`, with
+    /// the resourceVersion read: read again only when that changes.
+    /// Verdicts only, never Secret data.
+    pub secret_verdicts: std::sync::Mutex<HashMap<(String, String), SecretVerdict>>,
     recorder: Recorder,
+}
+
+/// A registry credentials Secret as judged at one resourceVersion.
+#[derive(Clone, Debug)]
+pub struct SecretVerdict {
+    pub resource_version: String,
+    pub verdict: Result<(), crate::references::Problem>,
 }
 
 impl Context {
@@ -244,6 +278,7 @@ impl Context {
             metrics,
             git,
             failures: Default::default(),
+            secret_verdicts: Default::default(),
             pod_security_default: Default::default(),
         }
     }

@@ -24,15 +24,47 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoRespons
 /// What `/healthz` and `/readyz` report.
 #[derive(Default)]
 pub struct Health {
-    /// The caches, once the operator leads and has started them.
-    pub stores: std::sync::OnceLock<crate::context::Stores>,
+    /// The caches, once the operator leads and has started them (replaced
+    /// when it starts again in-process, e.g. for a newly installed API).
+    pub stores: std::sync::RwLock<Option<crate::context::Stores>>,
     dead: AtomicBool,
+    /// Waiting for the leader Lease: ready to take over. A standby replica
+    /// reports ready, or a rolling update (maxUnavailable 0) would wait for
+    /// a new pod that cannot lead until the old one goes, and a
+    /// PodDisruptionBudget would refuse to evict the leader.
+    standby: AtomicBool,
 }
 
 impl Health {
-    /// Ready: every cache had its first full listing (reconciles run).
+    /// Ready: standing by for the Lease, or every cache had its first full
+    /// listing (reconciles run).
     pub fn ready(&self) -> bool {
-        self.alive() && self.stores.get().is_some_and(|s| s.ready())
+        self.alive() && (self.standing_by() || self.current_stores().is_some_and(|s| s.ready()))
+    }
+
+    /// Whether this replica waits for the leader Lease.
+    pub fn standing_by(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
+    }
+
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// The caches in use now, if any.
+    pub fn current_stores(&self) -> Option<crate::context::Stores> {
+        self.stores
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reports `stores` from now on.
+    pub fn set_stores(&self, stores: crate::context::Stores) {
+        *self
+            .stores
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stores);
     }
 
     /// Alive: no controller loop has died.
@@ -68,13 +100,18 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, hea
             "/readyz",
             get(move || {
                 let unsynced = for_ready
-                    .stores
-                    .get()
+                    .current_stores()
                     .map(|s| s.unsynced().join(", "))
                     .unwrap_or_else(|| "all (not leading yet)".into());
                 let ok = for_ready.ready();
+                let standby = for_ready.standing_by();
                 async move {
-                    if ok {
+                    if ok && standby {
+                        (
+                            StatusCode::OK,
+                            "ok: standing by for the leader Lease".to_string(),
+                        )
+                    } else if ok {
                         (StatusCode::OK, "ok".to_string())
                     } else {
                         (

@@ -36,6 +36,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, PostParams};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
 /// How one replica holds leadership: the Lease, its identity, the timing,
@@ -136,6 +137,14 @@ impl LeaseConfig {
         i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
 
+    /// Keeps `gauge` at 1 while this replica (any clone of this value) leads
+    /// and at 0 otherwise, from now on: the `kapsa_leader` metric.
+    pub fn report_leadership(&self, gauge: Gauge) {
+        let mut observation = self.observation();
+        gauge.set(i64::from(observation.renewed_at.is_some()));
+        observation.leading = Some(gauge);
+    }
+
     fn observation(&self) -> std::sync::MutexGuard<'_, Observation> {
         // The lock is never held across an await or a panic-prone call.
         self.observed
@@ -153,11 +162,22 @@ struct Observation {
     /// ... and when this replica first saw it so.
     changed_at: Option<Instant>,
     /// When this replica sent its last successful take or renewal; `None`
-    /// while it does not lead.
+    /// while it does not lead. Set with [`Observation::set_renewed_at`].
     renewed_at: Option<Instant>,
+    /// Where whether this replica leads is reported (`kapsa_leader`).
+    leading: Option<Gauge>,
 }
 
 impl Observation {
+    /// Records this replica's last successful take or renewal (`None`: it
+    /// does not lead), and reports whether it leads.
+    fn set_renewed_at(&mut self, at: Option<Instant>) {
+        self.renewed_at = at;
+        if let Some(gauge) = &self.leading {
+            gauge.set(i64::from(at.is_some()));
+        }
+    }
+
     /// Records what a read or a successful write showed at `now`.
     fn saw(&mut self, spec: LeaseSpec, now: Instant) {
         if self.record.as_ref() != Some(&spec) {
@@ -261,7 +281,7 @@ async fn attempt(client: &Client, config: &LeaseConfig) -> Result<Outcome, kube:
                 live_holder(&spec, changed_at, now, &config.identity, config.duration)
             };
             if let Some(holder) = holder {
-                config.observation().renewed_at = None;
+                config.observation().set_renewed_at(None);
                 return Ok(Outcome::HeldBy(holder));
             }
             lease.spec = Some(desired(config, Some(&spec), config.wall_clock()));
@@ -275,7 +295,7 @@ async fn attempt(client: &Client, config: &LeaseConfig) -> Result<Outcome, kube:
             crate::fault::after_write("lease");
             let mut observation = config.observation();
             observation.saw(lease.spec.unwrap_or_default(), Instant::now());
-            observation.renewed_at = Some(sent);
+            observation.set_renewed_at(Some(sent));
             Ok(Outcome::Leading)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Conflict),
@@ -324,7 +344,7 @@ pub async fn hold(client: &Client, config: &LeaseConfig) {
         tokio::time::sleep_until((Instant::now() + config.retry_period).min(deadline)).await;
         if Instant::now() >= deadline {
             tracing::error!(lease = %config.name, "could not renew the lease in time; stepping down");
-            config.observation().renewed_at = None;
+            config.observation().set_renewed_at(None);
             return;
         }
         match tokio::time::timeout_at(deadline, attempt(client, config)).await {
@@ -349,7 +369,7 @@ pub async fn hold(client: &Client, config: &LeaseConfig) {
 /// shutdown). Returns whether it released the lease. A compare-and-swap: a
 /// lease another replica took meanwhile is left alone.
 pub async fn release(client: &Client, config: &LeaseConfig) -> Result<bool, kube::Error> {
-    config.observation().renewed_at = None;
+    config.observation().set_renewed_at(None);
     let api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let Some(mut lease) = api.get_opt(&config.name).await? else {
         return Ok(false);
@@ -453,6 +473,21 @@ mod tests {
             .0
             .duration_since(Timestamp::now());
         assert!(ahead > SignedDuration::from_mins(59) && ahead <= SignedDuration::from_hours(1));
+    }
+
+    #[test]
+    fn the_leadership_gauge_follows_every_clone() {
+        let leader = config();
+        let gauge = Gauge::default();
+        gauge.set(7);
+        leader.report_leadership(gauge.clone());
+        assert_eq!(gauge.get(), 0, "not leading yet");
+        // The clone run.rs holds and the one release() gets are the same replica.
+        let clone = leader.clone();
+        clone.observation().set_renewed_at(Some(Instant::now()));
+        assert_eq!(gauge.get(), 1);
+        leader.observation().set_renewed_at(None);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

@@ -59,7 +59,8 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 const MERGE_CHECK_DEADLINE: Duration = Duration::from_secs(2 * POLL_TIMEOUT.as_secs() + 5);
 /// How often the schedule is checked for due polls.
 const TICK: Duration = Duration::from_millis(250);
-/// How often the `kapsa_previews` gauge is recomputed (from the cache).
+/// How often the `kapsa_previews` and `kapsa_environments` gauges are
+/// recomputed (from the cache).
 const PREVIEWS_EVERY: Duration = Duration::from_secs(5);
 
 /// The git host a URL reaches, as `scheme://host:port` (host in lower case,
@@ -252,7 +253,9 @@ pub async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             _ = previews.tick() => {
-                metrics.set_previews(count_previews(&stores.environments.state()));
+                let environments = stores.environments.state();
+                metrics.set_previews(count_previews(&environments));
+                metrics.set_environments(count_environments(&environments));
                 continue;
             }
             Some((name, outcome)) = done_rx.recv() => {
@@ -363,6 +366,7 @@ impl Poll<'_> {
             error: Some(bounded(&message, MAX_MESSAGE_BYTES)),
             reason: Some(reason),
             consecutive_failures: previous.consecutive_failures + 1,
+            polled_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
             ..previous.clone()
         };
         // A Project refused its namespace reads nothing from it and reaches
@@ -411,6 +415,7 @@ impl Poll<'_> {
                     reason: None,
                     consecutive_failures: 0,
                     last_success: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+                    polled_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
                     merged,
                 };
                 record(self.state, self.trigger, &name, result).await;
@@ -664,6 +669,35 @@ fn count_previews(environments: &[Arc<kapsa_api::Environment>]) -> Vec<(&'static
             EnvironmentPhase::Failed => "Failed",
         };
         *counts.entry(phase).or_default() += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// How many Environments of each type are in each phase (an Environment
+/// without a phase yet counts as `Pending`), from the cache: the
+/// `kapsa_environments` gauge.
+fn count_environments(
+    environments: &[Arc<kapsa_api::Environment>],
+) -> Vec<((&'static str, &'static str), i64)> {
+    let mut counts: BTreeMap<(&'static str, &'static str), i64> = BTreeMap::new();
+    for environment in environments {
+        let type_ = match environment.spec.type_ {
+            EnvironmentType::Production => "Production",
+            EnvironmentType::Preview => "Preview",
+        };
+        let phase = match environment
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or_default()
+        {
+            EnvironmentPhase::Pending => "Pending",
+            EnvironmentPhase::Building => "Building",
+            EnvironmentPhase::Deploying => "Deploying",
+            EnvironmentPhase::Ready => "Ready",
+            EnvironmentPhase::Failed => "Failed",
+        };
+        *counts.entry((type_, phase)).or_default() += 1;
     }
     counts.into_iter().collect()
 }
@@ -1029,6 +1063,25 @@ mod tests {
         assert_eq!(
             counted,
             vec![("Building", 1), ("Failed", 1), ("Pending", 1), ("Ready", 2)]
+        );
+
+        let counted = count_environments(&[
+            env("Preview", Some("Ready")),
+            env("Preview", Some("Ready")),
+            env("Preview", None),
+            env("Production", Some("Ready")),
+            env("Production", None),
+            env("Production", Some("Failed")),
+        ]);
+        assert_eq!(
+            counted,
+            vec![
+                (("Preview", "Pending"), 1),
+                (("Preview", "Ready"), 2),
+                (("Production", "Failed"), 1),
+                (("Production", "Pending"), 1),
+                (("Production", "Ready"), 1),
+            ]
         );
     }
 }

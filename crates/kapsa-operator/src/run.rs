@@ -32,7 +32,9 @@ use crate::context::{Context, GitState, Installed, Stores};
 use crate::http::Health;
 use crate::leader::LeaseConfig;
 use crate::metrics::Metrics;
-use crate::resources::environment::{certificate_api_resource, kpack_image_api_resource};
+use crate::resources::environment::{
+    certificate_api_resource, kpack_image_api_resource, service_monitor_api_resource,
+};
 use crate::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::{controllers, poller};
 
@@ -372,7 +374,8 @@ fn shared_cache<K>(
     dyntype: K::DynamicType,
     trim: fn(&mut K),
     applier: Arc<Applier>,
-) -> anyhow::Result<(Store<K>, BoxFuture, BoxStream<Arc<K>>, BoxStream<Arc<K>>)>
+    subscribers: usize,
+) -> anyhow::Result<(Store<K>, BoxFuture, Vec<BoxStream<Arc<K>>>)>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
@@ -381,26 +384,17 @@ where
     let store = writer.as_reader();
     // Subscribers hear of applied objects only; deletes (a pool removed, a
     // production Environment deleted by hand) are sent alongside.
-    let (first_deleted, first_deletes) = tokio::sync::mpsc::unbounded_channel::<Arc<K>>();
-    let (second_deleted, second_deletes) = tokio::sync::mpsc::unbounded_channel::<Arc<K>>();
-    let with_deletes = |subscriber: reflector::ReflectHandle<K>,
-                        mut deletes: tokio::sync::mpsc::UnboundedReceiver<Arc<K>>|
-     -> BoxStream<Arc<K>> {
+    let mut senders = Vec::with_capacity(subscribers);
+    let mut streams = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let (deleted, mut deletes) = tokio::sync::mpsc::unbounded_channel::<Arc<K>>();
+        let subscriber = writer
+            .subscribe()
+            .ok_or_else(|| anyhow::anyhow!("subscribe"))?;
         let deletes = futures::stream::poll_fn(move |cx| deletes.poll_recv(cx));
-        futures::stream::select(subscriber, deletes).boxed()
-    };
-    let first = with_deletes(
-        writer
-            .subscribe()
-            .ok_or_else(|| anyhow::anyhow!("subscribe"))?,
-        first_deletes,
-    );
-    let second = with_deletes(
-        writer
-            .subscribe()
-            .ok_or_else(|| anyhow::anyhow!("subscribe"))?,
-        second_deletes,
-    );
+        senders.push(deleted);
+        streams.push(futures::stream::select(subscriber, deletes).boxed());
+    }
     let driver = events
         .modify(move |o: &mut K| {
             o.managed_fields_mut().clear();
@@ -414,13 +408,23 @@ where
                     &object.name_any(),
                 ));
                 let object = Arc::new(object.clone());
-                let _ = first_deleted.send(object.clone());
-                let _ = second_deleted.send(object);
+                for sender in &senders {
+                    let _ = sender.send(object.clone());
+                }
             }
         })
         .reflect_shared(writer)
         .for_each(|_| async {});
-    Ok((store, Box::pin(driver), first, second))
+    Ok((store, Box::pin(driver), streams))
+}
+
+/// The subscriber streams of a [`shared_cache`], as an array.
+fn subscribers<K, const N: usize>(
+    streams: Vec<BoxStream<Arc<K>>>,
+) -> anyhow::Result<[BoxStream<Arc<K>>; N]> {
+    streams
+        .try_into()
+        .map_err(|v: Vec<_>| anyhow::anyhow!("{} subscribers, not {N}", v.len()))
 }
 
 /// Keeps a cached object whole.
@@ -516,8 +520,12 @@ pub async fn run(
             health.clone(),
         ));
     }
+    metrics.set_leader(config.lease.is_none());
     if let Some(lease) = &config.lease {
+        lease.report_leadership(metrics.leader_gauge());
+        health.set_standby(true);
         crate::leader::acquire(&client, lease).await;
+        health.set_standby(false);
     }
     let lost_leadership = {
         let (client, lease) = (client.clone(), config.lease.clone());
@@ -534,73 +542,203 @@ pub async fn run(
             _ = lost_leadership => {}
         }
     };
-    let stop = futures::future::FutureExt::shared(Box::pin(stop));
+    let stop: Stop = futures::future::FutureExt::shared(Box::pin(stop));
+    loop {
+        match run_once(&client, &config, &metrics, &health, stop.clone()).await? {
+            Ended::Stopped => return Ok(()),
+            Ended::OptionalApisChanged => {
+                tracing::info!("starting again with the optional APIs the cluster serves now");
+            }
+        }
+    }
+}
 
+/// The operator's stop signal: shutdown, or leadership lost.
+type Stop = futures::future::Shared<Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// Why [`run_once`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Shutdown, or leadership lost.
+    Stopped,
+    /// An optional API (kpack, cert-manager, the Prometheus Operator) was
+    /// installed or removed: the caches and controllers start again, so
+    /// that they watch what the cluster serves now.
+    OptionalApisChanged,
+}
+
+/// Which optional APIs the cluster serves now (API discovery).
+async fn discover_installed(client: &Client) -> Installed {
+    Installed {
+        kpack: serves(client, &kpack_image_api_resource()).await,
+        cert_manager: serves(client, &certificate_api_resource()).await,
+        prometheus_operator: serves(client, &service_monitor_api_resource()).await,
+    }
+}
+
+/// The CRDs that decide [`Installed`]: the one of each optional API that
+/// Kapsa looks up at start-up.
+fn installed_by_crds(present: impl Fn(&str) -> bool) -> Installed {
+    use kapsa_api::external::crd_name;
+    Installed {
+        kpack: present(&crd_name(&kpack_image_api_resource())),
+        cert_manager: present(&crd_name(&certificate_api_resource())),
+        prometheus_operator: present(&crd_name(&service_monitor_api_resource())),
+    }
+}
+
+/// Resolves once the optional APIs the cluster serves differ from
+/// `installed`: a CRD of one of them appeared or went (a metadata-only
+/// watch of CustomResourceDefinitions), confirmed by API discovery (a CRD
+/// is served only once it is Established). Never resolves where the
+/// operator may not watch CRDs.
+async fn optional_apis_changed(client: Client, installed: Installed) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let (store, writer) = reflector::store::<PartialObjectMeta<CustomResourceDefinition>>();
+    let mut events = std::pin::pin!(
+        reflector::reflector(
+            writer,
+            watcher::watcher(
+                Api::<PartialObjectMeta<CustomResourceDefinition>>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+    );
+    while let Some(event) = events.next().await {
+        if let Err(error) = event {
+            tracing::debug!(%error, "watching CustomResourceDefinitions (optional APIs)");
+            continue;
+        }
+        let by_crds = installed_by_crds(|name| {
+            store
+                .get(&ObjectRef::new(name))
+                .is_some_and(|crd| crd.metadata.deletion_timestamp.is_none())
+        });
+        if by_crds == installed {
+            continue;
+        }
+        // Discovery follows a CRD change within a moment.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = discover_installed(&client).await;
+        if now != installed {
+            tracing::info!(
+                kpack = now.kpack,
+                cert_manager = now.cert_manager,
+                prometheus_operator = now.prometheus_operator,
+                "the optional APIs the cluster serves changed"
+            );
+            return;
+        }
+    }
+    futures::future::pending::<()>().await
+}
+
+/// The caches, the controllers, the poller: until `stop`, or until the
+/// optional APIs the cluster serves change.
+async fn run_once(
+    client: &Client,
+    config: &OperatorConfig,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    stop: Stop,
+) -> anyhow::Result<Ended> {
+    let (client, metrics) = (client.clone(), metrics.clone());
     let image_resource = kpack_image_api_resource();
     let certificate_resource = certificate_api_resource();
-    let installed = Installed {
-        kpack: serves(&client, &image_resource).await,
-        cert_manager: serves(&client, &certificate_resource).await,
-    };
+    let service_monitor_resource = service_monitor_api_resource();
+    let installed = discover_installed(&client).await;
     tracing::info!(
         kpack = installed.kpack,
         cert_manager = installed.cert_manager,
+        prometheus_operator = installed.prometheus_operator,
         "optional APIs"
     );
+    let changed = futures::future::FutureExt::shared(Box::pin(optional_apis_changed(
+        client.clone(),
+        installed,
+    )));
+    let stop = {
+        let (stop, changed) = (stop.clone(), changed.clone());
+        futures::future::FutureExt::shared(Box::pin(async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = changed => {}
+            }
+        }))
+    };
     let applier = Arc::new(Applier::new(client.clone(), metrics.clone()));
 
     // Read by both controllers: shared caches. Kapsa's own kinds are decoded
     // object by object, so that one malformed object stops nothing.
     let (malformed, malformed_publisher) = Malformed::new(&client);
-    let (projects, project_driver, projects_for_projects, projects_for_environments) =
-        shared_cache(
-            decoded::<Project>(&client, malformed.clone()),
-            (),
-            keep_all,
-            applier.clone(),
-        )?;
-    let (
-        environments,
-        environment_driver,
-        environments_for_environments,
-        environments_for_projects,
-    ) = shared_cache(
+    let (projects, project_driver, projects_subscribers) = shared_cache(
+        decoded::<Project>(&client, malformed.clone()),
+        (),
+        keep_all,
+        applier.clone(),
+        3,
+    )?;
+    let [
+        projects_for_projects,
+        projects_for_environments,
+        projects_for_pools,
+    ] = subscribers(projects_subscribers)?;
+    let (environments, environment_driver, environment_subscribers) = shared_cache(
         decoded::<Environment>(&client, malformed.clone()),
         (),
         keep_all,
         applier.clone(),
+        2,
     )?;
-    let (pools, pool_driver, pools_for_projects, pools_for_environments) = shared_cache(
+    let [environments_for_environments, environments_for_projects] =
+        subscribers(environment_subscribers)?;
+    let (pools, pool_driver, pool_subscribers) = shared_cache(
         decoded::<DomainPool>(&client, malformed.clone()),
         (),
         keep_all,
         applier.clone(),
+        3,
     )?;
-    let (cluster_registries, cluster_registry_driver, cr_for_projects, cr_for_environments) =
-        shared_cache(
-            decoded::<ClusterRegistry>(&client, malformed.clone()),
-            (),
-            keep_all,
-            applier.clone(),
-        )?;
-    let (registries, registry_driver, registries_for_projects, registries_for_environments) =
-        shared_cache(
-            decoded::<Registry>(&client, malformed),
-            (),
-            keep_all,
-            applier.clone(),
-        )?;
+    let [pools_for_projects, pools_for_environments, pools_for_pools] =
+        subscribers(pool_subscribers)?;
+    let (cluster_registries, cluster_registry_driver, cr_subscribers) = shared_cache(
+        decoded::<ClusterRegistry>(&client, malformed.clone()),
+        (),
+        keep_all,
+        applier.clone(),
+        3,
+    )?;
+    let [cr_for_projects, cr_for_environments, cr_for_registries] = subscribers(cr_subscribers)?;
+    let (registries, registry_driver, registry_subscribers) = shared_cache(
+        decoded::<Registry>(&client, malformed),
+        (),
+        keep_all,
+        applier.clone(),
+        3,
+    )?;
+    let [
+        registries_for_projects,
+        registries_for_environments,
+        registries_for_registries,
+    ] = subscribers(registry_subscribers)?;
     // Secrets and ConfigMaps: metadata only (never a cache of Secret data).
-    let (secret_metadata, secret_metadata_driver, secrets_for_projects, secrets_for_environments) =
-        shared_cache(
-            watch(
-                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-            (),
-            metadata_only,
-            applier.clone(),
-        )?;
+    let (secret_metadata, secret_metadata_driver, secret_subscribers) = shared_cache(
+        watch(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+        (),
+        metadata_only,
+        applier.clone(),
+        4,
+    )?;
+    let [
+        secrets_for_projects,
+        secrets_for_environments,
+        secrets_for_cluster_registries,
+        secrets_for_registries,
+    ] = subscribers(secret_subscribers)?;
     let (config_map_metadata, config_map_stream) = cache(
         Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
         watcher::Config::default(),
@@ -709,6 +847,21 @@ pub async fn run(
         applier.clone(),
         None,
     );
+    let cluster_issuer_resource = kapsa_api::external::cert_manager_cluster_issuer();
+    let (cluster_issuers, cluster_issuer_stream) = cache(
+        Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &cluster_issuer_resource),
+        watcher::Config::default(),
+        cluster_issuer_resource.clone(),
+        cluster_issuer_resource.clone(),
+        metadata_only,
+        applier.clone(),
+        None,
+    );
+    let cluster_issuer_stream = if installed.cert_manager {
+        cluster_issuer_stream
+    } else {
+        futures::stream::pending().boxed()
+    };
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
     let (certificates, certificate_stream) = cache(
@@ -720,6 +873,15 @@ pub async fn run(
         applier.clone(),
         None,
     );
+    let (service_monitors, service_monitor_stream) = cache(
+        Api::<DynamicObject>::all_with(client.clone(), &service_monitor_resource),
+        managed(),
+        service_monitor_resource.clone(),
+        service_monitor_resource.clone(),
+        keep_all,
+        applier.clone(),
+        Some(owners.clone()),
+    );
     let only_if = |on: bool, stream: BoxStream<Result<DynamicObject, watcher::Error>>| {
         if on {
             stream
@@ -729,6 +891,7 @@ pub async fn run(
     };
     let image_stream = only_if(installed.kpack, image_stream);
     let certificate_stream = only_if(installed.cert_manager, certificate_stream);
+    let service_monitor_stream = only_if(installed.prometheus_operator, service_monitor_stream);
     let (cluster_builder_stream, builder_stream) = if installed.kpack {
         (cluster_builder_stream, builder_stream)
     } else {
@@ -761,9 +924,11 @@ pub async fn run(
         ingress_hosts,
         images,
         certificates,
+        cluster_issuers,
+        service_monitors,
         installed,
     };
-    let _ = health.stores.set(stores.clone());
+    health.set_stores(stores.clone());
     let git = Arc::new(GitState::default());
     let mut ctx = Context::new(
         client.clone(),
@@ -850,6 +1015,7 @@ pub async fn run(
             .owns_stream(deployment_stream)
             .owns_stream(service_stream)
             .owns_stream(ingress_stream)
+            .owns_stream_with(service_monitor_stream, service_monitor_resource)
             .watches_stream_with(
                 image_stream,
                 mappers.clone().environment_of_image(),
@@ -903,6 +1069,58 @@ pub async fn run(
             )
             .for_each(|result| log_failure("environment", result));
 
+    // The platform objects' status: a few objects, woken in bursts (every
+    // Project's status change reaches its pool), so debounced.
+    let platform_config = controller::Config::default()
+        .concurrency(2)
+        .debounce(std::time::Duration::from_secs(1));
+    let pool_controller = Controller::for_shared_stream(pools_for_pools, stores.pools.clone())
+        .with_config(platform_config.clone())
+        .watches_shared_stream(projects_for_pools, |project: Arc<Project>| {
+            project
+                .status
+                .as_ref()
+                .and_then(|s| s.domain_pool.clone())
+                .map(|pool| ObjectRef::<DomainPool>::new(&pool))
+        })
+        .watches_stream_with(
+            cluster_issuer_stream,
+            mappers.clone().pools_of_issuer(),
+            cluster_issuer_resource,
+        )
+        .graceful_shutdown_on(stop.clone())
+        .run(
+            controllers::platform::reconcile_pool,
+            controllers::platform::error_policy_pool,
+            ctx.clone(),
+        )
+        .for_each(|result| log_failure("domainpool", result));
+    let cluster_registry_controller =
+        Controller::for_shared_stream(cr_for_registries, stores.cluster_registries.clone())
+            .with_config(platform_config.clone())
+            .watches_shared_stream(
+                secrets_for_cluster_registries,
+                mappers.clone().cluster_registries_naming(),
+            )
+            .graceful_shutdown_on(stop.clone())
+            .run(
+                controllers::platform::reconcile_cluster_registry,
+                controllers::platform::error_policy_cluster_registry,
+                ctx.clone(),
+            )
+            .for_each(|result| log_failure("clusterregistry", result));
+    let registry_controller =
+        Controller::for_shared_stream(registries_for_registries, stores.registries.clone())
+            .with_config(platform_config)
+            .watches_shared_stream(secrets_for_registries, mappers.clone().registries_naming())
+            .graceful_shutdown_on(stop.clone())
+            .run(
+                controllers::platform::reconcile_registry,
+                controllers::platform::error_policy_registry,
+                ctx.clone(),
+            )
+            .for_each(|result| log_failure("registry", result));
+
     let host_owners: BoxFuture = match config.host_owners_namespace.clone() {
         Some(namespace) => Box::pin(crate::hosts::run(client.clone(), stores.clone(), namespace)),
         None => Box::pin(futures::future::pending()),
@@ -931,7 +1149,15 @@ pub async fn run(
     tracing::info!("Kapsa operator running");
     let stopping = stop.clone();
     tokio::select! {
-        _ = async { tokio::join!(project_controller, environment_controller) } => {}
+        _ = async {
+            tokio::join!(
+                project_controller,
+                environment_controller,
+                pool_controller,
+                cluster_registry_controller,
+                registry_controller
+            )
+        } => {}
         _ = poller => {}
         _ = drivers => {}
     }
@@ -939,9 +1165,11 @@ pub async fn run(
     if futures::FutureExt::now_or_never(stopping).is_none() {
         tracing::error!("a controller loop stopped; /healthz reports it");
         health.mark_dead();
+    } else if futures::FutureExt::now_or_never(changed).is_some() {
+        return Ok(Ended::OptionalApisChanged);
     }
     tracing::info!("Kapsa operator stopped");
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 /// Logs what the controller machinery reports besides reconcile errors
@@ -981,6 +1209,69 @@ struct Mappers {
 }
 
 impl Mappers {
+    /// The DomainPools naming a ClusterIssuer.
+    fn pools_of_issuer(
+        self,
+    ) -> impl Fn(PartialObjectMeta<DynamicObject>) -> Vec<ObjectRef<DomainPool>> + Send + 'static
+    {
+        move |issuer| {
+            let name = issuer.name_any();
+            self.stores
+                .pools
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.spec
+                        .cluster_issuer_ref
+                        .as_ref()
+                        .is_some_and(|r| r.name == name)
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect()
+        }
+    }
+
+    /// The ClusterRegistries naming a Secret (push or pull credentials).
+    fn cluster_registries_naming(
+        self,
+    ) -> impl Fn(Arc<PartialObjectMeta<Secret>>) -> Vec<ObjectRef<ClusterRegistry>> + Send + 'static
+    {
+        move |secret| {
+            let at = (secret.namespace().unwrap_or_default(), secret.name_any());
+            self.stores
+                .cluster_registries
+                .state()
+                .iter()
+                .filter(|r| controllers::platform::names_secret(&r.spec, None, (&at.0, &at.1)))
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect()
+        }
+    }
+
+    /// The Registries naming a Secret of their namespace.
+    fn registries_naming(
+        self,
+    ) -> impl Fn(Arc<PartialObjectMeta<Secret>>) -> Vec<ObjectRef<Registry>> + Send + 'static {
+        move |secret| {
+            let at = (secret.namespace().unwrap_or_default(), secret.name_any());
+            self.stores
+                .registries
+                .state()
+                .iter()
+                .filter(|r| {
+                    let own = r.namespace();
+                    own.as_deref() == Some(at.0.as_str())
+                        && controllers::platform::names_secret(
+                            &r.spec,
+                            own.as_deref(),
+                            (&at.0, &at.1),
+                        )
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect()
+        }
+    }
+
     fn projects_where(&self, keep: impl Fn(&Project) -> bool) -> Vec<ObjectRef<Project>> {
         self.stores
             .projects

@@ -352,3 +352,60 @@ async fn a_leader_whose_lease_another_replica_holds_stops_at_once() {
         "the old leader did not take it back"
     );
 }
+
+/// A replica waiting for the Lease is ready (to take over): otherwise a
+/// rolling update with maxUnavailable 0 would wait forever for a new pod
+/// that cannot lead while the old one runs, and the PodDisruptionBudget
+/// would never let the leader be evicted. It reports kapsa_leader 0 until
+/// it leads.
+#[tokio::test]
+async fn a_standby_replica_is_ready_and_not_the_leader() {
+    let (env, client) = cluster().await;
+    let name = env.unique_name("lease-standby");
+    let holder = LeaseConfig::new(PLATFORM_NAMESPACE, &name, "holder");
+    assert!(try_acquire(&client, &holder).await.unwrap());
+    let addr: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = OperatorConfig {
+        lease: Some(replica(&name, "standby")),
+        metrics_addr: Some(addr),
+        ..operator_config()
+    };
+    let operator = tokio::spawn(run(
+        client.clone(),
+        config,
+        Arc::new(Metrics::default()),
+        futures::future::pending(),
+    ));
+    let get = |path: &'static str| async move {
+        let response = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+        let code = response.status().as_u16();
+        Some((code, response.text().await.ok()?))
+    };
+    let leader_sample = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("kapsa_leader "))
+            .map(str::to_string)
+    };
+    let (code, body) = eventually("/readyz of the standby", || get("/readyz")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("standing by"), "{body}");
+    let (_, metrics) = get("/metrics").await.unwrap();
+    assert_eq!(leader_sample(&metrics).as_deref(), Some("kapsa_leader 0"));
+
+    // The holder goes: the standby leads, and says so.
+    assert!(release(&client, &holder).await.unwrap());
+    eventually("the standby to lead and be ready", || async {
+        let (code, body) = get("/readyz").await?;
+        let (_, metrics) = get("/metrics").await?;
+        (code == 200
+            && body == "ok"
+            && leader_sample(&metrics).as_deref() == Some("kapsa_leader 1"))
+        .then_some(())
+    })
+    .await;
+    operator.abort();
+}

@@ -500,6 +500,16 @@ async fn reconciles_read_only_from_caches() {
         |_| {},
     )
     .await;
+    // The registry's status reconciler judges its credentials Secret once
+    // (one read per version of the Secret): done before the count starts.
+    eventually("the ClusterRegistry to be Ready", || async {
+        let registry = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
+            .get(&live.platform.registry)
+            .await
+            .ok()?;
+        (condition_of(&registry.status?.conditions, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
     // Ten reconciles of the Project and of its Environment, each triggered
     // by a label (which changes nothing Kapsa acts on).
     let mark = log.mark().await;
@@ -608,4 +618,188 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())?;
     Some((code, body))
+}
+
+/// `Ready` of a DomainPool, ClusterRegistry or Registry, as `(status, reason)`.
+async fn platform_ready<K>(api: &Api<K>, name: &str) -> Option<(String, String)>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    let object = serde_json::to_value(api.get_opt(name).await.ok()??).ok()?;
+    let conditions: Vec<kapsa_api::Condition> =
+        serde_json::from_value(object["status"]["conditions"].clone()).ok()?;
+    condition_of(&conditions, "Ready")
+}
+
+#[tokio::test]
+async fn platform_objects_report_their_state() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let status_of = |s: &str, r: &str| Some((s.to_string(), r.to_string()));
+
+    // A DomainPool counts the Projects holding a host under each base, and
+    // is Ready while its ClusterIssuer exists.
+    let pools = Api::<DomainPool>::all(client.clone());
+    let platform = platform(&client, "status", "HTTP01", false).await;
+    let (pool_name, base) = (platform.pool.clone(), platform.base.clone());
+    let registry_name = platform.registry.clone();
+    let allocations = |pool: &DomainPool| {
+        pool.status
+            .as_ref()
+            .map(|s| {
+                s.allocations
+                    .iter()
+                    .map(|a| (a.domain.clone(), a.projects))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    within(PROMPTLY, "the pool's status", || async {
+        let pool = pools.get(&pool_name).await.ok()?;
+        (allocations(&pool) == [(base.clone(), 0)]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        platform_ready(&pools, &pool_name).await,
+        status_of("True", "Ready")
+    );
+    let live = live_project(&client, "counted", platform, |_| {}).await;
+    within(PROMPTLY, "the pool to count the Project", || async {
+        let pool = pools.get(&pool_name).await.ok()?;
+        (allocations(&pool) == [(base.clone(), 1)]).then_some(())
+    })
+    .await;
+    // The Project's last poll rode on its status writes.
+    let project = Api::<Project>::all(client.clone())
+        .get(&live.name)
+        .await
+        .unwrap();
+    assert!(
+        project.status.unwrap().last_poll_time.is_some(),
+        "lastPollTime is set"
+    );
+
+    // A pool whose ClusterIssuer is missing says so, until it exists.
+    let lonely = "status-lonely-pool";
+    create(
+        &pools,
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": lonely},
+            "spec": {"domains": ["lonely.example.com"], "clusterIssuerRef": {"name": "status-late-issuer"},
+                "challenge": "HTTP01", "ingressClassName": "nginx"}}),
+    )
+    .await;
+    within(PROMPTLY, "ClusterIssuerNotFound", || async {
+        (platform_ready(&pools, lonely).await == status_of("False", "ClusterIssuerNotFound"))
+            .then_some(())
+    })
+    .await;
+    let issuers = kapsa_api::external::cert_manager_cluster_issuer();
+    create(
+        &Api::<DynamicObject>::all_with(client.clone(), &issuers),
+        json!({"apiVersion": issuers.api_version, "kind": issuers.kind, "metadata": {"name": "status-late-issuer"},
+            "spec": {"acme": {"server": "https://acme.example/directory", "solvers": [{"http01": {"ingress": {}}}]}}}),
+    )
+    .await;
+    within(
+        PROMPTLY,
+        "the pool Ready once its issuer exists",
+        || async {
+            (platform_ready(&pools, lonely).await == status_of("True", "Ready")).then_some(())
+        },
+    )
+    .await;
+
+    // A ClusterRegistry is Ready while its credentials are a Docker config
+    // for its server; each change of the Secret shows within seconds.
+    let cluster_registries = Api::<kapsa_api::ClusterRegistry>::all(client.clone());
+    assert_eq!(
+        platform_ready(&cluster_registries, &registry_name).await,
+        status_of("True", "CredentialsValid")
+    );
+    let registry = "status-late-registry";
+    let secret = "status-late-push";
+    create(
+        &cluster_registries,
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "ClusterRegistry", "metadata": {"name": registry},
+            "spec": {"provider": "Generic", "server": "registry.example:5000", "repository": "kapsa",
+                "credentialsSecretRef": {"name": secret, "namespace": PLATFORM_NAMESPACE}}}),
+    )
+    .await;
+    within(PROMPTLY, "CredentialsNotFound", || async {
+        (platform_ready(&cluster_registries, registry).await
+            == status_of("False", "CredentialsNotFound"))
+        .then_some(())
+    })
+    .await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), PLATFORM_NAMESPACE);
+    let docker_config = |server: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": format!("{{\"auths\":{{\"{server}\":{{\"auth\":\"dXNlcjpwYXNz\"}}}}}}")}})
+    };
+    let apply = PatchParams::apply("platform-team").force();
+    secrets
+        .patch(
+            secret,
+            &apply,
+            &Patch::Apply(docker_config("other.example")),
+        )
+        .await
+        .unwrap();
+    within(PROMPTLY, "CredentialsForOtherServer", || async {
+        (platform_ready(&cluster_registries, registry).await
+            == status_of("False", "CredentialsForOtherServer"))
+        .then_some(())
+    })
+    .await;
+    let (_, _, message) = {
+        let r = cluster_registries.get(registry).await.unwrap();
+        let c = r.status.unwrap().conditions;
+        let ready = c.into_iter().find(|c| c.type_ == "Ready").unwrap();
+        (ready.status, ready.reason, ready.message)
+    };
+    assert!(message.contains("other.example"), "{message}");
+    assert!(
+        !message.contains("dXNlcjpwYXNz"),
+        "no credential in status: {message}"
+    );
+    secrets
+        .patch(
+            secret,
+            &apply,
+            &Patch::Apply(docker_config("https://registry.example:5000/v2/")),
+        )
+        .await
+        .unwrap();
+    within(PROMPTLY, "CredentialsValid", || async {
+        (platform_ready(&cluster_registries, registry).await
+            == status_of("True", "CredentialsValid"))
+        .then_some(())
+    })
+    .await;
+
+    // A namespaced Registry judges a Secret of its own namespace.
+    let namespace = live.name.clone();
+    let registries = Api::<kapsa_api::Registry>::namespaced(client.clone(), &namespace);
+    create(
+        &registries,
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "Registry", "metadata": {"name": "team", "namespace": namespace},
+            "spec": {"provider": "Generic", "server": "team.example", "credentialsSecretRef": {"name": "team-push"}}}),
+    )
+    .await;
+    within(PROMPTLY, "the Registry's CredentialsNotFound", || async {
+        (platform_ready(&registries, "team").await == status_of("False", "CredentialsNotFound"))
+            .then_some(())
+    })
+    .await;
+    create(
+        &Api::<Secret>::namespaced(client.clone(), &namespace),
+        json!({"metadata": {"name": "team-push"}, "type": "Opaque", "stringData": {"token": "x"}}),
+    )
+    .await;
+    within(PROMPTLY, "the Registry's CredentialsInvalid", || async {
+        (platform_ready(&registries, "team").await == status_of("False", "CredentialsInvalid"))
+            .then_some(())
+    })
+    .await;
 }

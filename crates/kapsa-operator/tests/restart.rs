@@ -64,6 +64,7 @@ async fn restarts_converge_without_duplicate_builds_or_extra_writes() {
     let (stop_a, until_a) = stopper();
     let (_, a) = operator_until(client.clone(), until_a);
     rolled_out(&client, name, &first).await;
+    platform_settled(&client, &platform).await;
     let _ = stop_a.send(());
     a.await.unwrap();
     assert_eq!(build_counter(&client, name).await, 1);

@@ -66,3 +66,47 @@ pub async fn install_crds(
     }
     Ok(())
 }
+
+/// The Prometheus Operator's `ServiceMonitor` and `PodMonitor` CRDs
+/// (`monitoring.coreos.com/v1`), as its Go module ships them: from the folder
+/// `KAPSA_PROMETHEUS_OPERATOR_CRDS` names, or else fetched (once per machine,
+/// then cached) by `hack/install-prometheus-operator-crds.sh`.
+pub fn prometheus_operator_crds() -> Result<Vec<CustomResourceDefinition>> {
+    const FILES: [&str; 2] = [
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "monitoring.coreos.com_podmonitors.yaml",
+    ];
+    let complete = |dir: &std::path::Path| FILES.iter().all(|f| dir.join(f).is_file());
+    let dir = match std::env::var_os("KAPSA_PROMETHEUS_OPERATOR_CRDS").map(std::path::PathBuf::from)
+    {
+        Some(dir) if complete(&dir) => dir,
+        _ => {
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../hack/install-prometheus-operator-crds.sh");
+            let output = std::process::Command::new("bash")
+                .arg(&script)
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            if !output.status.success() {
+                return Err(Error::Assets(format!(
+                    "{} failed ({})",
+                    script.display(),
+                    output.status
+                )));
+            }
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            std::path::PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+        }
+    };
+    if !complete(&dir) {
+        return Err(Error::Assets(format!(
+            "{} lacks some of {FILES:?}",
+            dir.display()
+        )));
+    }
+    let mut crds = Vec::new();
+    for file in FILES {
+        crds.extend(parse_crds(&std::fs::read_to_string(dir.join(file))?)?);
+    }
+    Ok(crds)
+}

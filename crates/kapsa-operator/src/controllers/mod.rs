@@ -9,8 +9,12 @@
 //!    manager `kapsa`), each object written only if it changes, then delete
 //!    what Kapsa owns and the plan no longer wants;
 //! 4. **update status** ([`crate::status`]): one write, only on change.
+//!
+//! The platform objects (DomainPool, ClusterRegistry, Registry) own no
+//! children: their reconcilers ([`platform`]) only plan and write status.
 
 pub mod environment;
+pub mod platform;
 pub mod project;
 
 /// The YAML fixture loader and checker of both plans' unit tests.

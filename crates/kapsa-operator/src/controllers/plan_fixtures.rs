@@ -23,7 +23,8 @@
 //!   - `requeueSeconds` (optional).
 //! - `kind: Cluster` (optional, Environment fixtures): `kpackInstalled: false`
 //!   for a cluster without kpack; `buildNamespaceExists: false` before the
-//!   Project has made its build namespace.
+//!   Project has made its build namespace; `prometheusOperatorInstalled:
+//!   false` for a cluster that does not serve ServiceMonitors.
 //! - `kind: Poll` (optional): the last git poll of the Project
 //!   (`branches`, `merged`, `error`, `consecutiveFailures`); without it the
 //!   repository has not been polled since the operator started.
@@ -56,7 +57,7 @@ pub const KAPSA: &str = "kapsa.dev/v1alpha1";
 pub const NOW: &str = "2026-03-01T12:00:00Z";
 
 /// The kinds a fixture may hold, by `apiVersion`.
-const KNOWN_KINDS: [(&str, &[&str]); 8] = [
+const KNOWN_KINDS: [(&str, &[&str]); 9] = [
     (
         KAPSA,
         &[
@@ -83,6 +84,7 @@ const KNOWN_KINDS: [(&str, &[&str]); 8] = [
     ("rbac.authorization.k8s.io/v1", &["Role", "RoleBinding"]),
     ("kpack.io/v1alpha2", &["Image", "ClusterBuilder", "Builder"]),
     ("cert-manager.io/v1", &["Certificate"]),
+    ("monitoring.coreos.com/v1", &["ServiceMonitor"]),
     (TEST_API_VERSION, &["Expect", "Cluster", "Poll"]),
 ];
 

@@ -155,6 +155,7 @@ where
 
 /// The platform objects of one test: a ClusterIssuer, a ClusterRegistry with
 /// credentials and a DomainPool, all named after `id`.
+#[derive(Clone)]
 pub struct Platform {
     pub pool: String,
     pub base: String,
@@ -355,4 +356,26 @@ pub async fn environment_condition(
         .await
         .ok()?;
     condition_parts(env.status?.conditions, type_)
+}
+
+/// Waits until the platform objects' status is written (`Ready=True` on the
+/// DomainPool and the ClusterRegistry): their reconcilers are debounced, so
+/// a Project can go live first. A test that counts writes "at rest" waits
+/// for this too.
+pub async fn platform_settled(client: &Client, platform: &Platform) {
+    let ready = |conditions: Vec<kapsa_api::Condition>| {
+        condition_of(&conditions, "Ready").is_some_and(|(status, _)| status == "True")
+    };
+    eventually("the DomainPool's and ClusterRegistry's status", || async {
+        let pool = Api::<kapsa_api::DomainPool>::all(client.clone())
+            .get(&platform.pool)
+            .await
+            .ok()?;
+        let registry = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
+            .get(&platform.registry)
+            .await
+            .ok()?;
+        (ready(pool.status?.conditions) && ready(registry.status?.conditions)).then_some(())
+    })
+    .await;
 }

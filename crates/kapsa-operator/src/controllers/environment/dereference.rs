@@ -18,7 +18,7 @@ use crate::context::{Context, cached, cached_with};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
     ENVIRONMENT_UID_LABEL, certificate_api_resource, kpack_image_api_resource,
-    wildcard_certificate_name,
+    service_monitor_api_resource, wildcard_certificate_name,
 };
 use crate::resources::project::build_namespace_name;
 
@@ -54,6 +54,11 @@ pub struct EnvironmentWorld {
     /// The Certificates its TLS may come from: `<env>-tls` (per host) and
     /// `<project>-wildcard` (DNS01), when cached.
     pub certificates: Vec<Arc<DynamicObject>>,
+    /// Whether the cluster serves the Prometheus Operator's ServiceMonitor
+    /// API (what `runtime.metrics` needs).
+    pub monitoring_installed: bool,
+    /// Its ServiceMonitor, when cached.
+    pub service_monitor: Option<Arc<DynamicObject>>,
     /// `configMapRefs`/`secretRefs` that do not exist, e.g. `ConfigMap "x"`.
     pub missing_references: Vec<String>,
     /// The head of `spec.branch` at the Project's last poll, when
@@ -70,6 +75,9 @@ impl EnvironmentWorld {
             self.deployment.as_deref().map(Observed::typed),
             self.service.as_deref().map(Observed::typed),
             self.ingress.as_deref().map(Observed::typed),
+            self.service_monitor
+                .as_deref()
+                .map(|m| Observed::of(&service_monitor_api_resource(), m)),
             self.image.as_deref().map(|i| self.build_image(i)),
             self.legacy_image
                 .as_deref()
@@ -224,6 +232,13 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
                 .is_some_and(|n| n.metadata.deletion_timestamp.is_none())
         }),
         certificates: certificates.into_iter().flatten().collect(),
+        monitoring_installed: stores.installed.prometheus_operator,
+        service_monitor: cached_with(
+            &stores.service_monitors,
+            &name,
+            Some(&namespace),
+            service_monitor_api_resource(),
+        ),
         missing_references,
         now: Time(crate::controllers::now()),
         environment: env,

@@ -76,7 +76,12 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
         &mut events,
         env.meta().generation,
     );
-    crate::status::update(ctx, env.as_ref(), &before, &status, &events).await?;
+    if crate::status::update(ctx, env.as_ref(), &before, &status, &events).await? {
+        // Builds are counted from the Built condition Kapsa just wrote: a
+        // reconcile that writes nothing counts nothing.
+        ctx.metrics
+            .record_build_transition(&before.conditions, &status.conditions);
+    }
     let requeue = super::after_refusals(ctx, &key(env.as_ref()), &refused, plan.requeue);
     Ok(Action::requeue(requeue))
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kapsa_api::conditions::{
-    BUILT, DEPLOYED, PINNED, READY, REFERENCES_RESOLVED, TLS_READY, find_condition,
+    BUILT, DEPLOYED, MONITORED, PINNED, READY, REFERENCES_RESOLVED, TLS_READY, find_condition,
     merge_conditions,
 };
 use kapsa_api::environment::{EnvironmentStatus, Release};
@@ -26,8 +26,8 @@ use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::resources::environment::{
     APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, deployment, environment_url,
-    image_repository, ingress, kpack_image, kpack_image_api_resource, service,
-    tls_certificate_name,
+    image_repository, ingress, kpack_image, kpack_image_api_resource, service, service_monitor,
+    service_monitor_api_resource, tls_certificate_name,
 };
 use crate::status::PlannedEvent;
 
@@ -248,6 +248,11 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         if let Some(ing) = ingress(&inputs) {
             apply.push(Child::typed(&ing));
         }
+        if world.monitoring_installed
+            && let Some(monitor) = service_monitor(&inputs)
+        {
+            apply.push(Child::dynamic(service_monitor_api_resource(), monitor));
+        }
         deployed_condition = match current {
             Some(d) if rollout_complete(d, image) => {
                 rolled_out = Some((image.clone(), commit.clone()));
@@ -283,10 +288,45 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         status.url = environment_url(&inputs);
     } else {
         // Nothing to deploy yet: whatever runs stays.
-        for kind in ["apps/Deployment", "/Service", "networking.k8s.io/Ingress"] {
+        for kind in [
+            "apps/Deployment",
+            "/Service",
+            "networking.k8s.io/Ingress",
+            "monitoring.coreos.com/ServiceMonitor",
+        ] {
             keep.extend(observed_key(kind));
         }
     }
+    let monitored_condition = project.spec.runtime.metrics.as_ref().map(|metrics| {
+        if !world.monitoring_installed {
+            condition(
+                MONITORED,
+                ConditionStatus::False,
+                "PrometheusOperatorNotInstalled",
+                "runtime.metrics is set, but the cluster does not serve monitoring.coreos.com/v1 ServiceMonitors; install the Prometheus Operator's CRDs (the operator picks them up without a restart of its own) or scrape the Service's metrics port another way".into(),
+            )
+        } else if to_deploy.is_some() {
+            condition(
+                MONITORED,
+                ConditionStatus::True,
+                "ServiceMonitorApplied",
+                format!(
+                    "ServiceMonitor {:?} scrapes port {:?} ({}) of Service {:?}",
+                    env.name_any(),
+                    crate::resources::environment::METRICS_PORT_NAME,
+                    metrics.path,
+                    env.name_any()
+                ),
+            )
+        } else {
+            condition(
+                MONITORED,
+                ConditionStatus::Unknown,
+                "NothingToDeploy",
+                "the ServiceMonitor comes with the first release".into(),
+            )
+        }
+    });
 
     let tls_condition = tls_condition(world, project, base_domain.as_deref(), &condition);
     let references_condition = if world.missing_references.is_empty() {
@@ -398,11 +438,13 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             ready,
         ],
     );
-    match pinned_condition {
-        Some(pinned) => {
-            merge_conditions(&mut status.conditions, [pinned]);
+    for (type_, optional) in [(PINNED, pinned_condition), (MONITORED, monitored_condition)] {
+        match optional {
+            Some(condition) => {
+                merge_conditions(&mut status.conditions, [condition]);
+            }
+            None => status.conditions.retain(|c| c.type_ != type_),
         }
-        None => status.conditions.retain(|c| c.type_ != PINNED),
     }
     let delete = prune(&observed, &apply, &keep, &env.uid().unwrap_or_default());
     EnvironmentPlan {
@@ -428,6 +470,7 @@ fn events(before: &EnvironmentStatus, after: &EnvironmentStatus) -> Vec<PlannedE
             REFERENCES_RESOLVED,
             READY,
             PINNED,
+            MONITORED,
         ],
     );
     if find_condition(&before.conditions, PINNED).is_some()
@@ -508,7 +551,7 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
                 return (
                     pending(
                         "KpackNotInstalled",
-                        "the kpack.io API was not served when the operator started; install kpack, then restart the operator",
+                        "the cluster does not serve the kpack.io API; install kpack (the operator starts watching it once it is served)",
                         true,
                     ),
                     None,

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kapsa_api::conditions::{
     DOMAIN_ALLOCATED, IMPLEMENTED, READY, SOURCE_REACHABLE, find_condition, is_condition_true,
     merge_conditions,
@@ -46,6 +47,25 @@ pub struct ProjectPlan {
 }
 
 pub fn plan(world: &ProjectWorld) -> ProjectPlan {
+    let mut plan = plan_steps(world);
+    let before = world.project.status.clone().unwrap_or_default();
+    let polled_at = world.poll.as_ref().and_then(|p| p.polled_at.clone());
+    stamp_poll_time(&mut plan.status, &before, polled_at);
+    plan
+}
+
+/// `lastPollTime` is written with the status, never on its own: when the
+/// status changes anyway it takes the time of the last poll; a poll that
+/// changes nothing writes nothing (no writes at rest).
+fn stamp_poll_time(status: &mut ProjectStatus, before: &ProjectStatus, polled_at: Option<Time>) {
+    if status != before
+        && let Some(polled_at) = polled_at
+    {
+        status.last_poll_time = Some(polled_at);
+    }
+}
+
+fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
     let project = world.project.as_ref();
     let generation = project.meta().generation;
     let namespace = build::namespace_name(project);
@@ -442,10 +462,6 @@ pub fn not_implemented(project: &Project) -> Vec<&'static str> {
     let mut fields = Vec::new();
     if project.spec.build.strategy == kapsa_api::project::BuildStrategy::Dockerfile {
         fields.push("build.strategy: Dockerfile");
-    }
-    if project.spec.runtime.metrics.is_some() {
-        fields
-            .push("runtime.metrics (no ServiceMonitor is made yet; the Service exposes the port)");
     }
     fields
 }

@@ -1,5 +1,5 @@
 //! Environment children: the kpack `Image` that builds it, its Deployment,
-//! Service and Ingress, and the per-Project wildcard Certificate used under
+//! Service, Ingress and ServiceMonitor, and the per-Project wildcard Certificate used under
 //! a DNS01 DomainPool.
 //!
 //! Everything here is a pure function of [`EnvironmentInputs`]: the
@@ -17,12 +17,13 @@
 //!
 //! The builders are split by object family, all re-exported here: `build`
 //! (the kpack `Image`), `workload` (Deployment and Service), `routing`
-//! (Ingress, URL, TLS Secret) and `certificates` (the DNS01 wildcard
-//! Certificate). This module holds what they share: [`EnvironmentInputs`],
+//! (Ingress, URL, TLS Secret), `certificates` (the DNS01 wildcard
+//! Certificate) and `monitoring` (the ServiceMonitor). This module holds what they share: [`EnvironmentInputs`],
 //! the names, labels and metadata of every child, and commit handling.
 
 mod build;
 mod certificates;
+mod monitoring;
 mod routing;
 mod workload;
 
@@ -38,6 +39,7 @@ pub use build::{BUILDER_SERVICE_ACCOUNT, image_repository, kpack_image, kpack_im
 pub use certificates::{
     certificate_api_resource, wildcard_certificate, wildcard_certificate_name, wildcard_secret_name,
 };
+pub use monitoring::{service_monitor, service_monitor_api_resource};
 pub use routing::{
     CLUSTER_ISSUER_ANNOTATION, environment_url, ingress, tls_certificate_name, tls_secret_name,
 };

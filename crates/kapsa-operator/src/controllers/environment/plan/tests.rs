@@ -59,6 +59,10 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
             .find::<serde_json::Value>(api_version, kind, name, namespace)
             .is_some()
     };
+    let monitoring_installed = fixture
+        .test_document("Cluster")
+        .and_then(|c| c["prometheusOperatorInstalled"].as_bool())
+        .unwrap_or(true);
     let kpack_installed = fixture
         .test_document("Cluster")
         .and_then(|c| c["kpackInstalled"].as_bool())
@@ -135,6 +139,10 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
             .map(Arc::new),
         build_namespace_exists,
         certificates,
+        monitoring_installed,
+        service_monitor: fixture
+            .find::<DynamicObject>("monitoring.coreos.com/v1", "ServiceMonitor", &name, ns)
+            .map(Arc::new),
         missing_references,
         now: fixtures::now(),
         environment: Arc::new(environment),
@@ -202,6 +210,9 @@ cases! {
         no_host_without_cluster_issuer => "no-host-without-cluster-issuer",
         same_image_new_commit => "same-image-new-commit",
         new_rollout_after_failed_rollout => "new-rollout-after-failed-rollout",
+        metrics_service_monitor => "metrics-service-monitor",
+        metrics_prometheus_operator_missing => "metrics-prometheus-operator-missing",
+        metrics_removed_prunes_service_monitor => "metrics-removed-prunes-service-monitor",
     }
     known_bugs {
     }

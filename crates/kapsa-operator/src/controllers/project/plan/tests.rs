@@ -132,6 +132,9 @@ fn world(fixture: &Fixture) -> ProjectWorld {
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
             last_success: None,
+            polled_at: poll
+                .get("polledAt")
+                .map(|t| serde_json::from_value(t.clone()).expect("Poll.polledAt: a time")),
             merged: poll.get("merged").map(|m| {
                 serde_json::from_value(m.clone()).expect("Poll.merged: a list of branch names")
             }),
@@ -343,4 +346,37 @@ fn every_expectation_can_fail() {
         let plan = plan(&world(&fixture));
         fixture.assert_every_expectation_can_fail(&outcome(&plan), &REQUIRED);
     }
+}
+
+/// `lastPollTime` rides on a status that changes, and a poll that finds
+/// nothing new writes nothing.
+#[test]
+fn last_poll_time_is_written_with_a_change_only() {
+    let fixture = Fixture::load(RECONCILER, "poll-reachable-new-commit");
+    let mut world = world(&fixture);
+    let polled_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time =
+        serde_json::from_value(serde_json::json!("2026-03-01T11:59:30Z")).unwrap();
+    world
+        .poll
+        .as_mut()
+        .expect("the fixture has a Poll")
+        .polled_at = Some(polled_at.clone());
+    let first = plan(&world);
+    assert_ne!(Some(&first.status), world.project.status.as_ref());
+    assert_eq!(first.status.last_poll_time.as_ref(), Some(&polled_at));
+
+    // The next poll, a minute later, finds the same heads.
+    let mut settled = world.project.as_ref().clone();
+    settled.status = Some(first.status.clone());
+    world.project = Arc::new(settled);
+    let later: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time =
+        serde_json::from_value(serde_json::json!("2026-03-01T12:00:30Z")).unwrap();
+    world.poll.as_mut().unwrap().polled_at = Some(later);
+    let second = plan(&world);
+    assert_eq!(
+        Some(&second.status),
+        world.project.status.as_ref(),
+        "nothing to write at rest"
+    );
+    assert_eq!(second.status.last_poll_time.as_ref(), Some(&polled_at));
 }
