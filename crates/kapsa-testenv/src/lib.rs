@@ -16,6 +16,7 @@ pub mod git_server;
 pub mod hostile_git;
 pub mod pki;
 pub mod process;
+pub mod real_node;
 pub mod shared;
 pub mod simulators;
 pub mod wait;
