@@ -22,8 +22,8 @@ use crate::validation::{
     INTEGER_QUOTA_RESOURCE_NAMES, MAX_BRANCH_GLOBS, MAX_CONDITIONS, MAX_DURATION_LEN,
     MAX_ENV_FROM_REFS, MAX_GIT_URL_LEN, MAX_PATH_LEN, MAX_STATUS_ENVIRONMENTS, QUOTA_RESOURCE_NAME,
     QUOTA_RESOURCE_NAMES, RESERVED_NAMESPACES, RUNTIME_RESOURCE_NAMES, branch_glob_rule, cel_list,
-    git_branch_rule, map_key_rule, matches_rule, min_duration_rule, quantity_schema,
-    relative_path_rule,
+    git_branch_rule, map_key_rule, matches_rule, max_duration_rule, min_duration_rule,
+    quantity_schema, relative_path_rule,
 };
 
 /// Default `spec.source.pollInterval`.
@@ -265,13 +265,17 @@ pub enum BuildStrategy {
     validation = Rule::new("!has(self.builderRef) || self.strategy == 'Buildpacks'")
         .message("spec.build.builderRef is only allowed with spec.build.strategy Buildpacks")
         .field_path(".builderRef")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(self.timeout) || self.strategy == 'Dockerfile'")
+        .message("spec.build.timeout is only allowed with spec.build.strategy Dockerfile (kpack has its own)")
+        .field_path(".timeout")
         .reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BuildSpec {
     /// Build strategy: `Buildpacks` (default; Cloud Native Buildpacks via
-    /// kpack, no Dockerfile needed) or `Dockerfile` (not built by this
-    /// version yet: `Built` is False with reason `NotImplemented`).
+    /// kpack, no Dockerfile needed) or `Dockerfile` (a BuildKit Job per
+    /// commit in the Project's build namespace).
     #[serde(default)]
     pub strategy: BuildStrategy,
 
@@ -288,6 +292,20 @@ pub struct BuildSpec {
     /// with strategy `Buildpacks`; default the ClusterBuilder `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builder_ref: Option<BuilderReference>,
+
+    /// How long one build may take before it is stopped and reported
+    /// failed (`Built=False`, reason `BuildTimedOut`), as a duration such as
+    /// `30m` or `1h`. Only with strategy `Dockerfile`; default `30m`; at
+    /// least `1m`, at most `6h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_DURATION_LEN))]
+    #[x_kube(
+        validation = Rule::new(matches_rule("self", DURATION))
+            .message("spec.build.timeout must be a duration such as 30m or 1h: numbers of at most 5 digits (optionally with a fraction of at most 9 digits), each followed by a unit ns, us, ms, s, m or h"),
+        validation = Rule::new(min_duration_rule("self", "60s")).message("spec.build.timeout must be at least 1m"),
+        validation = Rule::new(max_duration_rule("self", "6h")).message("spec.build.timeout must be at most 6h")
+    )]
+    pub timeout: Option<String>,
 }
 
 /// Kind of kpack builder: `ClusterBuilder` (cluster-scoped) or `Builder`

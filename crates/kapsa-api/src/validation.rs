@@ -286,6 +286,16 @@ pub fn min_duration_rule(expr: &str, min: &str) -> String {
     )
 }
 
+/// The CEL rule "`expr` is a well-formed duration of at most `max`",
+/// guarded like [`min_duration_rule`].
+pub fn max_duration_rule(expr: &str, max: &str) -> String {
+    format!(
+        "!{expr}.matches({re}) || duration({expr}) <= duration({max})",
+        re = cel_quote(DURATION),
+        max = cel_quote(max),
+    )
+}
+
 /// The schema of a Kubernetes quantity in a map named `field` (e.g.
 /// `spec.runtime.resources.requests`): an int-or-string that CEL's
 /// `isQuantity` accepts and that is not negative. A failure names the map

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, ResourceQuota, Secret, Service, ServiceAccount,
+    ConfigMap, Namespace, Pod, ResourceQuota, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -61,6 +62,10 @@ pub struct Stores {
     /// ClusterIssuers' metadata (where cert-manager is installed): a
     /// DomainPool is Ready when the one it names exists.
     pub cluster_issuers: Store<PartialObjectMeta<DynamicObject>>,
+    /// Dockerfile build Jobs (label-filtered, owner-checked).
+    pub jobs: Store<Job>,
+    /// The Pods of build Jobs, trimmed to their build container's state.
+    pub build_pods: Store<Pod>,
     /// The Environments' ServiceMonitors (where the Prometheus Operator's
     /// CRD is installed).
     pub service_monitors: Store<DynamicObject>,
@@ -117,6 +122,8 @@ impl Stores {
             ("deployments", filled(&self.deployments)),
             ("services", filled(&self.services)),
             ("ingresses", filled(&self.ingresses)),
+            ("jobs", filled(&self.jobs)),
+            ("build pods", filled(&self.build_pods)),
             ("ingress hosts", filled(&self.ingress_hosts)),
             ("clusterregistries", filled(&self.cluster_registries)),
             ("registries", filled(&self.registries)),
@@ -241,6 +248,8 @@ pub struct Context {
     /// The Pod Security Standard of project namespaces whose DomainPool
     /// sets none (`--pod-security`).
     pub pod_security_default: kapsa_api::domain_pool::PodSecurityLevel,
+    /// The image of Dockerfile build Jobs (`--buildkit-image`).
+    pub buildkit_image: String,
     /// Consecutive failed reconciles per object, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
     /// What the registry reconcilers concluded of each credentials Secret
@@ -279,6 +288,7 @@ impl Context {
             git,
             failures: Default::default(),
             secret_verdicts: Default::default(),
+            buildkit_image: crate::resources::environment::DEFAULT_BUILDKIT_IMAGE.to_string(),
             pod_security_default: Default::default(),
         }
     }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, ResourceQuota, Secret, Service, ServiceAccount,
+    ConfigMap, Namespace, Pod, ResourceQuota, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -61,6 +62,8 @@ pub struct OperatorConfig {
     /// `pollInterval` says (for development and tests: the CRD's minimum
     /// is 10 s); `None` honours each Project's interval.
     pub max_poll_interval: Option<std::time::Duration>,
+    /// The image of Dockerfile build Jobs: rootless BuildKit.
+    pub buildkit_image: String,
 }
 
 impl Default for OperatorConfig {
@@ -73,6 +76,7 @@ impl Default for OperatorConfig {
             pod_security: kapsa_api::domain_pool::PodSecurityLevel::Restricted,
             host_owners_namespace: None,
             max_poll_interval: None,
+            buildkit_image: crate::resources::environment::DEFAULT_BUILDKIT_IMAGE.to_string(),
         }
     }
 }
@@ -467,6 +471,29 @@ fn ingress_hosts_only(ingress: &mut Ingress) {
     }
 }
 
+/// Of a build Pod only its labels, owners and its containers' terminated
+/// states are kept (the digest or the end of the log is in the message).
+fn trim_build_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    pod.spec = None;
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            container_statuses: status.container_statuses.map(|statuses| {
+                statuses
+                    .into_iter()
+                    .map(|c| k8s_openapi::api::core::v1::ContainerStatus {
+                        name: c.name,
+                        state: c.state,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        });
+    }
+}
+
 /// Of a Namespace's annotations only Kapsa's own are kept.
 fn namespace_metadata(object: &mut PartialObjectMeta<Namespace>) {
     if let Some(annotations) = object.metadata.annotations.as_mut() {
@@ -606,9 +633,14 @@ async fn optional_apis_changed(client: Client, installed: Installed) {
         .default_backoff()
     );
     while let Some(event) = events.next().await {
-        if let Err(error) = event {
-            tracing::debug!(%error, "watching CustomResourceDefinitions (optional APIs)");
-            continue;
+        match event {
+            Err(error) => {
+                tracing::debug!(%error, "watching CustomResourceDefinitions (optional APIs)");
+                continue;
+            }
+            // Judged on the whole listing only (the store fills at InitDone).
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            Ok(_) => {}
         }
         let by_crds = installed_by_crds(|name| {
             store
@@ -802,6 +834,29 @@ async fn run_once(
     let (deployments, deployment_stream) = managed_cache!(Deployment);
     let (services, service_stream) = managed_cache!(Service);
     let (ingresses, ingress_stream) = managed_cache!(Ingress);
+    // Dockerfile builds: their Jobs (controlled by the Project, in build
+    // namespaces) and their Pods, trimmed to what the build reported.
+    let (jobs, job_stream) = managed_cache!(
+        Job,
+        managed().labels(&format!(
+            "{}={}",
+            crate::resources::environment::BUILD_LABEL,
+            crate::resources::environment::DOCKERFILE_BUILD
+        ))
+    );
+    let (build_pods, build_pod_stream) = cache(
+        Api::<Pod>::all(client.clone()),
+        managed().labels(&format!(
+            "{}={}",
+            crate::resources::environment::BUILD_LABEL,
+            crate::resources::environment::DOCKERFILE_BUILD
+        )),
+        ApiResource::erase::<Pod>(&()),
+        (),
+        trim_build_pod,
+        applier.clone(),
+        None,
+    );
     // Every Ingress's hosts (allocation skips hosts others already route).
     let (ingress_hosts, ingress_hosts_stream) = cache(
         Api::<Ingress>::all(client.clone()),
@@ -926,6 +981,8 @@ async fn run_once(
         certificates,
         cluster_issuers,
         service_monitors,
+        jobs,
+        build_pods,
         installed,
     };
     health.set_stores(stores.clone());
@@ -938,6 +995,7 @@ async fn run_once(
         git.clone(),
     );
     ctx.pod_security_default = config.pod_security;
+    ctx.buildkit_image = config.buildkit_image.clone();
     let ctx = Arc::new(ctx);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 
@@ -1016,6 +1074,8 @@ async fn run_once(
             .owns_stream(service_stream)
             .owns_stream(ingress_stream)
             .owns_stream_with(service_monitor_stream, service_monitor_resource)
+            .watches_stream(job_stream, mappers.clone().environment_of_build())
+            .watches_stream(build_pod_stream, mappers.clone().environment_of_build())
             .watches_stream_with(
                 image_stream,
                 mappers.clone().environment_of_image(),
@@ -1452,6 +1512,22 @@ impl Mappers {
             };
             let namespace = crate::resources::project::namespace_name(&project);
             vec![ObjectRef::new(&image.name_any()).within(&namespace)]
+        }
+    }
+
+    /// The Environment a build Job or its Pod is for: its Project's
+    /// namespace (from the Project label) and its Environment label.
+    fn environment_of_build<K: Resource>(
+        self,
+    ) -> impl Fn(K) -> Option<ObjectRef<Environment>> + Send + Sync {
+        move |object| {
+            let labels = object.meta().labels.as_ref()?;
+            let project = self.stores.projects.get(&ObjectRef::new(
+                labels.get(crate::resources::PROJECT_LABEL)?,
+            ))?;
+            let namespace = crate::resources::project::namespace_name(&project);
+            let name = labels.get(crate::resources::ENVIRONMENT_LABEL)?;
+            Some(ObjectRef::new(name).within(&namespace))
         }
     }
 

@@ -636,8 +636,8 @@ async fn create_fake_node(client: &Client) -> Result<()> {
             }
         },
         "status": {
-            "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "10000"},
-            "capacity": {"cpu": "64", "memory": "512Gi", "pods": "10000"}
+            "allocatable": {"cpu": "64", "memory": "512Gi", "ephemeral-storage": "1Ti", "pods": "10000"},
+            "capacity": {"cpu": "64", "memory": "512Gi", "ephemeral-storage": "1Ti", "pods": "10000"}
         }
     }))
     .map_err(|e| Error::Manifest(e.to_string()))?;

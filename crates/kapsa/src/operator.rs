@@ -70,6 +70,15 @@ pub struct OperatorArgs {
     /// development and tests; unset honours each Project's interval.
     #[arg(long, env = "KAPSA_MAX_POLL_INTERVAL", value_parser = parse_interval)]
     max_poll_interval: Option<Duration>,
+    /// The image of Dockerfile build Jobs: rootless BuildKit, run with
+    /// `buildctl-daemonless.sh` (a mirror of the upstream image, or a
+    /// pinned digest, in production).
+    #[arg(
+        long,
+        env = "KAPSA_BUILDKIT_IMAGE",
+        default_value = kapsa_operator::resources::environment::DEFAULT_BUILDKIT_IMAGE
+    )]
+    buildkit_image: String,
     /// Keep no host-ownership table (when that policy is not installed).
     #[arg(long)]
     no_host_owners: bool,
@@ -123,6 +132,7 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         pod_security: args.pod_security,
         host_owners_namespace,
         max_poll_interval: args.max_poll_interval,
+        buildkit_image: args.buildkit_image,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let client = kube::Client::try_default().await?;

@@ -57,7 +57,7 @@ pub const KAPSA: &str = "kapsa.dev/v1alpha1";
 pub const NOW: &str = "2026-03-01T12:00:00Z";
 
 /// The kinds a fixture may hold, by `apiVersion`.
-const KNOWN_KINDS: [(&str, &[&str]); 9] = [
+const KNOWN_KINDS: [(&str, &[&str]); 10] = [
     (
         KAPSA,
         &[
@@ -77,8 +77,10 @@ const KNOWN_KINDS: [(&str, &[&str]); 9] = [
             "Service",
             "ServiceAccount",
             "ResourceQuota",
+            "Pod",
         ],
     ),
+    ("batch/v1", &["Job"]),
     ("apps/v1", &["Deployment"]),
     ("networking.k8s.io/v1", &["Ingress"]),
     ("rbac.authorization.k8s.io/v1", &["Role", "RoleBinding"]),

@@ -61,7 +61,7 @@ pub(crate) async fn install(client: &Client) -> crate::control_plane::Result<()>
 }
 
 /// Revisions whose builds must fail, and the build delay, from the settings ConfigMap.
-async fn settings(client: &Client) -> (Vec<String>, Duration) {
+pub(crate) async fn settings(client: &Client) -> (Vec<String>, Duration) {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), SETTINGS_NAMESPACE)
         .get_opt(SETTINGS_NAME)
         .await

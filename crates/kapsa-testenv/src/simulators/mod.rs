@@ -1,10 +1,11 @@
-//! SIMULATORS for the two systems Kapsa integrates with that need a container
-//! runtime, which these machines lack: kpack (image builds) and cert-manager
-//! (TLS certificates). They implement the same API objects with the same
+//! SIMULATORS for the systems Kapsa integrates with that need a container
+//! runtime, which these machines lack: kpack (image builds), BuildKit
+//! (Dockerfile build Jobs) and cert-manager (TLS certificates). They implement the same API objects with the same
 //! meaning, so Kapsa cannot tell the difference through the API, but they build
 //! nothing and talk to no certificate authority. Everything they write says
 //! "simulator" (field manager, condition messages, labels, logs).
 
+pub mod build_jobs;
 pub mod cert_manager;
 pub mod kpack;
 
@@ -29,9 +30,10 @@ pub async fn install(client: &Client) -> Result<()> {
 
 /// Runs both simulators until the future is dropped.
 pub async fn run(client: Client) {
-    tracing::info!("starting the kpack and cert-manager simulators");
+    tracing::info!("starting the kpack, BuildKit and cert-manager simulators");
     tokio::join!(
         kpack::run(client.clone()),
+        build_jobs::run(client.clone()),
         cert_manager::run(client.clone())
     );
 }

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -54,6 +56,11 @@ pub struct EnvironmentWorld {
     /// The Certificates its TLS may come from: `<env>-tls` (per host) and
     /// `<project>-wildcard` (DNS01), when cached.
     pub certificates: Vec<Arc<DynamicObject>>,
+    /// Its Dockerfile build Jobs in the build namespace (tied to it by its
+    /// uid), newest first, with what each reported.
+    pub build_jobs: Vec<BuildJob>,
+    /// The BuildKit image Dockerfile builds run (`--buildkit-image`).
+    pub buildkit_image: String,
     /// Whether the cluster serves the Prometheus Operator's ServiceMonitor
     /// API (what `runtime.metrics` needs).
     pub monitoring_installed: bool,
@@ -85,6 +92,7 @@ impl EnvironmentWorld {
         ]
         .into_iter()
         .flatten()
+        .chain(self.build_jobs.iter().map(|b| self.build_job(&b.job)))
         .collect()
     }
 }
@@ -94,17 +102,143 @@ impl EnvironmentWorld {
     /// child: its controller is the Project, and it is this Environment's
     /// when it carries the Environment's uid. (Only then may the
     /// Environment prune it.)
+    fn build_job(&self, job: &Job) -> Observed {
+        self.ours_in_build_namespace(Observed::typed(job), job.labels())
+    }
+
     fn build_image(&self, image: &DynamicObject) -> Observed {
-        let mut observed = Observed::of(&kpack_image_api_resource(), image);
+        self.ours_in_build_namespace(
+            Observed::of(&kpack_image_api_resource(), image),
+            image.labels(),
+        )
+    }
+
+    fn ours_in_build_namespace(
+        &self,
+        mut observed: Observed,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Observed {
         let project_uid = self.project.as_ref().and_then(|p| p.uid());
         let env_uid = self.environment.uid();
         let ours = observed.controller_uid.is_some()
             && observed.controller_uid == project_uid
             && env_uid.is_some()
-            && image.labels().get(ENVIRONMENT_UID_LABEL) == env_uid.as_ref();
+            && labels.get(ENVIRONMENT_UID_LABEL) == env_uid.as_ref();
         observed.controller_uid = if ours { env_uid } else { None };
         observed
     }
+}
+
+/// A Dockerfile build Job and what it concluded.
+#[derive(Clone, Debug)]
+pub struct BuildJob {
+    pub job: Arc<Job>,
+    /// The commit it builds (its annotation).
+    pub commit: Option<String>,
+    pub outcome: JobOutcome,
+}
+
+/// What a build Job concluded, from its conditions and its Pod's
+/// termination message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    Running,
+    /// Complete, with the digest the build container reported (if any).
+    Succeeded {
+        digest: Option<String>,
+    },
+    /// Failed: `BuildTimedOut` (the Job's deadline) or `BuildFailed`, with
+    /// the end of the build's output.
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Longest build output quoted in a condition.
+const MAX_BUILD_MESSAGE: usize = 1024;
+
+/// What `job` concluded; `pods` are its Pods (their build container's
+/// termination message carries the digest, or the end of the log).
+pub fn job_outcome(job: &Job, pods: &[&Pod]) -> JobOutcome {
+    let conditions = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let holds = |type_: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == "True")
+    };
+    let message = || {
+        pods.iter()
+            .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
+            .flatten()
+            .filter(|c| c.name == crate::resources::environment::BUILD_CONTAINER)
+            .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+            .map(|m| m.trim().to_string())
+            .find(|m| !m.is_empty())
+    };
+    if holds("Complete").is_some() {
+        let digest = message().filter(|m| {
+            m.strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        return JobOutcome::Succeeded { digest };
+    }
+    if let Some(failed) = holds("Failed") {
+        let timed_out = failed.reason.as_deref() == Some("DeadlineExceeded");
+        let mut text = message()
+            .or_else(|| failed.message.clone())
+            .unwrap_or_else(|| "no output".into());
+        if text.len() > MAX_BUILD_MESSAGE {
+            let mut start = text.len() - MAX_BUILD_MESSAGE;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            text = format!("…{}", &text[start..]);
+        }
+        return JobOutcome::Failed {
+            reason: if timed_out {
+                "BuildTimedOut"
+            } else {
+                "BuildFailed"
+            },
+            message: text,
+        };
+    }
+    JobOutcome::Running
+}
+
+/// The build Jobs of an Environment with their outcomes, newest first.
+pub fn build_jobs(
+    jobs: impl IntoIterator<Item = Arc<Job>>,
+    pods_of: impl Fn(&str) -> Vec<Arc<Pod>>,
+) -> Vec<BuildJob> {
+    let mut found: Vec<BuildJob> = jobs
+        .into_iter()
+        .map(|job| {
+            let pods = pods_of(&job.name_any());
+            let pods: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+            BuildJob {
+                commit: job
+                    .annotations()
+                    .get(crate::resources::environment::BUILD_COMMIT_ANNOTATION)
+                    .cloned(),
+                outcome: job_outcome(&job, &pods),
+                job,
+            }
+        })
+        .collect();
+    found.sort_by(|a, b| {
+        b.job
+            .metadata
+            .creation_timestamp
+            .cmp(&a.job.metadata.creation_timestamp)
+            .then_with(|| b.job.name_any().cmp(&a.job.name_any()))
+    });
+    found
 }
 
 /// `runtime.configMapRefs` and `runtime.secretRefs` that `exists` denies,
@@ -232,6 +366,30 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
                 .is_some_and(|n| n.metadata.deletion_timestamp.is_none())
         }),
         certificates: certificates.into_iter().flatten().collect(),
+        build_jobs: match (&build_ns, env.uid()) {
+            (Some(bns), Some(uid)) => build_jobs(
+                stores.jobs.state().into_iter().filter(|j| {
+                    j.namespace().as_deref() == Some(bns.as_str())
+                        && j.labels().get(ENVIRONMENT_UID_LABEL) == Some(&uid)
+                }),
+                |job| {
+                    stores
+                        .build_pods
+                        .state()
+                        .into_iter()
+                        .filter(|p| {
+                            p.namespace().as_deref() == Some(bns.as_str())
+                                && p.labels()
+                                    .get("batch.kubernetes.io/job-name")
+                                    .map(String::as_str)
+                                    == Some(job)
+                        })
+                        .collect()
+                },
+            ),
+            _ => Vec::new(),
+        },
+        buildkit_image: ctx.buildkit_image.clone(),
         monitoring_installed: stores.installed.prometheus_operator,
         service_monitor: cached_with(
             &stores.service_monitors,

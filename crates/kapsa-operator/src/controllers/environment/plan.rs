@@ -21,13 +21,13 @@ use kube::api::DynamicObject;
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
-use super::dereference::{BuilderState, EnvironmentWorld};
+use super::dereference::{BuilderState, EnvironmentWorld, JobOutcome};
 use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::resources::environment::{
-    APP_CONTAINER, COMMIT_ANNOTATION, EnvironmentInputs, deployment, environment_url,
-    image_repository, ingress, kpack_image, kpack_image_api_resource, service, service_monitor,
-    service_monitor_api_resource, tls_certificate_name,
+    APP_CONTAINER, BUILD_HISTORY_LIMIT, COMMIT_ANNOTATION, EnvironmentInputs, build_job,
+    deployment, environment_url, image_repository, ingress, kpack_image, kpack_image_api_resource,
+    service, service_monitor, service_monitor_api_resource, tls_certificate_name,
 };
 use crate::status::PlannedEvent;
 
@@ -164,6 +164,10 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             build
         }
     };
+    keep.extend(kept_build_jobs(
+        world,
+        env.spec.commit.as_deref().or(world.branch_head.as_deref()),
+    ));
     let built_condition = match &build {
         Build::Ready { image, commit } => condition(
             BUILT,
@@ -514,20 +518,13 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
             None,
         );
     };
-    if project.spec.build.strategy == BuildStrategy::Dockerfile {
-        return (
-            pending(
-                "NotImplemented",
-                "build.strategy Dockerfile is not implemented by this version of Kapsa yet; use Buildpacks or a fixed image",
-                true,
-            ),
-            None,
-        );
-    }
     let registry = match &world.registry {
         Ok(r) => &r.spec,
         Err(problem) => return (pending(problem.reason, problem.message.clone(), true), None),
     };
+    if project.spec.build.strategy == BuildStrategy::Dockerfile {
+        return dockerfile_build(world, project, registry, &commit);
+    }
     let current = world.image.as_deref();
     let builds_commit = current.is_some_and(|image| {
         image.data["spec"]["source"]["git"]["revision"].as_str() == Some(commit.as_str())
@@ -592,6 +589,109 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
         state,
         Some(Child::dynamic(kpack_image_api_resource(), desired)),
     )
+}
+
+/// A Dockerfile build: the Job for `commit` (made when missing), and what
+/// it concluded.
+fn dockerfile_build(
+    world: &EnvironmentWorld,
+    project: &kapsa_api::Project,
+    registry: &kapsa_api::RegistrySpec,
+    commit: &str,
+) -> (Build, Option<Child>) {
+    let env = world.environment.as_ref();
+    let repository = image_repository(registry, &project.name_any());
+    let existing = world
+        .build_jobs
+        .iter()
+        .find(|b| b.commit.as_deref() == Some(commit));
+    let failed_message = |what: &str| {
+        format!("the build of commit {commit} failed: {what}; the previous release keeps serving")
+    };
+    match existing.map(|b| &b.outcome) {
+        Some(JobOutcome::Running) => (
+            pending("Building", format!("building commit {commit}"), false),
+            None,
+        ),
+        Some(JobOutcome::Succeeded {
+            digest: Some(digest),
+        }) => (
+            Build::Ready {
+                image: format!("{repository}:{}@{digest}", env.name_any()),
+                commit: Some(commit.to_string()),
+            },
+            None,
+        ),
+        Some(JobOutcome::Succeeded { digest: None }) => (
+            pending(
+                "BuildReportedNoDigest",
+                failed_message("the build Job completed without reporting a digest"),
+                true,
+            ),
+            None,
+        ),
+        Some(JobOutcome::Failed { reason, message }) => {
+            (pending(reason, failed_message(message), true), None)
+        }
+        None if !world.build_namespace_exists => (
+            pending(
+                "WaitingForBuildNamespace",
+                format!(
+                    "the build namespace {:?} does not exist yet (the Project makes it)",
+                    crate::resources::project::build_namespace_name(project)
+                ),
+                false,
+            ),
+            None,
+        ),
+        None => {
+            let inputs = EnvironmentInputs {
+                project,
+                environment: env,
+                pool: None,
+                base_domain: None,
+            };
+            let job = build_job(
+                &inputs,
+                registry,
+                &repository,
+                commit,
+                &world.buildkit_image,
+            );
+            (
+                pending("Building", format!("building commit {commit}"), false),
+                Some(Child::typed(&job)),
+            )
+        }
+    }
+}
+
+/// The build Jobs kept: the one of the commit wanted, and the newest
+/// finished others up to the history limit (their Pods keep the logs).
+/// Every other one of the Environment's is pruned.
+fn kept_build_jobs(world: &EnvironmentWorld, commit: Option<&str>) -> Vec<ChildKey> {
+    let dockerfile = world.environment.spec.image.is_none()
+        && world
+            .project
+            .as_ref()
+            .is_some_and(|p| p.spec.build.strategy == BuildStrategy::Dockerfile);
+    if !dockerfile {
+        return Vec::new();
+    }
+    let current = world
+        .build_jobs
+        .iter()
+        .filter(|b| commit.is_some() && b.commit.as_deref() == commit);
+    let history = world
+        .build_jobs
+        .iter()
+        .filter(|b| !(commit.is_some() && b.commit.as_deref() == commit))
+        .filter(|b| b.outcome != JobOutcome::Running)
+        .take(BUILD_HISTORY_LIMIT);
+    current
+        .chain(history)
+        .map(|b| Observed::typed(b.job.as_ref()).key)
+        .collect()
 }
 
 /// The phase, from what serves and what is under way. A build or a failed
@@ -723,8 +823,23 @@ fn last_good_build(
     if world.environment.spec.image.is_some() {
         return None;
     }
-    let built = world.image.as_deref()?;
-    let image = built.data["status"]["latestImage"].as_str()?.to_string();
+    let image = match world.image.as_deref() {
+        Some(built) => built.data["status"]["latestImage"].as_str()?.to_string(),
+        // A Dockerfile build: the newest Job that reported a digest.
+        None => {
+            let project = world.project.as_deref()?;
+            let registry = world.registry.as_ref().ok()?;
+            let digest = world.build_jobs.iter().find_map(|b| match &b.outcome {
+                JobOutcome::Succeeded { digest } => digest.clone(),
+                _ => None,
+            })?;
+            format!(
+                "{}:{}@{digest}",
+                image_repository(&registry.spec, &project.name_any()),
+                world.environment.name_any()
+            )
+        }
+    };
     let commit = status
         .history
         .iter()

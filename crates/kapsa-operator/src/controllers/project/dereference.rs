@@ -78,6 +78,8 @@ pub struct ProjectWorld {
     /// The kpack Images in the build namespace (one per Environment that
     /// builds; an Environment's deletion leaves its Image to the Project).
     pub build_images: Vec<Arc<DynamicObject>>,
+    /// Its Dockerfile build Jobs in the build namespace.
+    pub build_jobs: Vec<Arc<k8s_openapi::api::batch::v1::Job>>,
     /// The Project's Environments in its namespace (production among them).
     pub environments: Vec<Arc<Environment>>,
     /// The latest poll of its repository (None until the first poll since start).
@@ -121,6 +123,7 @@ impl ProjectWorld {
                 .iter()
                 .map(|i| Observed::of(&kpack_image_api_resource(), i.as_ref())),
         );
+        observed.extend(self.build_jobs.iter().map(|j| Observed::typed(j.as_ref())));
         observed.extend(
             self.environments
                 .iter()
@@ -210,6 +213,12 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             .state()
             .into_iter()
             .filter(|i| i.metadata.namespace.as_deref() == bns)
+            .collect(),
+        build_jobs: stores
+            .jobs
+            .state()
+            .into_iter()
+            .filter(|j| j.metadata.namespace.as_deref() == bns)
             .collect(),
         environments: stores
             .environments

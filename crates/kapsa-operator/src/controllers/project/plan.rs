@@ -115,9 +115,18 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
         select_pool(project, &pools).ok(),
         world.pod_security_default,
     );
+    // Rootless BuildKit needs what only `privileged` allows (an unconfined
+    // seccomp profile, setuid newuidmap): the build namespace of a
+    // Dockerfile Project enforces that level. No tenant is bound there.
+    let build_level =
+        if project.spec.build.strategy == kapsa_api::project::BuildStrategy::Dockerfile {
+            kapsa_api::domain_pool::PodSecurityLevel::Privileged
+        } else {
+            level
+        };
     let mut apply = vec![
         Child::typed(&build::namespace_with_pod_security(project, level)),
-        Child::typed(&build::build_namespace(project, level)),
+        Child::typed(&build::build_namespace(project, build_level)),
     ];
     let mut keep: Vec<ChildKey> = Vec::new();
     let observed = world.observed();
@@ -197,6 +206,18 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
                     .is_some_and(|uid| live.contains(uid))
             })
             .map(|i| Observed::of(&kpack_image_api_resource(), i.as_ref()).key),
+    );
+    // So do the build Jobs (the Environment prunes its own history).
+    keep.extend(
+        world
+            .build_jobs
+            .iter()
+            .filter(|j| {
+                j.labels()
+                    .get(crate::resources::environment::ENVIRONMENT_UID_LABEL)
+                    .is_some_and(|uid| live.contains(uid))
+            })
+            .map(|j| Observed::typed(j.as_ref()).key),
     );
     if let Some(quota) = build::resource_quota(project) {
         apply.push(Child::typed(&quota));
@@ -459,11 +480,8 @@ fn events(project: &Project, before: &ProjectStatus, after: &ProjectStatus) -> V
 
 /// Fields the API accepts that this version does not act on yet.
 pub fn not_implemented(project: &Project) -> Vec<&'static str> {
-    let mut fields = Vec::new();
-    if project.spec.build.strategy == kapsa_api::project::BuildStrategy::Dockerfile {
-        fields.push("build.strategy: Dockerfile");
-    }
-    fields
+    let _ = project;
+    Vec::new()
 }
 
 fn implemented_condition(

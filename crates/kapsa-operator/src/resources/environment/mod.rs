@@ -23,6 +23,7 @@
 
 mod build;
 mod certificates;
+mod dockerfile;
 mod monitoring;
 mod routing;
 mod workload;
@@ -38,6 +39,10 @@ use super::{controller_reference, environment_labels};
 pub use build::{BUILDER_SERVICE_ACCOUNT, image_repository, kpack_image, kpack_image_api_resource};
 pub use certificates::{
     certificate_api_resource, wildcard_certificate, wildcard_certificate_name, wildcard_secret_name,
+};
+pub use dockerfile::{
+    BUILD_COMMIT_ANNOTATION, BUILD_CONTAINER, BUILD_HISTORY_LIMIT, BUILD_LABEL,
+    DEFAULT_BUILDKIT_IMAGE, DOCKERFILE_BUILD, build_job, build_job_name,
 };
 pub use monitoring::{service_monitor, service_monitor_api_resource};
 pub use routing::{

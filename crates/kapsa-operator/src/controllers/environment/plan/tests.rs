@@ -139,6 +139,33 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
             .map(Arc::new),
         build_namespace_exists,
         certificates,
+        build_jobs: dereference::build_jobs(
+            fixture
+                .all::<k8s_openapi::api::batch::v1::Job>("batch/v1", "Job")
+                .into_iter()
+                .filter(|j| {
+                    j.namespace() == build_ns
+                        && environment.uid().is_some()
+                        && j.labels()
+                            .get(crate::resources::environment::ENVIRONMENT_UID_LABEL)
+                            == environment.uid().as_ref()
+                })
+                .map(Arc::new),
+            |job| {
+                fixture
+                    .all::<k8s_openapi::api::core::v1::Pod>("v1", "Pod")
+                    .into_iter()
+                    .filter(|p| {
+                        p.labels()
+                            .get("batch.kubernetes.io/job-name")
+                            .map(String::as_str)
+                            == Some(job)
+                    })
+                    .map(Arc::new)
+                    .collect()
+            },
+        ),
+        buildkit_image: "buildkit.example/buildkit:rootless".into(),
         monitoring_installed,
         service_monitor: fixture
             .find::<DynamicObject>("monitoring.coreos.com/v1", "ServiceMonitor", &name, ns)
@@ -182,7 +209,12 @@ cases! {
         unpin_rolls_out_the_newest_build => "unpin-rolls-out-the-newest-build",
         builder_missing_build_due => "builder-missing-build-due",
         builder_missing_image_builds_commit => "builder-missing-image-builds-commit",
-        dockerfile_strategy => "dockerfile-strategy",
+        dockerfile_first_build_starts_a_job => "dockerfile-first-build-starts-a-job",
+        dockerfile_build_running => "dockerfile-build-running",
+        dockerfile_build_succeeded_rolls_out => "dockerfile-build-succeeded-rolls-out",
+        dockerfile_build_failed_keeps_the_release => "dockerfile-build-failed-keeps-the-release",
+        dockerfile_build_timed_out => "dockerfile-build-timed-out",
+        dockerfile_history_limit_prunes_old_jobs => "dockerfile-history-limit-prunes-old-jobs",
         failed_build_with_release => "failed-build-with-release",
         first_build_failing => "first-build-failing",
         first_build_running => "first-build-running",

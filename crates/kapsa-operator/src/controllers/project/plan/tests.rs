@@ -153,6 +153,12 @@ fn world(fixture: &Fixture) -> ProjectWorld {
             .filter(|i| i.metadata.namespace.as_deref() == bns)
             .map(Arc::new)
             .collect(),
+        build_jobs: fixture
+            .all::<k8s_openapi::api::batch::v1::Job>("batch/v1", "Job")
+            .into_iter()
+            .filter(|j| j.metadata.namespace.as_deref() == bns)
+            .map(Arc::new)
+            .collect(),
         others: projects.into_iter().map(Arc::new).collect(),
         pools: fixture
             .all::<DomainPool>(KAPSA, "DomainPool")
