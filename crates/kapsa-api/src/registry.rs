@@ -79,6 +79,38 @@ pub enum RegistryProvider {
 )]
 // The namespaced `Registry` kind shares this spec type; it is implemented by
 // hand below because a derive produces one kind per spec struct.
+// What each provider's `server` and `repository` look like (the rules sit on
+// the spec, so both kinds have them).
+#[x_kube(
+    validation = Rule::new(r"self.provider != 'ECR' || self.server.matches('^[0-9]{12}\\.dkr\\.ecr(-fips)?\\.[a-z0-9-]+\\.amazonaws\\.com(\\.cn)?$')")
+        .message("with provider ECR, spec.server must be <12-digit account id>.dkr.ecr.<region>.amazonaws.com, e.g. 123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+        .field_path(".server"),
+    validation = Rule::new(r"self.provider != 'GCR' || self.server in ['gcr.io', 'us.gcr.io', 'eu.gcr.io', 'asia.gcr.io'] || self.server.matches('^[a-z0-9-]+-docker\\.pkg\\.dev$')")
+        .message("with provider GCR, spec.server must be gcr.io, us.gcr.io, eu.gcr.io, asia.gcr.io or an Artifact Registry host <location>-docker.pkg.dev")
+        .field_path(".server"),
+    validation = Rule::new(r"self.provider != 'GCR' || (has(self.repository) && (!self.server.endsWith('-docker.pkg.dev') || self.repository.contains('/')))")
+        .message("with provider GCR, spec.repository is required: the Google Cloud project (gcr.io), or <project>/<repository> (Artifact Registry)")
+        .field_path(".repository")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new(r"self.provider != 'ACR' || self.server.matches('^[a-z0-9]{5,50}\\.azurecr\\.(io|cn|us)$')")
+        .message("with provider ACR, spec.server must be <registry name>.azurecr.io (5-50 lower-case letters or digits)")
+        .field_path(".server"),
+    validation = Rule::new(r"self.provider != 'DockerHub' || self.server in ['docker.io', 'index.docker.io', 'registry-1.docker.io']")
+        .message("with provider DockerHub, spec.server must be docker.io")
+        .field_path(".server"),
+    validation = Rule::new(r"self.provider != 'DockerHub' || (has(self.repository) && !self.repository.contains('/'))")
+        .message("with provider DockerHub, spec.repository is required and is the Docker Hub namespace (a user or organisation, one path component), e.g. acme")
+        .field_path(".repository")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new(r"self.provider != 'GitLab' || (has(self.repository) && self.repository.contains('/'))")
+        .message("with provider GitLab, spec.repository is required and is the project's path, <group>/<project> (images go to <server>/<group>/<project>/<kapsa project>)")
+        .field_path(".repository")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new(r"self.provider != 'Harbor' || has(self.repository)")
+        .message("with provider Harbor, spec.repository is required: the Harbor project (optionally followed by a path), e.g. kapsa")
+        .field_path(".repository")
+        .reason(Reason::FieldValueRequired)
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrySpec {
     /// Registry product: `Harbor`, `GitLab`, `DockerHub`, `ECR`, `GCR`,

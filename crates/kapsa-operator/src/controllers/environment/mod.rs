@@ -62,6 +62,10 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
         apply = plan.apply.len(),
         delete = plan.delete.len(),
         phase = ?plan.status.phase,
+        built = kapsa_api::conditions::find_condition(&plan.status.conditions, kapsa_api::conditions::BUILT)
+            .map(|c| c.reason.as_str())
+            .unwrap_or_default(),
+        commit = world.environment.spec.commit.as_deref().unwrap_or_default(),
         "planned"
     );
     // 3. Apply and prune.

@@ -198,7 +198,13 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         Build::Ready { image, commit } => Some((image.clone(), commit.clone())),
         // Keep what Kapsa deployed last, never what the Deployment says
         // now: a person's edit of it is to be reverted, not kept.
+        // A first release is never started from a build whose commit is
+        // unknown (after a restart, before the first poll): it would roll
+        // out again, with its commit, a moment later.
         Build::Pending { .. } => last_good_build(world, &before)
+            .filter(|(_, commit)| {
+                commit.is_some() || before.image.is_some() || world.deployment.is_some()
+            })
             .or_else(|| before.image.clone().map(|i| (i, before.commit.clone()))),
     };
     // A pin holds a release back: it runs instead of the newest build,

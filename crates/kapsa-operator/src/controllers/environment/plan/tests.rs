@@ -238,6 +238,7 @@ cases! {
         tls_dns01 => "tls-dns01",
         tls_http01 => "tls-http01",
         waiting_for_commit => "waiting-for-commit",
+        first_release_waits_for_its_commit => "first-release-waits-for-its-commit",
         wrong_namespace => "wrong-namespace",
         no_host_without_cluster_issuer => "no-host-without-cluster-issuer",
         same_image_new_commit => "same-image-new-commit",
