@@ -24,20 +24,6 @@ fn config() -> OperatorConfig {
     }
 }
 
-fn app_image(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .image
-        .clone()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_dockerfile_project_builds_in_jobs_keeps_serving_through_a_failure_and_prunes_old_jobs() {
     let (_, client) = cluster().await;

@@ -16,20 +16,6 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams
 use serde_json::json;
 use support::*;
 
-fn app_image(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .image
-        .clone()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn project_goes_live_rolls_out_commits_and_survives_a_failed_build() {
     let (_, client) = cluster().await;

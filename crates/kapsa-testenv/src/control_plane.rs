@@ -58,36 +58,60 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// otherwise the repository's install script builds them (once per machine)
 /// and prints the cache folder.
 pub fn find_assets() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from)
-        && has_all_binaries(&dir)
+    installed_folder(
+        std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from),
+        &install_script(),
+        has_all_binaries,
+        &format!("{REQUIRED_BINARIES:?}"),
+        None,
+    )
+}
+
+/// The folder one of the `hack/install-*.sh` scripts provides: `from_env`
+/// when it names a folder `complete` accepts; otherwise the script runs
+/// (it builds or fetches once per machine, then answers from its cache)
+/// and prints the folder on its last line, which `complete` must accept
+/// too (`lacks` names what it checks, for the error). A script that exits
+/// 2 says the machine cannot run what it installs: `cannot_run` is the
+/// error then.
+pub(crate) fn installed_folder(
+    from_env: Option<PathBuf>,
+    script: &Path,
+    complete: impl Fn(&Path) -> bool,
+    lacks: &str,
+    cannot_run: Option<&str>,
+) -> Result<PathBuf> {
+    if let Some(dir) = from_env
+        && complete(&dir)
     {
         return Ok(dir);
     }
-    let script = install_script();
     if !script.exists() {
         return Err(Error::Assets(format!(
-            "KUBEBUILDER_ASSETS does not name a folder with {REQUIRED_BINARIES:?}, and the install script {} is missing",
+            "no folder with {lacks} was given, and the install script {} is missing",
             script.display()
         )));
     }
     let output = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .stderr(std::process::Stdio::inherit())
         .output()?;
     if !output.status.success() {
-        return Err(Error::Assets(format!(
-            "{} failed ({})",
-            script.display(),
-            output.status
-        )));
+        return Err(Error::Assets(match (output.status.code(), cannot_run) {
+            (Some(2), Some(reason)) => format!(
+                "{reason} ({} exited 2; its reason is printed above)",
+                script.display()
+            ),
+            _ => format!("{} failed ({})", script.display(), output.status),
+        }));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    if has_all_binaries(&dir) {
+    if complete(&dir) {
         Ok(dir)
     } else {
         Err(Error::Assets(format!(
-            "{} printed {}, which lacks some of {REQUIRED_BINARIES:?}",
+            "{} printed {}, which lacks some of {lacks}",
             script.display(),
             dir.display()
         )))

@@ -76,34 +76,14 @@ pub fn prometheus_operator_crds() -> Result<Vec<CustomResourceDefinition>> {
         "monitoring.coreos.com_servicemonitors.yaml",
         "monitoring.coreos.com_podmonitors.yaml",
     ];
-    let complete = |dir: &std::path::Path| FILES.iter().all(|f| dir.join(f).is_file());
-    let dir = match std::env::var_os("KAPSA_PROMETHEUS_OPERATOR_CRDS").map(std::path::PathBuf::from)
-    {
-        Some(dir) if complete(&dir) => dir,
-        _ => {
-            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../hack/install-prometheus-operator-crds.sh");
-            let output = std::process::Command::new("bash")
-                .arg(&script)
-                .stderr(std::process::Stdio::inherit())
-                .output()?;
-            if !output.status.success() {
-                return Err(Error::Assets(format!(
-                    "{} failed ({})",
-                    script.display(),
-                    output.status
-                )));
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            std::path::PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
-        }
-    };
-    if !complete(&dir) {
-        return Err(Error::Assets(format!(
-            "{} lacks some of {FILES:?}",
-            dir.display()
-        )));
-    }
+    let dir = crate::control_plane::installed_folder(
+        std::env::var_os("KAPSA_PROMETHEUS_OPERATOR_CRDS").map(std::path::PathBuf::from),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../hack/install-prometheus-operator-crds.sh"),
+        |dir| FILES.iter().all(|f| dir.join(f).is_file()),
+        &format!("{FILES:?}"),
+        None,
+    )?;
     let mut crds = Vec::new();
     for file in FILES {
         crds.extend(parse_crds(&std::fs::read_to_string(dir.join(file))?)?);

@@ -142,47 +142,18 @@ pub fn unsupported_reason() -> Option<String> {
 /// prints the cache folder. The script exits 2 when the machine cannot run
 /// the lane; that is an [`Error::Assets`] saying so.
 pub fn find_real_lane_assets() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("KAPSA_REAL_LANE_ASSETS").map(PathBuf::from)
-        && has_all_binaries(&dir)
-    {
-        return Ok(dir);
-    }
     let script = std::env::var_os("KAPSA_INSTALL_REAL_LANE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/install-real-lane.sh")
         });
-    let output = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()?;
-    match output.status.code() {
-        Some(0) => {}
-        Some(2) => {
-            return Err(Error::Assets(format!(
-                "this machine cannot run the real lane ({} exited 2; its reason is printed above)",
-                script.display()
-            )));
-        }
-        _ => {
-            return Err(Error::Assets(format!(
-                "{} failed ({})",
-                script.display(),
-                output.status
-            )));
-        }
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    if has_all_binaries(&dir) {
-        Ok(dir)
-    } else {
-        Err(Error::Assets(format!(
-            "{} printed {}, which lacks some of {REAL_LANE_BINARIES:?}",
-            script.display(),
-            dir.display()
-        )))
-    }
+    crate::control_plane::installed_folder(
+        std::env::var_os("KAPSA_REAL_LANE_ASSETS").map(PathBuf::from),
+        &script,
+        has_all_binaries,
+        &format!("{REAL_LANE_BINARIES:?}"),
+        Some("this machine cannot run the real lane"),
+    )
 }
 
 /// From `/proc/self/status` (`Uid: real effective saved fs`).

@@ -379,3 +379,18 @@ pub async fn platform_settled(client: &Client, platform: &Platform) {
     })
     .await;
 }
+
+/// The image the app container of a Deployment runs.
+pub fn app_image(d: &k8s_openapi::api::apps::v1::Deployment) -> String {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .image
+        .clone()
+        .unwrap()
+}

@@ -563,17 +563,7 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
         }
     }
     if !world.build_namespace_exists {
-        return (
-            pending(
-                "WaitingForBuildNamespace",
-                format!(
-                    "the build namespace {:?} does not exist yet (the Project makes it)",
-                    crate::resources::project::build_namespace_name(project)
-                ),
-                false,
-            ),
-            None,
-        );
+        return (waiting_for_build_namespace(project), None);
     }
     let inputs = EnvironmentInputs {
         project,
@@ -594,6 +584,18 @@ fn build(world: &EnvironmentWorld, project: &kapsa_api::Project) -> (Build, Opti
     (
         state,
         Some(Child::dynamic(kpack_image_api_resource(), desired)),
+    )
+}
+
+/// Builds wait for the build namespace the Project makes.
+fn waiting_for_build_namespace(project: &kapsa_api::Project) -> Build {
+    pending(
+        "WaitingForBuildNamespace",
+        format!(
+            "the build namespace {:?} does not exist yet (the Project makes it)",
+            crate::resources::project::build_namespace_name(project)
+        ),
+        false,
     )
 }
 
@@ -639,17 +641,7 @@ fn dockerfile_build(
         Some(JobOutcome::Failed { reason, message }) => {
             (pending(reason, failed_message(message), true), None)
         }
-        None if !world.build_namespace_exists => (
-            pending(
-                "WaitingForBuildNamespace",
-                format!(
-                    "the build namespace {:?} does not exist yet (the Project makes it)",
-                    crate::resources::project::build_namespace_name(project)
-                ),
-                false,
-            ),
-            None,
-        ),
+        None if !world.build_namespace_exists => (waiting_for_build_namespace(project), None),
         None => {
             let inputs = EnvironmentInputs {
                 project,

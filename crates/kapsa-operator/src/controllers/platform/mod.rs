@@ -173,13 +173,14 @@ async fn verdict(
     Ok(verdict)
 }
 
-async fn registry_status(
+/// Plans a registry's status from its credentials and writes it on change.
+async fn update_registry_status<K: Resource<DynamicType = ()>>(
     ctx: &Context,
+    object: &K,
     spec: &RegistrySpec,
     own_namespace: Option<&str>,
     before: Option<&RegistryStatus>,
-    generation: Option<i64>,
-) -> Result<RegistryStatus> {
+) -> Result<()> {
     let mut verdicts: [Option<std::result::Result<(), Problem>>; 2] = [None, None];
     for (slot, (field, location)) in verdicts
         .iter_mut()
@@ -189,13 +190,16 @@ async fn registry_status(
             *slot = Some(verdict(ctx, *field, &spec.server, location).await?);
         }
     }
-    Ok(plan::registry_status(
+    let after = plan::registry_status(
         before,
-        generation,
+        object.meta().generation,
         verdicts[0].as_ref(),
         verdicts[1].as_ref(),
         &Time(super::now()),
-    ))
+    );
+    let before = before.cloned().unwrap_or_default();
+    crate::status::update(ctx, object, &before, &after, &[]).await?;
+    Ok(())
 }
 
 pub async fn reconcile_cluster_registry(
@@ -203,19 +207,19 @@ pub async fn reconcile_cluster_registry(
     ctx: Arc<Context>,
 ) -> Result<Action> {
     let key = key("clusterregistry", None, &registry.name_any());
-    measured(&ctx, registry.as_ref(), "clusterregistry", key, async {
-        let after = registry_status(
+    measured(
+        &ctx,
+        registry.as_ref(),
+        "clusterregistry",
+        key,
+        update_registry_status(
             &ctx,
+            registry.as_ref(),
             &registry.spec,
             None,
             registry.status.as_ref(),
-            registry.meta().generation,
-        )
-        .await?;
-        let before = registry.status.clone().unwrap_or_default();
-        crate::status::update(&ctx, registry.as_ref(), &before, &after, &[]).await?;
-        Ok(())
-    })
+        ),
+    )
     .await
 }
 
@@ -235,19 +239,19 @@ pub fn error_policy_cluster_registry(
 pub async fn reconcile_registry(registry: Arc<Registry>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = registry.namespace().unwrap_or_default();
     let key = key("registry", Some(&namespace), &registry.name_any());
-    measured(&ctx, registry.as_ref(), "registry", key, async {
-        let after = registry_status(
+    measured(
+        &ctx,
+        registry.as_ref(),
+        "registry",
+        key,
+        update_registry_status(
             &ctx,
+            registry.as_ref(),
             &registry.spec,
             Some(&namespace),
             registry.status.as_ref(),
-            registry.meta().generation,
-        )
-        .await?;
-        let before = registry.status.clone().unwrap_or_default();
-        crate::status::update(&ctx, registry.as_ref(), &before, &after, &[]).await?;
-        Ok(())
-    })
+        ),
+    )
     .await
 }
 
