@@ -20,6 +20,10 @@ step "Prometheus Operator CRDs (fetched from its official Go module on first use
 KAPSA_PROMETHEUS_OPERATOR_CRDS="$(./hack/install-prometheus-operator-crds.sh)"
 export KAPSA_PROMETHEUS_OPERATOR_CRDS
 
+step "Gateway API CRDs, standard channel (fetched from its official Go module on first use, then cached; the Gateway routing tests install them)"
+KAPSA_GATEWAY_API_CRDS="$(./hack/install-gateway-api-crds.sh)"
+export KAPSA_GATEWAY_API_CRDS
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

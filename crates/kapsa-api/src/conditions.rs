@@ -39,6 +39,12 @@ pub const PINNED: &str = "Pinned";
 /// e.g. False with reason `PrometheusOperatorNotInstalled`. Absent without
 /// `runtime.metrics`.
 pub const MONITORED: &str = "Monitored";
+/// Environment, under a DomainPool with `routing: Gateway`: the gateway
+/// controller accepted its HTTPRoute and resolved its backend (True), or
+/// not, e.g. False with the gateway's reason (`NotAllowedByListeners`,
+/// `NoMatchingParent`, `BackendNotFound`, …) or `GatewayAPINotInstalled`.
+/// Absent under `routing: Ingress`.
+pub const ROUTED: &str = "Routed";
 
 /// Status of a condition: `True`, `False` or `Unknown`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
@@ -131,6 +137,18 @@ impl Condition {
     }
 }
 
+/// Whether `reason` is a valid condition reason (CamelCase: a letter, then
+/// letters, digits, `_`, `,` or `:`, not ending in `,` or `:`; at most 1024
+/// characters), e.g. to pass on another controller's reason as it is.
+pub fn is_valid_reason(reason: &str) -> bool {
+    let bytes = reason.as_bytes();
+    let inner = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b',' | b':');
+    (1..=1024).contains(&bytes.len())
+        && bytes[0].is_ascii_alphabetic()
+        && bytes.iter().all(inner)
+        && !matches!(bytes[bytes.len() - 1], b',' | b':')
+}
+
 /// The condition of type `type_`, if present.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
@@ -194,6 +212,26 @@ mod tests {
 
     fn time(s: &str) -> Time {
         Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn valid_reasons() {
+        for ok in ["Accepted", "NotAllowedByListeners", "A", "a_b:c,d1"] {
+            assert!(is_valid_reason(ok), "{ok}");
+        }
+        let long = "A".repeat(1025);
+        for bad in [
+            "",
+            "1Bad",
+            "Has space",
+            "Trailing:",
+            "Trailing,",
+            "Dash-ed",
+            "Ünicode",
+            &long,
+        ] {
+            assert!(!is_valid_reason(bad), "{bad}");
+        }
     }
 
     fn cond(status: ConditionStatus, reason: &str, at: &str) -> Condition {

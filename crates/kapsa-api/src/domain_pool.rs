@@ -28,6 +28,47 @@ pub enum Challenge {
     DNS01,
 }
 
+/// How the hosts of a pool are routed to their apps. Values: `Ingress`
+/// (default; an Ingress per Environment, for the pool's `ingressClassName`)
+/// or `Gateway` (Gateway API: an HTTPRoute per Environment and a
+/// ListenerSet per Project attached to the shared Gateway that
+/// `spec.gatewayRef` names).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum Routing {
+    /// A networking.k8s.io/v1 Ingress per Environment.
+    #[default]
+    Ingress,
+    /// Gateway API: an HTTPRoute per Environment, a ListenerSet per Project.
+    Gateway,
+}
+
+/// The shared Gateway a `routing: Gateway` pool attaches its Projects'
+/// listeners to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayReference {
+    /// Name of the Gateway (`gateway.networking.k8s.io/v1`), e.g.
+    /// `shared`. A DNS subdomain of at most 253 characters.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub name: String,
+    /// Namespace of the Gateway, e.g. `gateway-system`. A DNS label of at
+    /// most 63 characters. The Gateway must allow ListenerSets from the
+    /// Projects' namespaces (`spec.allowedListeners`).
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
+    pub namespace: String,
+    /// A listener of the Gateway that HTTPRoutes attach to directly, for
+    /// Gateway implementations without ListenerSet support, e.g. `apps`.
+    /// Optional: without it each Project gets a ListenerSet with its own
+    /// HTTPS listeners and certificates. With it Kapsa makes no ListenerSet
+    /// and no Certificate: the platform team's listener (e.g. hostname
+    /// `*.apps.example.com`, HTTPS with a wildcard certificate, routes
+    /// allowed from the Projects' namespaces) terminates TLS. A Gateway API
+    /// section name: a DNS subdomain of at most 253 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub section_name: Option<String>,
+}
+
 // A Pod Security Standard level (Kubernetes Pod Security Admission), as
 // written in the `pod-security.kubernetes.io/*` namespace labels. (A plain
 // comment: a doc comment here would replace the description of the
@@ -129,6 +170,13 @@ impl std::str::FromStr for PodSecurityLevel {
         description = "ACME challenge: HTTP01 or DNS01"
     ),
     printcolumn(
+        name = "Routing",
+        type_ = "string",
+        json_path = ".spec.routing",
+        description = "Ingress or Gateway",
+        priority = 1
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
@@ -144,6 +192,14 @@ impl std::str::FromStr for PodSecurityLevel {
     .message("spec.clusterIssuerRef is required when spec.challenge is DNS01")
     .field_path(".clusterIssuerRef")
     .reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!has(self.routing) || self.routing != 'Gateway' || has(self.gatewayRef)")
+    .message("spec.gatewayRef is required when spec.routing is Gateway")
+    .field_path(".gatewayRef")
+    .reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("(has(self.routing) && self.routing == 'Gateway') || !has(self.gatewayRef)")
+    .message("spec.gatewayRef is allowed only when spec.routing is Gateway")
+    .field_path(".gatewayRef")
+    .reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct DomainPoolSpec {
     /// Base domains of the pool, e.g. `[apps.example.com, apps2.example.com]`.
@@ -185,8 +241,24 @@ pub struct DomainPoolSpec {
     #[serde(default)]
     pub challenge: Challenge,
 
-    /// IngressClass for the Ingresses of hosts of this pool. Default `nginx`.
-    /// A DNS subdomain of at most 253 characters.
+    /// How hosts of this pool are routed: `Ingress` (default; an Ingress
+    /// per Environment for `ingressClassName`) or `Gateway` (Gateway API: an
+    /// HTTPRoute per Environment and a ListenerSet per Project attached to
+    /// the Gateway `gatewayRef` names; TLS from Certificates Kapsa creates).
+    /// May be changed while in use: every Environment moves over, and the
+    /// objects of the other way are deleted once the new ones are applied.
+    #[serde(default)]
+    pub routing: Routing,
+
+    /// The shared Gateway (`gateway.networking.k8s.io/v1`) that Projects'
+    /// ListenerSets attach to, e.g. `{name: shared, namespace:
+    /// gateway-system}`. Required when `routing` is `Gateway`, forbidden
+    /// otherwise. The platform team runs it; no tenant writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_ref: Option<GatewayReference>,
+
+    /// IngressClass for the Ingresses of hosts of this pool (`routing:
+    /// Ingress`). Default `nginx`. A DNS subdomain of at most 253 characters.
     #[serde(default = "default_ingress_class_name")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub ingress_class_name: String,

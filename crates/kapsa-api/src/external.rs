@@ -1,7 +1,9 @@
 //! The kinds of other projects that Kapsa creates, reads or watches: kpack
 //! (`kpack.io/v1alpha2`: `Image`, `ClusterBuilder`, `Builder`),
 //! cert-manager (`cert-manager.io/v1`: `Certificate`, `ClusterIssuer`) and
-//! the Prometheus Operator (`monitoring.coreos.com/v1`: `ServiceMonitor`).
+//! the Prometheus Operator (`monitoring.coreos.com/v1`: `ServiceMonitor`)
+//! and Gateway API (`gateway.networking.k8s.io/v1`: `HTTPRoute`,
+//! `ListenerSet`, `Gateway`).
 //!
 //! Kapsa has no Rust types for these; it handles them as
 //! `kube::core::DynamicObject`s, which need an [`ApiResource`] to be sent to
@@ -34,6 +36,12 @@ pub const CERT_MANAGER_API_VERSION: &str = "cert-manager.io/v1";
 pub const PROMETHEUS_OPERATOR_GROUP: &str = "monitoring.coreos.com";
 /// The Prometheus Operator API version Kapsa uses.
 pub const PROMETHEUS_OPERATOR_VERSION: &str = "v1";
+
+/// API group of Gateway API.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+/// The Gateway API version Kapsa uses (standard channel, v1.5 or later:
+/// `ListenerSet` is stable there).
+pub const GATEWAY_API_VERSION: &str = "v1";
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
@@ -102,11 +110,46 @@ pub fn prometheus_service_monitor() -> ApiResource {
     )
 }
 
+/// A Gateway API `HTTPRoute` (namespaced, plural `httproutes`): routes a
+/// host to a Service through a Gateway. The operator creates one per
+/// Environment under a DomainPool with `routing: Gateway`.
+pub fn gateway_http_route() -> ApiResource {
+    resource(
+        GATEWAY_API_GROUP,
+        GATEWAY_API_VERSION,
+        "HTTPRoute",
+        "httproutes",
+    )
+}
+
+/// A Gateway API `ListenerSet` (namespaced, plural `listenersets`): listeners
+/// attached to a shared Gateway from another namespace. The operator creates
+/// one per Project under a DomainPool with `routing: Gateway`.
+pub fn gateway_listener_set() -> ApiResource {
+    resource(
+        GATEWAY_API_GROUP,
+        GATEWAY_API_VERSION,
+        "ListenerSet",
+        "listenersets",
+    )
+}
+
+/// A Gateway API `Gateway` (namespaced, plural `gateways`): the shared
+/// Gateway a DomainPool's `spec.gatewayRef` names; the platform team runs it.
+pub fn gateway_gateway() -> ApiResource {
+    resource(
+        GATEWAY_API_GROUP,
+        GATEWAY_API_VERSION,
+        "Gateway",
+        "gateways",
+    )
+}
+
 /// Every kind of this module, in the order: kpack `Image`, `ClusterBuilder`,
 /// `Builder`, cert-manager `Certificate`, `ClusterIssuer`, Prometheus
-/// Operator `ServiceMonitor`. For looking a kind up by its `apiVersion` and
-/// `kind`.
-pub fn all() -> [ApiResource; 6] {
+/// Operator `ServiceMonitor`, Gateway API `HTTPRoute`, `ListenerSet`,
+/// `Gateway`. For looking a kind up by its `apiVersion` and `kind`.
+pub fn all() -> [ApiResource; 9] {
     [
         kpack_image(),
         kpack_cluster_builder(),
@@ -114,6 +157,9 @@ pub fn all() -> [ApiResource; 6] {
         cert_manager_certificate(),
         cert_manager_cluster_issuer(),
         prometheus_service_monitor(),
+        gateway_http_route(),
+        gateway_listener_set(),
+        gateway_gateway(),
     ]
 }
 
@@ -140,7 +186,15 @@ mod tests {
                 "ServiceMonitor",
                 "servicemonitors",
             ),
+            ("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+            (
+                "gateway.networking.k8s.io/v1",
+                "ListenerSet",
+                "listenersets",
+            ),
+            ("gateway.networking.k8s.io/v1", "Gateway", "gateways"),
         ];
+        assert_eq!(all().len(), expected.len());
         for (resource, (api_version, kind, plural)) in all().into_iter().zip(expected) {
             assert_eq!(resource.api_version, api_version);
             assert_eq!(

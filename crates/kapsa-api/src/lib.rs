@@ -33,7 +33,10 @@ use kube::CustomResourceExt;
 
 pub use common::{ClusterIssuerReference, LocalObjectReference, SecretReference};
 pub use conditions::{Condition, ConditionStatus};
-pub use domain_pool::{Challenge, DomainAllocation, DomainPool, DomainPoolSpec, DomainPoolStatus};
+pub use domain_pool::{
+    Challenge, DomainAllocation, DomainPool, DomainPoolSpec, DomainPoolStatus, GatewayReference,
+    Routing,
+};
 pub use environment::{
     Environment, EnvironmentPhase, EnvironmentSpec, EnvironmentStatus, EnvironmentType, Release,
 };

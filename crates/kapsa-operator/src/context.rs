@@ -69,6 +69,10 @@ pub struct Stores {
     /// The Environments' ServiceMonitors (where the Prometheus Operator's
     /// CRD is installed).
     pub service_monitors: Store<DynamicObject>,
+    /// The Environments' HTTPRoutes and the Projects' ListenerSets (where
+    /// Gateway API is installed).
+    pub http_routes: Store<DynamicObject>,
+    pub listener_sets: Store<DynamicObject>,
     /// Which optional APIs the cluster serves (found at start-up).
     pub installed: Installed,
 }
@@ -81,6 +85,8 @@ pub struct Installed {
     pub cert_manager: bool,
     /// The Prometheus Operator's `ServiceMonitor` API.
     pub prometheus_operator: bool,
+    /// Gateway API's `HTTPRoute` and `ListenerSet` (both needed).
+    pub gateway_api: bool,
 }
 
 impl Stores {
@@ -108,6 +114,7 @@ impl Stores {
             kpack,
             cert_manager,
             prometheus_operator,
+            gateway_api,
         } = self.installed;
         [
             ("projects", filled(&self.projects)),
@@ -145,6 +152,8 @@ impl Stores {
                 "servicemonitors",
                 !prometheus_operator || filled(&self.service_monitors),
             ),
+            ("httproutes", !gateway_api || filled(&self.http_routes)),
+            ("listenersets", !gateway_api || filled(&self.listener_sets)),
         ]
         .into_iter()
         .filter(|(_, synced)| !synced)

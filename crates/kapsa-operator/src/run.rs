@@ -34,7 +34,8 @@ use crate::http::Health;
 use crate::leader::LeaseConfig;
 use crate::metrics::Metrics;
 use crate::resources::environment::{
-    certificate_api_resource, kpack_image_api_resource, service_monitor_api_resource,
+    certificate_api_resource, http_route_api_resource, kpack_image_api_resource,
+    listener_set_api_resource, service_monitor_api_resource,
 };
 use crate::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::{controllers, poller};
@@ -600,6 +601,8 @@ async fn discover_installed(client: &Client) -> Installed {
         kpack: serves(client, &kpack_image_api_resource()).await,
         cert_manager: serves(client, &certificate_api_resource()).await,
         prometheus_operator: serves(client, &service_monitor_api_resource()).await,
+        gateway_api: serves(client, &http_route_api_resource()).await
+            && serves(client, &listener_set_api_resource()).await,
     }
 }
 
@@ -611,6 +614,8 @@ fn installed_by_crds(present: impl Fn(&str) -> bool) -> Installed {
         kpack: present(&crd_name(&kpack_image_api_resource())),
         cert_manager: present(&crd_name(&certificate_api_resource())),
         prometheus_operator: present(&crd_name(&service_monitor_api_resource())),
+        gateway_api: present(&crd_name(&http_route_api_resource()))
+            && present(&crd_name(&listener_set_api_resource())),
     }
 }
 
@@ -658,6 +663,7 @@ async fn optional_apis_changed(client: Client, installed: Installed) {
                 kpack = now.kpack,
                 cert_manager = now.cert_manager,
                 prometheus_operator = now.prometheus_operator,
+                gateway_api = now.gateway_api,
                 "the optional APIs the cluster serves changed"
             );
             return;
@@ -679,11 +685,14 @@ async fn run_once(
     let image_resource = kpack_image_api_resource();
     let certificate_resource = certificate_api_resource();
     let service_monitor_resource = service_monitor_api_resource();
+    let http_route_resource = http_route_api_resource();
+    let listener_set_resource = listener_set_api_resource();
     let installed = discover_installed(&client).await;
     tracing::info!(
         kpack = installed.kpack,
         cert_manager = installed.cert_manager,
         prometheus_operator = installed.prometheus_operator,
+        gateway_api = installed.gateway_api,
         "optional APIs"
     );
     let changed = futures::future::FutureExt::shared(Box::pin(optional_apis_changed(
@@ -937,6 +946,26 @@ async fn run_once(
         applier.clone(),
         Some(owners.clone()),
     );
+    // Gateway API: the Environments' HTTPRoutes and the Projects'
+    // ListenerSets, watched only where installed.
+    let (http_routes, http_route_stream) = cache(
+        Api::<DynamicObject>::all_with(client.clone(), &http_route_resource),
+        managed(),
+        http_route_resource.clone(),
+        http_route_resource.clone(),
+        keep_all,
+        applier.clone(),
+        Some(owners.clone()),
+    );
+    let (listener_sets, listener_set_stream) = cache(
+        Api::<DynamicObject>::all_with(client.clone(), &listener_set_resource),
+        managed(),
+        listener_set_resource.clone(),
+        listener_set_resource.clone(),
+        keep_all,
+        applier.clone(),
+        Some(owners.clone()),
+    );
     let only_if = |on: bool, stream: BoxStream<Result<DynamicObject, watcher::Error>>| {
         if on {
             stream
@@ -947,6 +976,8 @@ async fn run_once(
     let image_stream = only_if(installed.kpack, image_stream);
     let certificate_stream = only_if(installed.cert_manager, certificate_stream);
     let service_monitor_stream = only_if(installed.prometheus_operator, service_monitor_stream);
+    let http_route_stream = only_if(installed.gateway_api, http_route_stream);
+    let listener_set_stream = only_if(installed.gateway_api, listener_set_stream);
     let (cluster_builder_stream, builder_stream) = if installed.kpack {
         (cluster_builder_stream, builder_stream)
     } else {
@@ -981,6 +1012,8 @@ async fn run_once(
         certificates,
         cluster_issuers,
         service_monitors,
+        http_routes,
+        listener_sets,
         jobs,
         build_pods,
         installed,
@@ -1044,6 +1077,7 @@ async fn run_once(
         .watches_stream(secret_stream, owning_project)
         .watches_stream(git_secret_stream, owning_project)
         .watches_stream(quota_stream, owning_project)
+        .watches_stream_with(listener_set_stream, owning_project, listener_set_resource)
         .watches_shared_stream(pools_for_projects, mappers.clone().all_projects())
         .watches_shared_stream(
             cr_for_projects,
@@ -1074,6 +1108,7 @@ async fn run_once(
             .owns_stream(service_stream)
             .owns_stream(ingress_stream)
             .owns_stream_with(service_monitor_stream, service_monitor_resource)
+            .owns_stream_with(http_route_stream, http_route_resource)
             .watches_stream(job_stream, mappers.clone().environment_of_build())
             .watches_stream(build_pod_stream, mappers.clone().environment_of_build())
             .watches_stream_with(
@@ -1541,7 +1576,9 @@ impl Mappers {
             let owner = certificate
                 .owner_references()
                 .iter()
-                .find(|o| o.kind == "Ingress")
+                // ingress-shim's (Ingress) or Kapsa's (Environment, Gateway
+                // routing): both are named after the Environment.
+                .find(|o| o.kind == "Ingress" || o.kind == "Environment")
                 .map(|o| o.name.clone());
             self.stores
                 .environments

@@ -90,3 +90,37 @@ pub fn prometheus_operator_crds() -> Result<Vec<CustomResourceDefinition>> {
     }
     Ok(crds)
 }
+
+/// The Gateway API CRDs of the standard channel (`gateway.networking.k8s.io`:
+/// Gateway, HTTPRoute, ListenerSet and the others), as the Go module
+/// `sigs.k8s.io/gateway-api` ships them: from the folder
+/// `KAPSA_GATEWAY_API_CRDS` names, or else fetched (once per machine, then
+/// cached) by `hack/install-gateway-api-crds.sh`. The channel's
+/// ValidatingAdmissionPolicy (not a CRD) is left out.
+pub fn gateway_api_crds() -> Result<Vec<CustomResourceDefinition>> {
+    const FILES: [&str; 10] = [
+        "gateway.networking.k8s.io_gatewayclasses.yaml",
+        "gateway.networking.k8s.io_gateways.yaml",
+        "gateway.networking.k8s.io_httproutes.yaml",
+        "gateway.networking.k8s.io_grpcroutes.yaml",
+        "gateway.networking.k8s.io_listenersets.yaml",
+        "gateway.networking.k8s.io_referencegrants.yaml",
+        "gateway.networking.k8s.io_backendtlspolicies.yaml",
+        "gateway.networking.k8s.io_tcproutes.yaml",
+        "gateway.networking.k8s.io_tlsroutes.yaml",
+        "gateway.networking.k8s.io_udproutes.yaml",
+    ];
+    let dir = crate::control_plane::installed_folder(
+        std::env::var_os("KAPSA_GATEWAY_API_CRDS").map(std::path::PathBuf::from),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../hack/install-gateway-api-crds.sh"),
+        |dir| FILES.iter().all(|f| dir.join(f).is_file()),
+        &format!("{FILES:?}"),
+        None,
+    )?;
+    let mut crds = Vec::new();
+    for file in FILES {
+        crds.extend(parse_crds(&std::fs::read_to_string(dir.join(file))?)?);
+    }
+    Ok(crds)
+}

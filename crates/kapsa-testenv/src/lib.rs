@@ -4,8 +4,8 @@
 //!   kube-scheduler and kwok (simulated nodes, so pods get scheduled and
 //!   become Running/Ready) from the official upstream binaries, on free
 //!   loopback ports, torn down on drop.
-//! - [`simulators`]: kpack and cert-manager SIMULATORS for what needs a
-//!   container runtime or the internet.
+//! - [`simulators`]: kpack, BuildKit, cert-manager and Gateway API
+//!   SIMULATORS for what needs a container runtime or the internet.
 //! - [`shared`]: one control plane per test binary, with an audit log.
 //! - [`audit`]: the API server's audit log, read back: what each user did.
 

@@ -21,10 +21,13 @@
 //!     equals: <value>}` on children to apply (null: absent); `ref` may be
 //!     `Kind/namespace/name` where one name is applied in two namespaces;
 //!   - `requeueSeconds` (optional).
-//! - `kind: Cluster` (optional, Environment fixtures): `kpackInstalled: false`
+//! - `kind: Cluster` (optional): `kpackInstalled: false`
 //!   for a cluster without kpack; `buildNamespaceExists: false` before the
 //!   Project has made its build namespace; `prometheusOperatorInstalled:
-//!   false` for a cluster that does not serve ServiceMonitors.
+//!   false` for a cluster that does not serve ServiceMonitors;
+//!   `gatewayApiInstalled: false` without Gateway API's HTTPRoutes and
+//!   ListenerSets (Project fixtures too); `certManagerInstalled: false`
+//!   without cert-manager.
 //! - `kind: Poll` (optional): the last git poll of the Project
 //!   (`branches`, `merged`, `error`, `consecutiveFailures`); without it the
 //!   repository has not been polled since the operator started.
@@ -57,7 +60,7 @@ pub const KAPSA: &str = "kapsa.dev/v1alpha1";
 pub const NOW: &str = "2026-03-01T12:00:00Z";
 
 /// The kinds a fixture may hold, by `apiVersion`.
-const KNOWN_KINDS: [(&str, &[&str]); 10] = [
+const KNOWN_KINDS: [(&str, &[&str]); 11] = [
     (
         KAPSA,
         &[
@@ -87,6 +90,10 @@ const KNOWN_KINDS: [(&str, &[&str]); 10] = [
     ("kpack.io/v1alpha2", &["Image", "ClusterBuilder", "Builder"]),
     ("cert-manager.io/v1", &["Certificate"]),
     ("monitoring.coreos.com/v1", &["ServiceMonitor"]),
+    (
+        "gateway.networking.k8s.io/v1",
+        &["HTTPRoute", "ListenerSet"],
+    ),
     (TEST_API_VERSION, &["Expect", "Cluster", "Poll"]),
 ];
 

@@ -359,8 +359,9 @@ pub async fn environment_condition(
 }
 
 /// Waits until the platform objects' status is written (`Ready=True` on the
-/// DomainPool and the ClusterRegistry): their reconcilers are debounced, so
-/// a Project can go live first. A test that counts writes "at rest" waits
+/// DomainPool and the ClusterRegistry, the pool's allocations counting every
+/// Project it serves): their reconcilers are debounced, so a Project can go
+/// live first. A test that counts writes "at rest" waits
 /// for this too.
 pub async fn platform_settled(client: &Client, platform: &Platform) {
     let ready = |conditions: Vec<kapsa_api::Condition>| {
@@ -371,6 +372,30 @@ pub async fn platform_settled(client: &Client, platform: &Platform) {
             .get(&platform.pool)
             .await
             .ok()?;
+        // Its allocations count every Project that holds a host from it:
+        // the pool's reconcile is debounced, so while Projects' statuses
+        // keep changing its last write can come after they went live.
+        let holders = Api::<kapsa_api::Project>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.domain_pool.as_deref() == Some(platform.pool.as_str())
+                        && s.base_domain.is_some()
+                })
+            })
+            .count();
+        let allocated: i32 = pool
+            .status
+            .as_ref()
+            .map(|s| s.allocations.iter().map(|a| a.projects).sum())
+            .unwrap_or_default();
+        if usize::try_from(allocated).ok()? != holders {
+            return None;
+        }
         let registry = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
             .get(&platform.registry)
             .await

@@ -1,12 +1,16 @@
 //! SIMULATORS for the systems Kapsa integrates with that need a container
 //! runtime, which these machines lack: kpack (image builds), BuildKit
-//! (Dockerfile build Jobs) and cert-manager (TLS certificates). They implement the same API objects with the same
-//! meaning, so Kapsa cannot tell the difference through the API, but they build
-//! nothing and talk to no certificate authority. Everything they write says
-//! "simulator" (field manager, condition messages, labels, logs).
+//! (Dockerfile build Jobs), cert-manager (TLS certificates) and a Gateway API
+//! implementation (Gateway, ListenerSet and HTTPRoute status; it waits until
+//! a test installs the Gateway API CRDs). They implement the same API objects
+//! with the same meaning, so Kapsa cannot tell the difference through the API,
+//! but they build nothing, talk to no certificate authority and route no
+//! traffic. Everything they write says "simulator" (field manager, condition
+//! messages, labels, logs, the Gateway API `controllerName`).
 
 pub mod build_jobs;
 pub mod cert_manager;
+pub mod gateway;
 pub mod kpack;
 
 use kube::Client;
@@ -28,13 +32,15 @@ pub async fn install(client: &Client) -> Result<()> {
     kpack::install(client).await
 }
 
-/// Runs both simulators until the future is dropped.
+/// Runs every simulator until the future is dropped (the Gateway API one
+/// idles until the Gateway API CRDs are served).
 pub async fn run(client: Client) {
-    tracing::info!("starting the kpack, BuildKit and cert-manager simulators");
+    tracing::info!("starting the kpack, BuildKit, cert-manager and Gateway API simulators");
     tokio::join!(
         kpack::run(client.clone()),
         build_jobs::run(client.clone()),
-        cert_manager::run(client.clone())
+        cert_manager::run(client.clone()),
+        gateway::run(client.clone())
     );
 }
 

@@ -19,8 +19,8 @@ use crate::children::Observed;
 use crate::context::{Context, cached, cached_with};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
-    ENVIRONMENT_UID_LABEL, certificate_api_resource, kpack_image_api_resource,
-    service_monitor_api_resource, wildcard_certificate_name,
+    ENVIRONMENT_UID_LABEL, certificate_api_resource, http_route_api_resource,
+    kpack_image_api_resource, service_monitor_api_resource, wildcard_certificate_name,
 };
 use crate::resources::project::build_namespace_name;
 
@@ -53,9 +53,16 @@ pub struct EnvironmentWorld {
     /// Whether the Project's build namespace exists (the Project makes it)
     /// and is not being deleted.
     pub build_namespace_exists: bool,
-    /// The Certificates its TLS may come from: `<env>-tls` (per host) and
-    /// `<project>-wildcard` (DNS01), when cached.
+    /// The Certificates its TLS may come from: `<env>-tls` (per host, from
+    /// ingress-shim), `<env>-gateway-tls` (per host, Kapsa's, Gateway
+    /// routing) and `<project>-wildcard` (DNS01), when cached.
     pub certificates: Vec<Arc<DynamicObject>>,
+    /// Whether the cluster serves Gateway API's HTTPRoute and ListenerSet.
+    pub gateway_installed: bool,
+    /// Whether the cluster serves cert-manager's Certificates.
+    pub cert_manager_installed: bool,
+    /// Its HTTPRoute (Gateway routing), when cached.
+    pub http_route: Option<Arc<DynamicObject>>,
     /// Its Dockerfile build Jobs in the build namespace (tied to it by its
     /// uid), newest first, with what each reported.
     pub build_jobs: Vec<BuildJob>,
@@ -85,6 +92,9 @@ impl EnvironmentWorld {
             self.service_monitor
                 .as_deref()
                 .map(|m| Observed::of(&service_monitor_api_resource(), m)),
+            self.http_route
+                .as_deref()
+                .map(|r| Observed::of(&http_route_api_resource(), r)),
             self.image.as_deref().map(|i| self.build_image(i)),
             self.legacy_image
                 .as_deref()
@@ -93,6 +103,16 @@ impl EnvironmentWorld {
         .into_iter()
         .flatten()
         .chain(self.build_jobs.iter().map(|b| self.build_job(&b.job)))
+        // Certificates Kapsa made for the Environment (Gateway routing);
+        // ingress-shim's and the Project's wildcard have other controllers.
+        .chain(
+            self.certificates
+                .iter()
+                .map(|c| Observed::of(&certificate_api_resource(), c.as_ref()))
+                .filter(|o| {
+                    o.controller_uid.is_some() && o.controller_uid == self.environment.uid()
+                }),
+        )
         .collect()
     }
 }
@@ -312,12 +332,17 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         }
         _ => BuilderState::NotFound,
     };
-    let mut certificates = vec![cached_with(
-        &stores.certificates,
-        &format!("{name}-tls"),
-        Some(&namespace),
-        certificate_api_resource(),
-    )];
+    let mut certificates: Vec<_> = [format!("{name}-tls"), format!("{name}-gateway-tls")]
+        .iter()
+        .map(|cert| {
+            cached_with(
+                &stores.certificates,
+                cert,
+                Some(&namespace),
+                certificate_api_resource(),
+            )
+        })
+        .collect();
     if let Some(p) = &project {
         certificates.push(cached_with(
             &stores.certificates,
@@ -391,6 +416,14 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         },
         buildkit_image: ctx.buildkit_image.clone(),
         monitoring_installed: stores.installed.prometheus_operator,
+        gateway_installed: stores.installed.gateway_api,
+        cert_manager_installed: stores.installed.cert_manager,
+        http_route: cached_with(
+            &stores.http_routes,
+            &name,
+            Some(&namespace),
+            http_route_api_resource(),
+        ),
         service_monitor: cached_with(
             &stores.service_monitors,
             &name,

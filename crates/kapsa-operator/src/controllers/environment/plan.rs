@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kapsa_api::conditions::{
-    BUILT, DEPLOYED, MONITORED, PINNED, READY, REFERENCES_RESOLVED, TLS_READY, find_condition,
-    merge_conditions,
+    BUILT, DEPLOYED, MONITORED, PINNED, READY, REFERENCES_RESOLVED, ROUTED, TLS_READY,
+    find_condition, merge_conditions,
 };
 use kapsa_api::environment::{EnvironmentStatus, Release};
 use kapsa_api::project::BuildStrategy;
@@ -26,8 +26,10 @@ use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::resources::environment::{
     APP_CONTAINER, BUILD_HISTORY_LIMIT, COMMIT_ANNOTATION, EnvironmentInputs, build_job,
-    deployment, environment_url, image_repository, ingress, kpack_image, kpack_image_api_resource,
-    service, service_monitor, service_monitor_api_resource, tls_certificate_name,
+    certificate_api_resource, deployment, environment_url, gateway_listener, gateway_routing,
+    host_certificate, http_route, http_route_api_resource, image_repository, ingress, kpack_image,
+    kpack_image_api_resource, listener_set_name, service, service_monitor,
+    service_monitor_api_resource, tls_certificate_name,
 };
 use crate::status::PlannedEvent;
 
@@ -258,6 +260,21 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         if let Some(ing) = ingress(&inputs) {
             apply.push(Child::typed(&ing));
         }
+        if gateway_routing(&inputs) {
+            if world.gateway_installed {
+                if let Some(route) = http_route(&inputs) {
+                    apply.push(Child::dynamic(http_route_api_resource(), route));
+                }
+            } else {
+                // Nothing replaces the Ingress yet: it keeps serving.
+                keep.extend(observed_key("networking.k8s.io/Ingress"));
+            }
+            if world.cert_manager_installed
+                && let Some(cert) = host_certificate(&inputs)
+            {
+                apply.push(Child::dynamic(certificate_api_resource(), cert));
+            }
+        }
         if world.monitoring_installed
             && let Some(monitor) = service_monitor(&inputs)
         {
@@ -303,6 +320,8 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             "/Service",
             "networking.k8s.io/Ingress",
             "monitoring.coreos.com/ServiceMonitor",
+            "gateway.networking.k8s.io/HTTPRoute",
+            "cert-manager.io/Certificate",
         ] {
             keep.extend(observed_key(kind));
         }
@@ -339,6 +358,10 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
     });
 
     let tls_condition = tls_condition(world, project, base_domain.as_deref(), &condition);
+    let routed_condition = routed_condition(world, project, base_domain.as_deref(), &condition);
+    let routed_ok = routed_condition
+        .as_ref()
+        .is_none_or(|c| c.status == ConditionStatus::True);
     let references_condition = if world.missing_references.is_empty() {
         condition(
             REFERENCES_RESOLVED,
@@ -390,8 +413,9 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         status.commit = commit;
     }
     let serving = deployed_condition.status == ConditionStatus::True;
-    let tls_ok =
-        tls_condition.status == ConditionStatus::True || tls_condition.reason == "NoClusterIssuer";
+    let tls_ok = (tls_condition.status == ConditionStatus::True
+        || tls_condition.reason == "NoClusterIssuer")
+        && routed_ok;
     // Running but unreachable (no pool, no host: a host conflict, a pool
     // removed) is a failure to be looked at, not a rollout under way.
     let unrouted = matches!(tls_condition.reason.as_str(), "NoDomain" | "NoHost");
@@ -430,10 +454,10 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             format!(
                 "phase {:?}{}",
                 status.phase.unwrap_or(EnvironmentPhase::Pending),
-                if unrouted {
-                    format!(": {}", tls_condition.message)
-                } else {
-                    String::new()
+                match &routed_condition {
+                    _ if unrouted => format!(": {}", tls_condition.message),
+                    Some(routed) if !routed_ok => format!(": {}", routed.message),
+                    _ => String::new(),
                 }
             ),
         )
@@ -448,7 +472,11 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             ready,
         ],
     );
-    for (type_, optional) in [(PINNED, pinned_condition), (MONITORED, monitored_condition)] {
+    for (type_, optional) in [
+        (PINNED, pinned_condition),
+        (MONITORED, monitored_condition),
+        (ROUTED, routed_condition),
+    ] {
         match optional {
             Some(condition) => {
                 merge_conditions(&mut status.conditions, [condition]);
@@ -481,6 +509,7 @@ fn events(before: &EnvironmentStatus, after: &EnvironmentStatus) -> Vec<PlannedE
             READY,
             PINNED,
             MONITORED,
+            ROUTED,
         ],
     );
     if find_condition(&before.conditions, PINNED).is_some()
@@ -970,12 +999,31 @@ fn tls_condition(
             "the environment has no valid host".into(),
         );
     }
+    if let Some((gateway, section)) = gateway_listener(&inputs) {
+        return condition(
+            TLS_READY,
+            ConditionStatus::True,
+            "GatewayListener",
+            format!(
+                "TLS terminates at listener {section:?} of Gateway {}/{} (the platform team's certificate)",
+                gateway.namespace, gateway.name
+            ),
+        );
+    }
     if pool.spec.cluster_issuer_ref.is_none() {
         return condition(
             TLS_READY,
             ConditionStatus::False,
             "NoClusterIssuer",
             "the DomainPool names no ClusterIssuer: served over plain HTTP".into(),
+        );
+    }
+    if !world.cert_manager_installed {
+        return condition(
+            TLS_READY,
+            ConditionStatus::False,
+            "CertManagerNotInstalled",
+            "the DomainPool names a ClusterIssuer, but the cluster does not serve cert-manager.io/v1 Certificates; install cert-manager (the operator picks it up without a restart of its own)".into(),
         );
     }
     // The same decision that shaped the Ingress names the Certificate.
@@ -1025,3 +1073,172 @@ fn tls_condition(
 
 #[cfg(test)]
 mod tests;
+
+/// `Routed` (Gateway routing only; `None` under Ingress routing): what the
+/// gateway controller says of the Environment's HTTPRoute on the Project's
+/// ListenerSet, its `Accepted` and `ResolvedRefs` conditions, reasons
+/// passed on as the gateway wrote them.
+fn routed_condition(
+    world: &EnvironmentWorld,
+    project: &kapsa_api::Project,
+    base_domain: Option<&str>,
+    condition: &dyn Fn(&str, ConditionStatus, &str, String) -> Condition,
+) -> Option<Condition> {
+    let env: &Environment = &world.environment;
+    let inputs = EnvironmentInputs {
+        project,
+        environment: env,
+        pool: world.pool.as_deref(),
+        base_domain,
+    };
+    if !gateway_routing(&inputs) {
+        return None;
+    }
+    let parent = match gateway_listener(&inputs) {
+        Some((gateway, section)) => Parent::GatewayListener {
+            namespace: &gateway.namespace,
+            name: &gateway.name,
+            section,
+        },
+        None => Parent::ListenerSet(listener_set_name(&project.name_any())),
+    };
+    let route_name = env.name_any();
+    let (status, reason, message) = if !world.gateway_installed {
+        (
+            ConditionStatus::False,
+            "GatewayAPINotInstalled".to_owned(),
+            "the DomainPool routes through Gateway API, but the cluster does not serve gateway.networking.k8s.io/v1 HTTPRoutes and ListenerSets; install Gateway API's standard CRDs (v1.5 or later; the operator picks them up without a restart of its own); an Ingress made before keeps serving".to_owned(),
+        )
+    } else if http_route(&inputs).is_none() {
+        (
+            ConditionStatus::False,
+            "NoHost".to_owned(),
+            "the environment has no valid host to route".to_owned(),
+        )
+    } else {
+        match world.http_route.as_deref() {
+            None => (
+                ConditionStatus::Unknown,
+                "RoutePending".to_owned(),
+                format!("HTTPRoute {route_name:?} comes with the first release"),
+            ),
+            Some(route) => route_verdict(route, &parent),
+        }
+    };
+    Some(condition(ROUTED, status, &reason, message))
+}
+
+/// What an Environment's HTTPRoute attaches to.
+enum Parent<'a> {
+    /// The Project's ListenerSet (in the route's namespace).
+    ListenerSet(String),
+    /// A listener of the shared Gateway (`gatewayRef.sectionName`).
+    GatewayListener {
+        namespace: &'a str,
+        name: &'a str,
+        section: &'a str,
+    },
+}
+
+impl Parent<'_> {
+    fn matches(&self, parent_ref: &Value, route_namespace: Option<&str>) -> bool {
+        let namespace = parent_ref["namespace"].as_str().or(route_namespace);
+        match self {
+            Parent::ListenerSet(name) => {
+                parent_ref["kind"] == "ListenerSet"
+                    && parent_ref["name"] == name.as_str()
+                    && namespace == route_namespace
+            }
+            Parent::GatewayListener {
+                namespace: gateway_namespace,
+                name,
+                section,
+            } => {
+                parent_ref["kind"].as_str().is_none_or(|k| k == "Gateway")
+                    && parent_ref["name"] == *name
+                    && namespace == Some(*gateway_namespace)
+                    && parent_ref["sectionName"] == *section
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Parent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Parent::ListenerSet(name) => write!(f, "ListenerSet {name:?}"),
+            Parent::GatewayListener {
+                namespace,
+                name,
+                section,
+            } => write!(f, "listener {section:?} of Gateway {namespace}/{name}"),
+        }
+    }
+}
+
+/// The gateway's verdict on `route` attached to `target`.
+fn route_verdict(route: &DynamicObject, target: &Parent) -> (ConditionStatus, String, String) {
+    let name = route.name_any();
+    let generation = route.meta().generation;
+    let parent = route.data["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| target.matches(&p["parentRef"], route.meta().namespace.as_deref()));
+    let waiting = (
+        ConditionStatus::Unknown,
+        "WaitingForGateway".to_owned(),
+        format!(
+            "no gateway controller has reported on HTTPRoute {name:?} attached to {target} yet (with a ListenerSet, the Gateway's controller must support ListenerSets)"
+        ),
+    );
+    let Some(parent) = parent else {
+        return waiting;
+    };
+    let controller = parent["controllerName"].as_str().unwrap_or("the gateway");
+    let find = |type_: &str| {
+        parent["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            // A verdict on an older generation of the route is no verdict.
+            .filter(|c| {
+                generation.is_none()
+                    || c["observedGeneration"]
+                        .as_i64()
+                        .is_none_or(|g| Some(g) >= generation)
+            })
+    };
+    let (Some(accepted), Some(resolved)) = (find("Accepted"), find("ResolvedRefs")) else {
+        return waiting;
+    };
+    for (c, what) in [(accepted, "accept"), (resolved, "resolve the backend of")] {
+        if c["status"] == "False" {
+            let reason = c["reason"]
+                .as_str()
+                .filter(|r| kapsa_api::conditions::is_valid_reason(r))
+                .unwrap_or("RouteNotAccepted");
+            let message: String = c["message"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .take(1024)
+                .collect();
+            return (
+                ConditionStatus::False,
+                reason.to_owned(),
+                format!("{controller} did not {what} HTTPRoute {name:?} on {target}: {message}"),
+            );
+        }
+    }
+    if accepted["status"] == "True" && resolved["status"] == "True" {
+        (
+            ConditionStatus::True,
+            "Accepted".to_owned(),
+            format!("{controller} accepted HTTPRoute {name:?} on {target}"),
+        )
+    } else {
+        waiting
+    }
+}

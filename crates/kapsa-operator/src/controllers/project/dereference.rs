@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
     BUILDER_SERVICE_ACCOUNT, RUNTIME_SERVICE_ACCOUNT, certificate_api_resource,
-    kpack_image_api_resource, wildcard_certificate_name,
+    kpack_image_api_resource, listener_set_api_resource, listener_set_name,
+    wildcard_certificate_name,
 };
 use crate::resources::project::{
     BUILDER_ROLE, GIT_SECRET, REGISTRY_SECRET, RESOURCE_QUOTA, build_namespace_name,
@@ -75,6 +76,10 @@ pub struct ProjectWorld {
     pub push_source_uid: Option<String>,
     pub quota: Option<Arc<ResourceQuota>>,
     pub wildcard_certificate: Option<Arc<DynamicObject>>,
+    /// Whether the cluster serves Gateway API's HTTPRoute and ListenerSet.
+    pub gateway_installed: bool,
+    /// Its ListenerSet (Gateway routing), when cached.
+    pub listener_set: Option<Arc<DynamicObject>>,
     /// The kpack Images in the build namespace (one per Environment that
     /// builds; an Environment's deletion leaves its Image to the Project).
     pub build_images: Vec<Arc<DynamicObject>>,
@@ -117,6 +122,11 @@ impl ProjectWorld {
             self.wildcard_certificate
                 .as_deref()
                 .map(|c| Observed::of(&certificate_api_resource(), c)),
+        );
+        observed.extend(
+            self.listener_set
+                .as_deref()
+                .map(|l| Observed::of(&listener_set_api_resource(), l)),
         );
         observed.extend(
             self.build_images
@@ -207,6 +217,13 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             &wildcard_certificate_name(&name),
             ns,
             certificate_api_resource(),
+        ),
+        gateway_installed: stores.installed.gateway_api,
+        listener_set: cached_with(
+            &stores.listener_sets,
+            &listener_set_name(&name),
+            ns,
+            listener_set_api_resource(),
         ),
         build_images: stores
             .images

@@ -14,7 +14,7 @@ use kapsa_api::conditions::{
 use kapsa_api::naming::PRODUCTION_ENVIRONMENT_NAME;
 use kapsa_api::project::{EnvironmentSummary, ProjectStatus};
 use kapsa_api::validation::RESERVED_NAMESPACES;
-use kapsa_api::{Condition, ConditionStatus, DomainPool, Project};
+use kapsa_api::{Condition, ConditionStatus, DomainPool, Environment, Project, Routing};
 use kube::{Resource, ResourceExt};
 
 use super::dereference::{Credentials, ProjectWorld};
@@ -22,7 +22,8 @@ use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::domains::{AllocationError, Landscape, allocate_host, choose_base_domain, select_pool};
 use crate::resources::environment::{
-    certificate_api_resource, kpack_image_api_resource, wildcard_certificate,
+    EnvironmentInputs, certificate_api_resource, environment_listener, kpack_image_api_resource,
+    listener_set, listener_set_api_resource, wildcard_certificate,
 };
 use crate::resources::project as build;
 use crate::status::PlannedEvent;
@@ -374,6 +375,37 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
         && let Some(cert) = wildcard_certificate(project, &namespace, pool, base)
     {
         apply.push(Child::dynamic(certificate_api_resource(), cert));
+    }
+    // Gateway pools: the Project's listeners on the shared Gateway, for its
+    // Environments' hosts (production first).
+    if let Some((pool, base)) = &serving_from
+        && pool.spec.routing == Routing::Gateway
+    {
+        if world.gateway_installed {
+            let mut environments: Vec<&Environment> =
+                world.environments.iter().map(AsRef::as_ref).collect();
+            environments
+                .sort_by_key(|e| (e.name_any() != PRODUCTION_ENVIRONMENT_NAME, e.name_any()));
+            let listeners = environments.into_iter().filter_map(|environment| {
+                environment_listener(&EnvironmentInputs {
+                    project,
+                    environment,
+                    pool: Some(pool),
+                    base_domain: Some(base),
+                })
+            });
+            if let Some(set) = listener_set(project, &namespace, pool, base, listeners) {
+                apply.push(Child::dynamic(listener_set_api_resource(), set));
+            }
+        } else {
+            // Nothing replaces what routes now.
+            keep.extend(
+                world
+                    .listener_set
+                    .as_deref()
+                    .map(|l| Observed::of(&listener_set_api_resource(), l).key),
+            );
+        }
     }
 
     // Aggregate the environments.

@@ -17,13 +17,15 @@
 //!
 //! The builders are split by object family, all re-exported here: `build`
 //! (the kpack `Image`), `workload` (Deployment and Service), `routing`
-//! (Ingress, URL, TLS Secret), `certificates` (the DNS01 wildcard
-//! Certificate) and `monitoring` (the ServiceMonitor). This module holds what they share: [`EnvironmentInputs`],
+//! (Ingress, URL, TLS Secret), `gateway` (HTTPRoute, per-host Certificate
+//! and the Project's ListenerSet under Gateway API routing), `certificates`
+//! (the DNS01 wildcard Certificate) and `monitoring` (the ServiceMonitor). This module holds what they share: [`EnvironmentInputs`],
 //! the names, labels and metadata of every child, and commit handling.
 
 mod build;
 mod certificates;
 mod dockerfile;
+mod gateway;
 mod monitoring;
 mod routing;
 mod workload;
@@ -43,6 +45,11 @@ pub use certificates::{
 pub use dockerfile::{
     BUILD_COMMIT_ANNOTATION, BUILD_CONTAINER, BUILD_HISTORY_LIMIT, BUILD_LABEL,
     DEFAULT_BUILDKIT_IMAGE, DOCKERFILE_BUILD, build_job, build_job_name,
+};
+pub use gateway::{
+    APEX_LISTENER, GATEWAY_HTTP_PORT, GATEWAY_HTTPS_PORT, MAX_LISTENERS, WILDCARD_LISTENER,
+    environment_listener, gateway_listener, gateway_routing, host_certificate, http_route,
+    http_route_api_resource, listener_set, listener_set_api_resource, listener_set_name,
 };
 pub use monitoring::{service_monitor, service_monitor_api_resource};
 pub use routing::{

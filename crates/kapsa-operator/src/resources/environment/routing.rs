@@ -1,4 +1,4 @@
-//! The Environment's Ingress: which host it gets (only inside the
+//! The Environment's Ingress (DomainPools with `routing: Ingress`): which host it gets (only inside the
 //! Project's own subtree of its base domain), how it is secured (per-host
 //! certificate, the Project's wildcard, or plain HTTP), the TLS Secret and
 //! Certificate behind it, and the URL it is served at.
@@ -9,8 +9,8 @@ use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
     IngressServiceBackend, IngressSpec, IngressTLS, ServiceBackendPort,
 };
-use kapsa_api::Challenge;
 use kapsa_api::naming::is_dns_name;
+use kapsa_api::{Challenge, Routing};
 use kube::ResourceExt;
 
 use super::certificates::{wildcard_certificate_name, wildcard_secret_name};
@@ -19,22 +19,26 @@ use super::{EnvironmentInputs, HTTP_PORT_NAME, environment_commit, metadata, nam
 /// The cert-manager ingress-shim annotation (HTTP01 pools).
 pub const CLUSTER_ISSUER_ANNOTATION: &str = "cert-manager.io/cluster-issuer";
 
-/// The Ingress for the Environment's host. `None` without a pool, without a
-/// host, or with a host that is not a DNS name inside `<project>.<base>`.
+/// The Ingress for the Environment's host. `None` without a pool, under a
+/// pool with `routing: Gateway` (see [`super::gateway`]), without a host, or
+/// with a host that is not a DNS name inside `<project>.<base>`.
 pub fn ingress(inputs: &EnvironmentInputs) -> Option<Ingress> {
-    let plan = ingress_plan(inputs)?;
     let pool = inputs.pool?;
+    if pool.spec.routing != Routing::Ingress {
+        return None;
+    }
+    let plan = route_plan(inputs)?;
     let (_, env_name) = names(inputs);
 
     let mut meta = metadata(inputs, environment_commit(inputs));
     let tls = match &plan.tls {
-        Tls::None => None,
+        Tls::None | Tls::GatewayListener => None,
         Tls::PerHost { issuer } => {
             meta.annotations = Some(BTreeMap::from([(
                 CLUSTER_ISSUER_ANNOTATION.to_owned(),
                 (*issuer).to_owned(),
             )]));
-            Some(per_host_secret_name(&env_name))
+            Some(per_host_secret_name(inputs))
         }
         Tls::Wildcard => Some(wildcard_secret_name(&inputs.project.name_any())),
     }
@@ -80,9 +84,9 @@ pub fn ingress(inputs: &EnvironmentInputs) -> Option<Ingress> {
 /// `<project>-wildcard-tls` (the Project's DNS01 wildcard certificate).
 /// `None`: no TLS (or no Ingress).
 pub fn tls_secret_name(inputs: &EnvironmentInputs) -> Option<String> {
-    match ingress_plan(inputs)?.tls {
-        Tls::None => None,
-        Tls::PerHost { .. } => Some(per_host_secret_name(&inputs.environment.name_any())),
+    match route_plan(inputs)?.tls {
+        Tls::None | Tls::GatewayListener => None,
+        Tls::PerHost { .. } => Some(per_host_secret_name(inputs)),
         Tls::Wildcard => Some(wildcard_secret_name(&inputs.project.name_any())),
     }
 }
@@ -94,9 +98,9 @@ pub fn tls_secret_name(inputs: &EnvironmentInputs) -> Option<String> {
 /// no TLS. Pass the same `base_domain` as for [`ingress`]: under DNS01 a host
 /// the wildcard does not cover gets a per-host certificate.
 pub fn tls_certificate_name(inputs: &EnvironmentInputs) -> Option<String> {
-    match ingress_plan(inputs)?.tls {
-        Tls::None => None,
-        Tls::PerHost { .. } => Some(per_host_secret_name(&inputs.environment.name_any())),
+    match route_plan(inputs)?.tls {
+        Tls::None | Tls::GatewayListener => None,
+        Tls::PerHost { .. } => Some(per_host_secret_name(inputs)),
         Tls::Wildcard => Some(wildcard_certificate_name(&inputs.project.name_any())),
     }
 }
@@ -104,34 +108,39 @@ pub fn tls_certificate_name(inputs: &EnvironmentInputs) -> Option<String> {
 /// The URL the Environment is served at: `https://<host>` with TLS,
 /// `http://<host>` when the pool has no issuer, `None` without an Ingress.
 pub fn environment_url(inputs: &EnvironmentInputs) -> Option<String> {
-    let plan = ingress_plan(inputs)?;
+    let plan = route_plan(inputs)?;
     let scheme = match plan.tls {
         Tls::None => "http",
-        Tls::PerHost { .. } | Tls::Wildcard => "https",
+        Tls::PerHost { .. } | Tls::Wildcard | Tls::GatewayListener => "https",
     };
     Some(format!("{scheme}://{}", plan.host))
 }
 
-/// How the Ingress of an Environment is secured.
+/// How the host of an Environment is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tls<'a> {
+pub(super) enum Tls<'a> {
     /// Plain HTTP: the pool has no ClusterIssuer.
     None,
-    /// A certificate for this host from cert-manager's ingress-shim.
+    /// A certificate for this host: from cert-manager's ingress-shim
+    /// (Ingress), or a Certificate Kapsa makes (Gateway).
     PerHost { issuer: &'a str },
     /// The Project's shared DNS01 wildcard certificate.
     Wildcard,
+    /// The shared Gateway's listener that `gatewayRef.sectionName` names
+    /// (HTTPS, the platform team's certificate).
+    GatewayListener,
 }
 
-struct IngressPlan<'a> {
-    host: &'a str,
-    tls: Tls<'a>,
+pub(super) struct RoutePlan<'a> {
+    pub(super) host: &'a str,
+    pub(super) tls: Tls<'a>,
 }
 
-/// The host and TLS scheme of the Environment's Ingress, or `None` when it
-/// gets no Ingress. The single source of truth for [`ingress`],
-/// [`tls_secret_name`] and [`environment_url`].
-fn ingress_plan<'a>(inputs: &EnvironmentInputs<'a>) -> Option<IngressPlan<'a>> {
+/// The host and TLS scheme of the Environment's route (Ingress or
+/// HTTPRoute), or `None` when it gets none. The single source of truth for
+/// [`ingress`], the Gateway API objects, [`tls_secret_name`] and
+/// [`environment_url`].
+pub(super) fn route_plan<'a>(inputs: &EnvironmentInputs<'a>) -> Option<RoutePlan<'a>> {
     let pool = inputs.pool?;
     let host = inputs.environment.spec.host.as_deref()?;
     if !is_dns_name(host) {
@@ -153,7 +162,13 @@ fn ingress_plan<'a>(inputs: &EnvironmentInputs<'a>) -> Option<IngressPlan<'a>> {
         ),
         None => None,
     };
+    let listener = pool
+        .spec
+        .gateway_ref
+        .as_ref()
+        .and_then(|g| g.section_name.as_ref());
     let tls = match pool.spec.cluster_issuer_ref.as_ref() {
+        _ if pool.spec.routing == Routing::Gateway && listener.is_some() => Tls::GatewayListener,
         None => Tls::None,
         Some(issuer_ref) => {
             // Admin-written and schema-validated; an odd value is refused
@@ -174,11 +189,21 @@ fn ingress_plan<'a>(inputs: &EnvironmentInputs<'a>) -> Option<IngressPlan<'a>> {
             }
         }
     };
-    Some(IngressPlan { host, tls })
+    Some(RoutePlan { host, tls })
 }
 
-fn per_host_secret_name(environment: &str) -> String {
-    format!("{environment}-tls")
+/// The per-host certificate's (and its Secret's) name: `<env>-tls`, named
+/// by the Ingress and made by cert-manager's ingress-shim; under Gateway
+/// routing `<env>-gateway-tls`, made by Kapsa. (Distinct names: after a
+/// switch, the ingress-shim's Certificate, controlled by the Ingress, goes
+/// with the Ingress and never has two controllers.)
+pub fn per_host_secret_name(inputs: &EnvironmentInputs) -> String {
+    let environment = inputs.environment.name_any();
+    if super::gateway::gateway_routing(inputs) {
+        format!("{environment}-gateway-tls")
+    } else {
+        format!("{environment}-tls")
+    }
 }
 
 #[cfg(test)]

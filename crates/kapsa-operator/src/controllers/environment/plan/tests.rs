@@ -63,6 +63,14 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
         .test_document("Cluster")
         .and_then(|c| c["prometheusOperatorInstalled"].as_bool())
         .unwrap_or(true);
+    let flag = |name: &str| {
+        fixture
+            .test_document("Cluster")
+            .and_then(|c| c[name].as_bool())
+            .unwrap_or(true)
+    };
+    let gateway_installed = flag("gatewayApiInstalled");
+    let cert_manager_installed = flag("certManagerInstalled");
     let kpack_installed = fixture
         .test_document("Cluster")
         .and_then(|c| c["kpackInstalled"].as_bool())
@@ -90,7 +98,7 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
         }
         _ => BuilderState::NotFound,
     };
-    let mut certificate_names = vec![format!("{name}-tls")];
+    let mut certificate_names = vec![format!("{name}-tls"), format!("{name}-gateway-tls")];
     if let Some(p) = &project {
         certificate_names.push(wildcard_certificate_name(&p.name_any()));
     }
@@ -139,6 +147,11 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
             .map(Arc::new),
         build_namespace_exists,
         certificates,
+        gateway_installed,
+        cert_manager_installed,
+        http_route: fixture
+            .find::<DynamicObject>("gateway.networking.k8s.io/v1", "HTTPRoute", &name, ns)
+            .map(Arc::new),
         build_jobs: dereference::build_jobs(
             fixture
                 .all::<k8s_openapi::api::batch::v1::Job>("batch/v1", "Job")
@@ -246,6 +259,11 @@ cases! {
         metrics_service_monitor => "metrics-service-monitor",
         metrics_prometheus_operator_missing => "metrics-prometheus-operator-missing",
         metrics_removed_prunes_service_monitor => "metrics-removed-prunes-service-monitor",
+        gateway_http01_route_replaces_the_ingress => "gateway-http01-route-replaces-the-ingress",
+        gateway_route_rejected => "gateway-route-rejected",
+        gateway_api_not_installed_keeps_the_ingress => "gateway-api-not-installed-keeps-the-ingress",
+        gateway_stale_verdict_is_no_verdict => "gateway-stale-verdict-is-no-verdict",
+        gateway_listener_instead_of_listener_set => "gateway-listener-instead-of-listener-set",
     }
     known_bugs {
     }

@@ -39,11 +39,22 @@ const RBAC: &str = "rbac.authorization.k8s.io/v1";
 /// The world of a fixture: its first Project, the other Projects, and what
 /// the first one names or owns.
 fn world(fixture: &Fixture) -> ProjectWorld {
-    assert!(
-        fixture.test_document("Cluster").is_none(),
-        "fixture {}: a `kind: Cluster` document means nothing to the project plan",
-        fixture.name
-    );
+    // A Cluster document says only `gatewayApiInstalled` to the project plan.
+    if let Some(cluster) = fixture.test_document("Cluster") {
+        let keys: Vec<&String> = cluster
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .filter(|k| !["apiVersion", "kind"].contains(&k.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            keys.iter().all(|k| *k == "gatewayApiInstalled"),
+            "fixture {}: the project plan reads only `gatewayApiInstalled` of a `kind: Cluster` document, not {keys:?}",
+            fixture.name
+        );
+    }
     let mut projects: Vec<Project> = fixture.all(KAPSA, "Project");
     assert!(
         !projects.is_empty(),
@@ -195,6 +206,13 @@ fn world(fixture: &Fixture) -> ProjectWorld {
                 ns,
             )
             .map(Arc::new),
+        gateway_installed: fixture
+            .test_document("Cluster")
+            .and_then(|c| c["gatewayApiInstalled"].as_bool())
+            .unwrap_or(true),
+        listener_set: fixture
+            .find::<DynamicObject>("gateway.networking.k8s.io/v1", "ListenerSet", &name, ns)
+            .map(Arc::new),
         environments,
         poll,
         pod_security_default: Default::default(),
@@ -246,6 +264,9 @@ fn run(case: &str) {
 cases! {
     fixtures {
         dns01_pool => "dns01-pool",
+        gateway_http01_listener_per_environment => "gateway-http01-listener-per-environment",
+        gateway_api_not_installed_keeps_the_listener_set => "gateway-api-not-installed-keeps-the-listener-set",
+        gateway_to_ingress_prunes_the_listener_set => "gateway-to-ingress-prunes-the-listener-set",
         dns01_to_http01 => "dns01-to-http01",
         base_holder_claim_is_void => "base-holder-claim-is-void",
         host_in_use => "host-in-use",
