@@ -4,6 +4,9 @@
 // clippy misreads as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -288,6 +291,22 @@ pub struct DomainPoolSpec {
     /// meet `restricted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_security: Option<PodSecurityLevel>,
+
+    /// Node labels the app pods of this pool's Projects must match (their
+    /// Deployments' `nodeSelector`), e.g. `{node-pool: apps}` for nodes
+    /// dedicated to tenants. At most 32 entries. Builds are not affected.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints the app pods of this pool's Projects tolerate (their
+    /// Deployments' `tolerations`), e.g. `[{key: dedicated, operator:
+    /// Equal, value: apps, effect: NoSchedule}]`. At most 32. Together with
+    /// `nodeSelector` this places tenants' apps on their own nodes. Builds
+    /// are not affected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
 }
 
 fn default_ingress_class_name() -> String {

@@ -259,6 +259,9 @@ pub struct Context {
     pub pod_security_default: kapsa_api::domain_pool::PodSecurityLevel,
     /// The image of Dockerfile build Jobs (`--buildkit-image`).
     pub buildkit_image: String,
+    /// Whether registries with `insecure: true` off loopback are used
+    /// (`--allow-insecure-registries`).
+    pub allow_insecure_registries: bool,
     /// Consecutive failed reconciles per object, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
     /// What the registry reconcilers concluded of each credentials Secret
@@ -299,6 +302,7 @@ impl Context {
             secret_verdicts: Default::default(),
             buildkit_image: crate::resources::environment::DEFAULT_BUILDKIT_IMAGE.to_string(),
             pod_security_default: Default::default(),
+            allow_insecure_registries: false,
         }
     }
 

@@ -85,6 +85,33 @@ pub fn resolve_registry(
     })
 }
 
+/// Refuses `insecure: true` (plain HTTP, or a certificate nobody checks)
+/// for a registry that is not on loopback, unless the operator allows it
+/// (`--allow-insecure-registries`): push credentials would cross the
+/// network unprotected, and a tenant's namespaced Registry could ask for it.
+pub fn insecure_refused(spec: &RegistrySpec, allow_insecure: bool) -> Option<Problem> {
+    (spec.insecure && !allow_insecure && !is_loopback_server(&spec.server)).then(|| Problem {
+        reason: "InsecureRegistryNotAllowed",
+        message: format!(
+            "registry {:?} sets insecure: true but is not on loopback: pushes (and their credentials) would cross the network without TLS verification; use TLS, or start the operator with --allow-insecure-registries",
+            spec.server
+        ),
+    })
+}
+
+/// Whether a registry server (`host[:port]`) is on loopback: `localhost`,
+/// `127.0.0.0/8` or `[::1]`.
+pub fn is_loopback_server(server: &str) -> bool {
+    let host = match server.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(host, _)| host),
+        None => server.rsplit_once(':').map_or(server, |(host, _)| host),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Whether a Project copies the Secret `(namespace, name)`: its registry's
 /// push or pull credentials, or its git credentials (for mapping a changed
 /// Secret to the Projects that copy it).
@@ -101,4 +128,53 @@ pub fn uses_credentials(stores: &Stores, project: &Project, secret: (&str, &str)
     git || registry(stores, project, &namespace)
         .ok()
         .is_some_and(|r| r.credentials.iter().chain(r.pull.iter()).any(is))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(server: &str, insecure: bool) -> RegistrySpec {
+        let mut spec: RegistrySpec =
+            serde_json::from_value(serde_json::json!({"server": server})).unwrap();
+        spec.insecure = insecure;
+        spec
+    }
+
+    #[test]
+    fn insecure_only_on_loopback_unless_allowed() {
+        for server in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "localhost",
+            "[::1]:5000",
+            "127.8.9.1",
+        ] {
+            assert!(is_loopback_server(server), "{server}");
+            assert!(
+                insecure_refused(&spec(server, true), false).is_none(),
+                "{server}"
+            );
+        }
+        for server in [
+            "harbor.example.com",
+            "10.0.0.5:5000",
+            "localhost.evil.com",
+            "127.0.0.1.nip.io:5000",
+            "[2001:db8::1]:5000",
+        ] {
+            assert!(!is_loopback_server(server), "{server}");
+            let problem = insecure_refused(&spec(server, true), false).expect(server);
+            assert_eq!(problem.reason, "InsecureRegistryNotAllowed");
+            assert!(problem.message.contains("--allow-insecure-registries"));
+            assert!(
+                insecure_refused(&spec(server, true), true).is_none(),
+                "{server}"
+            );
+            assert!(
+                insecure_refused(&spec(server, false), false).is_none(),
+                "{server}"
+            );
+        }
+    }
 }

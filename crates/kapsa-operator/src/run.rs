@@ -65,6 +65,10 @@ pub struct OperatorConfig {
     pub max_poll_interval: Option<std::time::Duration>,
     /// The image of Dockerfile build Jobs: rootless BuildKit.
     pub buildkit_image: String,
+    /// Use registries with `insecure: true` that are not on loopback
+    /// (refused by default: push credentials would cross the network
+    /// without TLS verification).
+    pub allow_insecure_registries: bool,
 }
 
 impl Default for OperatorConfig {
@@ -78,6 +82,7 @@ impl Default for OperatorConfig {
             host_owners_namespace: None,
             max_poll_interval: None,
             buildkit_image: crate::resources::environment::DEFAULT_BUILDKIT_IMAGE.to_string(),
+            allow_insecure_registries: false,
         }
     }
 }
@@ -1029,6 +1034,7 @@ async fn run_once(
     );
     ctx.pod_security_default = config.pod_security;
     ctx.buildkit_image = config.buildkit_image.clone();
+    ctx.allow_insecure_registries = config.allow_insecure_registries;
     let ctx = Arc::new(ctx);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 

@@ -777,6 +777,25 @@ async fn platform_objects_report_their_state() {
         .then_some(())
     })
     .await;
+    // insecure: true off loopback is refused (the operator runs without
+    // --allow-insecure-registries), and allowed again once it is turned off.
+    for (insecure, expected) in [
+        (true, status_of("False", "InsecureRegistryNotAllowed")),
+        (false, status_of("True", "CredentialsValid")),
+    ] {
+        cluster_registries
+            .patch(
+                registry,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"insecure": insecure}})),
+            )
+            .await
+            .unwrap();
+        within(PROMPTLY, &format!("insecure: {insecure}"), || async {
+            (platform_ready(&cluster_registries, registry).await == expected).then_some(())
+        })
+        .await;
+    }
 
     // A namespaced Registry judges a Secret of its own namespace.
     let namespace = live.name.clone();

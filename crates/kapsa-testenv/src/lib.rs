@@ -19,6 +19,7 @@ pub mod process;
 pub mod real_node;
 pub mod shared;
 pub mod simulators;
+pub mod traefik;
 pub mod wait;
 
 pub use audit::{AuditEvent, AuditLog, AuditMark};

@@ -323,13 +323,38 @@ impl RealNode {
         files: &[ImageFile],
         entrypoint: &[&str],
     ) -> Result<String> {
-        push_image(
-            &self.assets,
-            &self.dir,
-            &self.registry,
-            name,
+        self.image_pusher().push(
+            &format!("{}/{name}:latest", self.registry),
             files,
             entrypoint,
+            None,
+        )
+    }
+
+    /// What pushes images to this node's registry, for use elsewhere (the
+    /// kpack simulator's real builds in this lane).
+    pub fn image_pusher(&self) -> ImagePusher {
+        ImagePusher {
+            assets: self.assets.clone(),
+            dir: self.dir.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+
+    /// [`push_image`](Self::push_image) with the image's user set, e.g.
+    /// `65534` for pods that must run as non-root (Kapsa's app pods do).
+    pub fn push_image_as(
+        &self,
+        name: &str,
+        files: &[ImageFile],
+        entrypoint: &[&str],
+        user: &str,
+    ) -> Result<String> {
+        self.image_pusher().push(
+            &format!("{}/{name}:latest", self.registry),
+            files,
+            entrypoint,
+            Some(user),
         )
     }
 
@@ -1021,13 +1046,55 @@ fn http_get_status(url: &str) -> Option<u16> {
 }
 
 /// Builds and pushes a one-layer image with crane (see [`RealNode::push_image`]).
+/// Pushes one-layer images (no base image, linux/amd64) to a real node's
+/// registry; cheap to clone, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct ImagePusher {
+    assets: PathBuf,
+    dir: PathBuf,
+    registry: String,
+}
+
+impl ImagePusher {
+    /// `127.0.0.1:<port>`: the registry pushed to.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// Builds an image of `files` with `entrypoint` (and `user`, if given),
+    /// pushes it as `reference` (`<registry>/<repository>:<tag>`, in this
+    /// node's registry) and returns `<registry>/<repository>@sha256:…`.
+    pub fn push(
+        &self,
+        reference: &str,
+        files: &[ImageFile],
+        entrypoint: &[&str],
+        user: Option<&str>,
+    ) -> Result<String> {
+        let repository = reference
+            .strip_prefix(&format!("{}/", self.registry))
+            .ok_or_else(|| {
+                Error::Manifest(format!(
+                    "{reference:?} is not in registry {}",
+                    self.registry
+                ))
+            })?;
+        let repository = repository
+            .rsplit_once(':')
+            .map_or(repository, |(repository, _)| repository);
+        let pushed = push_image(&self.assets, &self.dir, reference, files, entrypoint, user)?;
+        Ok(format!("{}/{repository}@{pushed}", self.registry))
+    }
+}
+
+/// Builds and pushes the image as `reference`; returns its digest.
 fn push_image(
     assets: &Path,
     dir: &Path,
-    registry: &str,
-    name: &str,
+    reference: &str,
     files: &[ImageFile],
     entrypoint: &[&str],
+    user: Option<&str>,
 ) -> Result<String> {
     let work = tempfile::Builder::new().prefix("image-").tempdir_in(dir)?;
     let root = work.path().join("root");
@@ -1058,30 +1125,32 @@ fn push_image(
             .arg(&layer)
             .arg("."),
     )?;
-    let reference = format!("{registry}/{name}:latest");
     let crane = assets.join("crane");
     run_checked(
         Command::new(&crane)
             .args(["append", "--oci-empty-base", "--insecure", "-f"])
             .arg(&layer)
-            .args(["-t", &reference]),
+            .args(["-t", reference]),
     )?;
     let mut mutate = Command::new(&crane);
     mutate.args([
         "mutate",
         "--insecure",
-        &reference,
+        reference,
         "--set-platform",
         "linux/amd64",
         "-t",
-        &reference,
+        reference,
     ]);
     if !entrypoint.is_empty() {
         mutate.args(["--entrypoint", &entrypoint.join(",")]);
     }
+    if let Some(user) = user {
+        mutate.args(["--user", user]);
+    }
     run_checked(&mut mutate)?;
-    let digest = run_checked(Command::new(&crane).args(["digest", "--insecure", &reference]))?;
-    Ok(format!("{registry}/{name}@{}", digest.trim()))
+    let digest = run_checked(Command::new(&crane).args(["digest", "--insecure", reference]))?;
+    Ok(digest.trim().to_string())
 }
 
 /// Runs a command to completion; its stdout, or an error with its stderr.

@@ -79,6 +79,12 @@ pub struct OperatorArgs {
         default_value = kapsa_operator::resources::environment::DEFAULT_BUILDKIT_IMAGE
     )]
     buildkit_image: String,
+    /// Use registries with `insecure: true` (plain HTTP, or a certificate
+    /// nobody checks) that are not on loopback. Off by default: builds
+    /// would send push credentials across the network unprotected, and a
+    /// tenant's namespaced Registry could ask for that.
+    #[arg(long, env = "KAPSA_ALLOW_INSECURE_REGISTRIES")]
+    allow_insecure_registries: bool,
     /// Keep no host-ownership table (when that policy is not installed).
     #[arg(long)]
     no_host_owners: bool,
@@ -133,6 +139,7 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         host_owners_namespace,
         max_poll_interval: args.max_poll_interval,
         buildkit_image: args.buildkit_image,
+        allow_insecure_registries: args.allow_insecure_registries,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let client = kube::Client::try_default().await?;

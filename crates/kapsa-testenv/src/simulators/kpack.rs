@@ -13,6 +13,13 @@
 //! keeps the previous `latestImage`, like kpack. The same ConfigMap's
 //! `buildDelayMillis` makes every build take that long (default 0).
 //! ClusterBuilders and Builders are marked Ready with a `latestImage`.
+//!
+//! In the real lane a test registers a [`RealImageBuilder`] for the lane's
+//! registry ([`build_real_images`]): a build whose `spec.tag` is in that
+//! registry then pushes a real image (what the builder makes of the
+//! revision, e.g. a static HTTP server whose page names the commit) and
+//! reports its real digest. Still a simulator: nothing is built from the
+//! repository's sources.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +44,46 @@ pub const SETTINGS_NAME: &str = "settings";
 /// The kpack `Image` resource: [`kapsa_api::external::kpack_image`].
 pub fn image_resource() -> ApiResource {
     external::kpack_image()
+}
+
+/// Makes and pushes a real image for a build: given the Image's `spec.tag`,
+/// git URL and revision, returns the pushed `<repository>@sha256:…`.
+pub type RealImageBuilder = Arc<dyn Fn(&str, &str, &str) -> Result<String, String> + Send + Sync>;
+
+static REAL_IMAGES: std::sync::RwLock<Vec<(String, RealImageBuilder)>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Until the returned guard is dropped, builds whose `spec.tag` is in
+/// `registry` (`host:port`) push a real image made by `builder` (real lane).
+pub fn build_real_images(registry: &str, builder: RealImageBuilder) -> RealImages {
+    let prefix = format!("{registry}/");
+    if let Ok(mut builders) = REAL_IMAGES.write() {
+        builders.push((prefix.clone(), builder));
+    }
+    RealImages { prefix }
+}
+
+/// Keeps real builds on for one registry; see [`build_real_images`].
+#[must_use = "real builds stop when this is dropped"]
+pub struct RealImages {
+    prefix: String,
+}
+
+impl Drop for RealImages {
+    fn drop(&mut self) {
+        if let Ok(mut builders) = REAL_IMAGES.write() {
+            builders.retain(|(prefix, _)| *prefix != self.prefix);
+        }
+    }
+}
+
+fn real_image_builder(tag: &str) -> Option<RealImageBuilder> {
+    REAL_IMAGES
+        .read()
+        .ok()?
+        .iter()
+        .find(|(prefix, _)| tag.starts_with(prefix.as_str()))
+        .map(|(_, builder)| builder.clone())
 }
 
 /// The digest the simulator gives a build of `revision` from `url`.
@@ -153,6 +200,29 @@ async fn reconcile_image(image: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Act
         tracing::info!(image = %name, revision, "kpack simulator: failing build as configured");
         json!({"status": {"conditions": [condition("Ready", "False", "BuildFailed",
             &format!("kpack simulator: build of revision {revision} failed (listed in {SETTINGS_NAMESPACE}/{SETTINGS_NAME} failRevisions)"))]}})
+    } else if let Some(builder) = real_image_builder(tag) {
+        let (tag_owned, url_owned, revision_owned) =
+            (tag.to_string(), url.to_string(), revision.to_string());
+        let built =
+            tokio::task::spawn_blocking(move || builder(&tag_owned, &url_owned, &revision_owned))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        match built {
+            Ok(latest) => {
+                tracing::info!(image = %name, revision, latest, "kpack simulator: real image pushed");
+                json!({"status": {
+                    "latestImage": latest,
+                    "conditions": [
+                        condition("Ready", "True", "", "kpack simulator: build succeeded (a real image, made by the real lane, not from the sources)"),
+                        condition("BuilderReady", "True", "", ""),
+                    ],
+                }})
+            }
+            Err(error) => {
+                json!({"status": {"conditions": [condition("Ready", "False", "BuildFailed",
+                &format!("kpack simulator: pushing the real image failed: {error}"))]}})
+            }
+        }
     } else {
         let latest = format!("{tag}@{}", simulated_digest(url, revision));
         tracing::info!(image = %name, revision, latest, "kpack simulator: build succeeded");

@@ -304,13 +304,19 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         .as_ref()
         .and_then(|p| p.status.as_ref()?.domain_pool.clone())
         .and_then(|pool| cached(&stores.pools, &pool, None));
-    let registry = match &project {
-        Some(p) => registry(stores, p, &namespace),
-        None => Err(Problem {
-            reason: "ProjectNotFound",
-            message: String::new(),
-        }),
-    };
+    let registry =
+        match &project {
+            Some(p) => registry(stores, p, &namespace).and_then(|r| {
+                match crate::references::insecure_refused(&r.spec, ctx.allow_insecure_registries) {
+                    Some(problem) => Err(problem),
+                    None => Ok(r),
+                }
+            }),
+            None => Err(Problem {
+                reason: "ProjectNotFound",
+                message: String::new(),
+            }),
+        };
     let builder = match &project {
         _ if !stores.installed.kpack => BuilderState::KpackNotInstalled,
         Some(p) if p.spec.build.strategy == BuildStrategy::Buildpacks => {

@@ -190,6 +190,10 @@ async fn update_registry_status<K: Resource<DynamicType = ()>>(
             *slot = Some(verdict(ctx, *field, &spec.server, location).await?);
         }
     }
+    if let Some(problem) = crate::references::insecure_refused(spec, ctx.allow_insecure_registries)
+    {
+        verdicts[0] = Some(Err(problem));
+    }
     let after = plan::registry_status(
         before,
         object.meta().generation,

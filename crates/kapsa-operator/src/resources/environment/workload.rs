@@ -148,6 +148,15 @@ pub fn deployment(inputs: &EnvironmentInputs, image: &str) -> Deployment {
                         seccomp_profile: Some(runtime_default_seccomp()),
                         ..PodSecurityContext::default()
                     }),
+                    // Where the pool's apps run (admin-written).
+                    node_selector: inputs
+                        .pool
+                        .map(|p| p.spec.node_selector.clone())
+                        .filter(|s| !s.is_empty()),
+                    tolerations: inputs
+                        .pool
+                        .map(|p| p.spec.tolerations.clone())
+                        .filter(|t| !t.is_empty()),
                     ..PodSpec::default()
                 }),
             },
@@ -264,6 +273,33 @@ mod tests {
     use crate::resources::environment::test_support::*;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use kapsa_api::{Environment, HealthCheck, MetricsSpec, Project};
+
+    #[test]
+    fn pool_places_the_app_pods() {
+        let (p, e) = (project(), environment());
+        let mut pool: kapsa_api::DomainPool = load(HTTP01);
+        let d = deployment(&inputs(&p, &e, Some(&pool)), "img");
+        assert!(pod_spec(&d).node_selector.is_none());
+        assert!(pod_spec(&d).tolerations.is_none());
+        pool.spec.node_selector =
+            std::collections::BTreeMap::from([("node-pool".to_owned(), "apps".to_owned())]);
+        pool.spec.tolerations = vec![k8s_openapi::api::core::v1::Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("apps".into()),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        }];
+        let d = deployment(&inputs(&p, &e, Some(&pool)), "img");
+        assert_eq!(
+            pod_spec(&d).node_selector.as_ref(),
+            Some(&pool.spec.node_selector)
+        );
+        assert_eq!(
+            pod_spec(&d).tolerations.as_ref(),
+            Some(&pool.spec.tolerations)
+        );
+    }
 
     #[test]
     fn deployment_metadata_owner_and_type_meta() {

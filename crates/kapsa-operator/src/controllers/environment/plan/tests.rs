@@ -47,13 +47,20 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
         .as_ref()
         .and_then(|p| p.status.as_ref()?.domain_pool.clone())
         .and_then(|pool| fixture.find::<DomainPool>(KAPSA, "DomainPool", &pool, None));
-    let registry = match &project {
-        Some(p) => fixture.registry(p, &namespace),
-        None => Err(Problem {
-            reason: "ProjectNotFound",
-            message: String::new(),
-        }),
-    };
+    let registry =
+        match &project {
+            // As dereference does, under the default `--allow-insecure-registries=false`.
+            Some(p) => fixture.registry(p, &namespace).and_then(|r| {
+                match crate::references::insecure_refused(&r.spec, false) {
+                    Some(problem) => Err(problem),
+                    None => Ok(r),
+                }
+            }),
+            None => Err(Problem {
+                reason: "ProjectNotFound",
+                message: String::new(),
+            }),
+        };
     let exists = |api_version: &str, kind: &str, name: &str, namespace: Option<&str>| {
         fixture
             .find::<serde_json::Value>(api_version, kind, name, namespace)
@@ -264,6 +271,7 @@ cases! {
         gateway_api_not_installed_keeps_the_ingress => "gateway-api-not-installed-keeps-the-ingress",
         gateway_stale_verdict_is_no_verdict => "gateway-stale-verdict-is-no-verdict",
         gateway_listener_instead_of_listener_set => "gateway-listener-instead-of-listener-set",
+        registry_insecure_off_loopback_release_kept => "registry-insecure-off-loopback-release-kept",
     }
     known_bugs {
     }

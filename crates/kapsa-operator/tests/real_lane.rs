@@ -1,0 +1,245 @@
+//! The real lane (docs/real-lane.md): Kapsa's objects serve real traffic. A
+//! real node runs the app's pods, Traefik (a real ingress controller, run
+//! outside the cluster) routes the Environment's Ingress to them, and a
+//! request to the Environment's host through Traefik returns the page the
+//! deployed commit serves; a new commit rolls out while requests keep
+//! being answered.
+//!
+//! Opt-in: returns at once unless `KAPSA_REAL_LANE=1` (Linux, root; the
+//! binaries of `hack/install-real-lane.sh` and `hack/install-traefik.sh`).
+//!
+//! `KAPSA_REAL_LANE=1 cargo test -p kapsa-operator --test real_lane -- --nocapture`
+//!
+//! The kpack simulator "builds" each commit into a real image in the lane's
+//! registry (busybox httpd serving `commit <sha>`), so the digest Kapsa
+//! deploys exists and the pod runs it. Not yet here: HTTPS (real
+//! cert-manager and Pebble).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kapsa_api::{DomainPool, Project};
+use kapsa_testenv::real_node::{self, ImageFile, REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode};
+use kapsa_testenv::traefik::{INGRESS_CLASS, Traefik};
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn enabled(test: &str) -> bool {
+    if std::env::var("KAPSA_REAL_LANE").as_deref() == Ok("1") {
+        return true;
+    }
+    println!("{test}: skipped: set KAPSA_REAL_LANE=1 to run the real lane (Linux, root)");
+    false
+}
+
+/// A GET of `/` for `host` through `address`: the status and the body.
+async fn get(address: &str, host: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The lane's "build": a busybox httpd image, as user 65534, serving
+/// `commit <revision>` at `/` and `ok` at `/healthz` on port 8080.
+fn commit_page_image(
+    pusher: &real_node::ImagePusher,
+    busybox: &[u8],
+    tag: &str,
+    revision: &str,
+) -> Result<String, String> {
+    pusher
+        .push(
+            tag,
+            &[
+                ImageFile::new("/bin/busybox", busybox.to_vec(), 0o755),
+                ImageFile::new("/www/index.html", format!("commit {revision}\n"), 0o644),
+                ImageFile::new("/www/healthz", "ok", 0o644),
+            ],
+            &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+            Some("65534"),
+        )
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_project_serves_its_commit_through_the_ingress_controller() {
+    if !enabled("a_project_serves_its_commit_through_the_ingress_controller") {
+        return;
+    }
+    if let Some(reason) = real_node::unsupported_reason() {
+        panic!("KAPSA_REAL_LANE=1, but {reason}");
+    }
+    let assets = real_node::find_real_lane_assets().expect("the real lane's binaries");
+    let traefik_folder = kapsa_testenv::traefik::find_traefik().expect("Traefik");
+    let (env, client) = cluster().await;
+    shared_operator().await;
+    let started = Instant::now();
+    let mut node = RealNode::start(env, &assets).await.expect("a real node");
+    let node_ready = started.elapsed();
+    let ca = env
+        .kubeconfig_path()
+        .parent()
+        .expect("the control plane's folder")
+        .join("pki/ca.crt");
+    let traefik = Traefik::start(
+        &client,
+        env.api_server_url(),
+        &ca,
+        &traefik_folder,
+        &node.dir().join("traefik"),
+    )
+    .await
+    .expect("Traefik");
+
+    // Builds of the lane's registry push real images (kpack simulator).
+    let pusher = node.image_pusher();
+    let busybox = std::fs::read(assets.join("busybox")).expect("busybox");
+    let _real_builds = kapsa_testenv::simulators::kpack::build_real_images(
+        node.registry(),
+        std::sync::Arc::new(move |tag: &str, _url: &str, revision: &str| {
+            commit_page_image(&pusher, &busybox, tag, revision)
+        }),
+    );
+
+    // A pool whose apps run on the real node, routed by Traefik, plain HTTP;
+    // a registry on loopback (insecure: allowed there).
+    let base = "real.example.com";
+    let pool = "real-pool";
+    create_ignoring_conflict(
+        &Api::<DomainPool>::all(client.clone()),
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": pool},
+            "spec": {"domains": [base], "ingressClassName": INGRESS_CLASS,
+                "nodeSelector": {REAL_NODE_LABEL: "true"},
+                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]}}),
+    )
+    .await;
+    let registry = "real-registry";
+    create_ignoring_conflict(
+        &Api::<kapsa_api::ClusterRegistry>::all(client.clone()),
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "ClusterRegistry", "metadata": {"name": registry},
+            "spec": {"provider": "Generic", "server": node.registry(), "repository": "kapsa", "insecure": true}}),
+    )
+    .await;
+    let platform = Platform {
+        pool: pool.into(),
+        base: base.into(),
+        issuer: String::new(),
+        registry: registry.into(),
+        registry_server: node.registry().into(),
+    };
+    let name = "realapp";
+    let git = kapsa_testenv::git_server::GitServer::start(None)
+        .await
+        .expect("git server");
+    let repo = git.create_repo(name).expect("repository");
+    let first = repo
+        .commit("main", "app.txt", "v1", "first")
+        .expect("commit");
+    let mut manifest = project_manifest(name, repo.url(), &platform, None);
+    manifest["spec"]["runtime"] = json!({"port": 8080, "replicas": 2,
+        "healthCheck": {"path": "/healthz"},
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}});
+    let applied = Instant::now();
+    create(&Api::<Project>::all(client.clone()), manifest).await;
+    let environment = rolled_out(&client, name, &first).await;
+    let ready_after = applied.elapsed();
+    let image = environment.status.and_then(|s| s.image).unwrap_or_default();
+    assert!(
+        image.starts_with(&format!("{}/kapsa/{name}", node.registry())),
+        "the real image in the lane's registry: {image}"
+    );
+    let host = format!("{name}.{base}");
+    let address = traefik.http_address().to_string();
+    let (status, body) = eventually("the page through Traefik", || async {
+        get(&address, &host, "/").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let served_after = applied.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(body, format!("commit {first}\n"), "the deployed commit");
+    // Another host is not this app's.
+    let (other, _) = get(&address, &format!("nobody.{base}"), "/")
+        .await
+        .expect("Traefik answers");
+    assert_eq!(other, 404);
+
+    // A new commit rolls out while requests keep being answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (address, host, stop) = (address.clone(), host.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut pages = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(&address, &host, "/").await {
+                    Some((200, body)) => {
+                        ok += 1;
+                        pages.insert(body);
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed, pages)
+        })
+    };
+    let committed = Instant::now();
+    let second = repo
+        .commit("main", "app.txt", "v2", "second")
+        .expect("second commit");
+    let second_page = format!("commit {second}\n");
+    eventually("the second commit through Traefik", || async {
+        get(&address, &host, "/")
+            .await
+            .filter(|(s, b)| *s == 200 && *b == second_page)
+    })
+    .await;
+    let second_after = committed.elapsed();
+    // Keep probing until the rollout is over (the old pods gone).
+    rolled_out(&client, name, &second).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, pages) = prober.await.unwrap();
+    println!(
+        "real lane: node Ready in {node_ready:?}; Project applied -> production Ready {ready_after:?}, -> served through Traefik {served_after:?}; second commit -> served {second_after:?} (polling every 10 s); during the rollout {ok} requests answered 200, {} failed",
+        failed.len()
+    );
+    assert_eq!(
+        pages,
+        [format!("commit {first}\n"), second_page.clone()].into(),
+        "only the two releases answered"
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the rollout: {failed:?}\nTraefik log: {}",
+        kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
+    );
+
+    Api::<Project>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("Project deleted");
+    drop(traefik);
+    node.stop();
+}

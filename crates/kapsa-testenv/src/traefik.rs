@@ -1,0 +1,209 @@
+//! The real lane's ingress controller: Traefik (built from its Go module by
+//! `hack/install-traefik.sh`), run outside the cluster against the local
+//! control plane, routing the cluster's Ingresses of class `traefik` to pod
+//! IPs (the real node's bridge is reachable from the host) on a loopback
+//! port.
+//!
+//! Traefik reads the cluster as the ServiceAccount `kapsa-lane/traefik`,
+//! with the read rights its Kubernetes Ingress provider documents (and
+//! Ingress status), through a token from the TokenRequest API.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::networking::v1::IngressClass;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::control_plane::{Error, Result};
+use crate::process::ManagedProcess;
+
+/// The IngressClass Traefik serves in the lane.
+pub const INGRESS_CLASS: &str = "traefik";
+/// Traefik's IngressClass controller name.
+pub const CONTROLLER: &str = "traefik.io/ingress-controller";
+/// Namespace of Traefik's ServiceAccount.
+pub const NAMESPACE: &str = "kapsa-lane";
+const SERVICE_ACCOUNT: &str = "traefik";
+const FIELD_MANAGER: &str = "kapsa-testenv";
+
+/// Where Traefik's binary is: `KAPSA_TRAEFIK` if it holds it, otherwise
+/// `hack/install-traefik.sh` builds it (once per machine) and prints the
+/// cache folder.
+pub fn find_traefik() -> Result<PathBuf> {
+    crate::control_plane::installed_folder(
+        std::env::var_os("KAPSA_TRAEFIK").map(PathBuf::from),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/install-traefik.sh"),
+        |dir| dir.join("traefik").is_file(),
+        "traefik",
+        None,
+    )
+}
+
+/// A running Traefik; stopped on drop.
+pub struct Traefik {
+    process: ManagedProcess,
+    http: String,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Traefik {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Traefik")
+            .field("http", &self.http)
+            .field("pid", &self.process.pid())
+            .finish()
+    }
+}
+
+impl Traefik {
+    /// Starts Traefik for the cluster at `api_server_url` (whose CA is
+    /// `ca_file`), with its binary in `folder`, logs and files in `dir`.
+    /// Makes its ServiceAccount, RBAC and the IngressClass, and waits until
+    /// it listens.
+    pub async fn start(
+        client: &Client,
+        api_server_url: &str,
+        ca_file: &Path,
+        folder: &Path,
+        dir: &Path,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let token = service_account_token(client).await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let http = format!("127.0.0.1:{port}");
+        let provider = "--providers.kubernetesingress";
+        let args = vec![
+            format!("--entrypoints.web.address={http}"),
+            format!("{provider}=true"),
+            format!("{provider}.endpoint={api_server_url}"),
+            format!("{provider}.token={token}"),
+            format!("{provider}.certauthfilepath={}", ca_file.display()),
+            format!("{provider}.ingressclass={INGRESS_CLASS}"),
+            "--log.level=INFO".to_string(),
+        ];
+        let process = ManagedProcess::spawn("traefik", &folder.join("traefik"), &args, dir)?;
+        let mut traefik = Self {
+            process,
+            http,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&traefik.http).is_err() {
+            traefik
+                .process
+                .ensure_running()
+                .map_err(Error::ProcessExited)?;
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(
+                    Duration::from_secs(30),
+                    format!("Traefik to listen on {}", traefik.http),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(traefik)
+    }
+
+    /// `127.0.0.1:<port>`: Traefik's plain-HTTP entry point.
+    pub fn http_address(&self) -> &str {
+        &self.http
+    }
+
+    /// Its log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("traefik.log")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Stops Traefik (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop(&mut self) {
+        self.process.wait_or_kill(Duration::from_secs(5));
+    }
+}
+
+impl Drop for Traefik {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The ServiceAccount, its read rights and the IngressClass; a token for it.
+async fn service_account_token(client: &Client) -> Result<String> {
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            NAMESPACE,
+            &apply,
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
+            ),
+        )
+        .await?;
+    Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
+        .patch(
+            SERVICE_ACCOUNT,
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE}})),
+        )
+        .await?;
+    let role = "kapsa-lane-traefik";
+    Api::<ClusterRole>::all(client.clone())
+        .patch(
+            role,
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": role},
+                "rules": [
+                    {"apiGroups": [""], "resources": ["services", "secrets", "nodes"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "ingressclasses"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses/status"], "verbs": ["update"]}
+                ]})),
+        )
+        .await?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            role,
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": role},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}]})),
+        )
+        .await?;
+    Api::<IngressClass>::all(client.clone())
+        .patch(
+            INGRESS_CLASS,
+            &apply,
+            &Patch::Apply(
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+                "metadata": {"name": INGRESS_CLASS}, "spec": {"controller": CONTROLLER}}),
+            ),
+        )
+        .await?;
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 86400}
+    }))
+    .map_err(|e| Error::Manifest(e.to_string()))?;
+    let issued: TokenRequest = Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
+        .create_subresource("token", SERVICE_ACCOUNT, &PostParams::default(), &request)
+        .await?;
+    issued
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::Manifest("TokenRequest returned no token".into()))
+}
