@@ -145,6 +145,18 @@ pub fn gateway_gateway() -> ApiResource {
     )
 }
 
+/// A Gateway API `GatewayClass` (cluster-scoped, plural `gatewayclasses`):
+/// which controller serves a Gateway. Kapsa never writes one; the test
+/// environment's real lane does.
+pub fn gateway_gateway_class() -> ApiResource {
+    resource(
+        GATEWAY_API_GROUP,
+        GATEWAY_API_VERSION,
+        "GatewayClass",
+        "gatewayclasses",
+    )
+}
+
 /// Every kind of this module, in the order: kpack `Image`, `ClusterBuilder`,
 /// `Builder`, cert-manager `Certificate`, `ClusterIssuer`, Prometheus
 /// Operator `ServiceMonitor`, Gateway API `HTTPRoute`, `ListenerSet`,

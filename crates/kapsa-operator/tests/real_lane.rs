@@ -3,7 +3,9 @@
 //! outside the cluster) routes the Environment's Ingress to them, and a
 //! request to the Environment's host through Traefik returns the page the
 //! deployed commit serves; a new commit rolls out while requests keep
-//! being answered.
+//! being answered; then the pool switches to Gateway API and Traefik's
+//! Gateway provider serves the app through Kapsa's HTTPRoute, with no
+//! request lost in the switch.
 //!
 //! Opt-in: returns at once unless `KAPSA_REAL_LANE=1` (Linux, root; the
 //! binaries of `hack/install-real-lane.sh` and `hack/install-traefik.sh`).
@@ -93,6 +95,12 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     let assets = real_node::find_real_lane_assets().expect("the real lane's binaries");
     let traefik_folder = kapsa_testenv::traefik::find_traefik().expect("Traefik");
     let (env, client) = cluster().await;
+    // Gateway API's CRDs before the operator starts (it watches what is
+    // served at its start; it would restart its caches for them anyway).
+    let gateway_crds = kapsa_testenv::crds::gateway_api_crds().expect("Gateway API CRDs");
+    kapsa_testenv::crds::install_crds(&client, &gateway_crds, "kapsa-test")
+        .await
+        .expect("Gateway API CRDs installed");
     shared_operator().await;
     let started = Instant::now();
     let mut node = RealNode::start(env, &assets).await.expect("a real node");
@@ -108,6 +116,7 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
         &ca,
         &traefik_folder,
         &node.dir().join("traefik"),
+        true,
     )
     .await
     .expect("Traefik");
@@ -233,6 +242,94 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     assert!(
         failed.is_empty(),
         "requests failed during the rollout: {failed:?}\nTraefik log: {}",
+        kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
+    );
+
+    // The same app through Gateway API: Traefik's Gateway provider serves a
+    // Gateway whose plain-HTTP listener covers the pool's base. (Traefik 3.6
+    // does not support ListenerSets, so the pool attaches routes to that
+    // listener: gatewayRef.sectionName.) The switch drops no request: the
+    // Ingress goes only once Traefik has accepted the HTTPRoute.
+    let port: u16 = address
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("Traefik's port");
+    let gateways = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        kapsa_testenv::traefik::NAMESPACE,
+        &kapsa_api::external::gateway_gateway(),
+    );
+    create(
+        &gateways,
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "lane"},
+            "spec": {"gatewayClassName": kapsa_testenv::traefik::GATEWAY_CLASS,
+                "listeners": [{"name": "apps", "hostname": format!("*.{base}"), "port": port,
+                    "protocol": "HTTP", "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (address, host, stop) = (address.clone(), host.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(&address, &host, "/").await {
+                    Some((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    let switched = Instant::now();
+    Api::<DomainPool>::all(client.clone())
+        .patch(
+            pool,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"routing": "Gateway", "gatewayRef": {
+                "name": "lane", "namespace": kapsa_testenv::traefik::NAMESPACE, "sectionName": "apps"}}})),
+        )
+        .await
+        .expect("pool switched to Gateway routing");
+    let (_, reason, message) = eventually("Routed=True from Traefik", || async {
+        environment_condition(&client, name, "production", "Routed")
+            .await
+            .filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    let routed_after = switched.elapsed();
+    assert_eq!(reason, "Accepted");
+    assert!(
+        message.contains(kapsa_testenv::traefik::GATEWAY_CONTROLLER),
+        "{message}"
+    );
+    let ingresses =
+        Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(client.clone(), name);
+    eventually("the Ingress pruned", || async {
+        ingresses
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.await.unwrap();
+    // Only the HTTPRoute routes it now.
+    let (status, body) = get(&address, &host, "/").await.expect("Traefik answers");
+    assert_eq!((status, body), (200, second_page.clone()));
+    println!(
+        "real lane: switch to Gateway API -> Routed=True by Traefik in {routed_after:?}; during the switch {ok} requests answered 200, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the switch to Gateway API: {failed:?}\nTraefik log: {}",
         kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
     );
 

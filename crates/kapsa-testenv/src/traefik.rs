@@ -27,6 +27,10 @@ use crate::process::ManagedProcess;
 pub const INGRESS_CLASS: &str = "traefik";
 /// Traefik's IngressClass controller name.
 pub const CONTROLLER: &str = "traefik.io/ingress-controller";
+/// The GatewayClass Traefik serves when its Gateway API provider is on.
+pub const GATEWAY_CLASS: &str = "traefik";
+/// Traefik's Gateway API controller name.
+pub const GATEWAY_CONTROLLER: &str = "traefik.io/gateway-controller";
 /// Namespace of Traefik's ServiceAccount.
 pub const NAMESPACE: &str = "kapsa-lane";
 const SERVICE_ACCOUNT: &str = "traefik";
@@ -65,16 +69,20 @@ impl Traefik {
     /// Starts Traefik for the cluster at `api_server_url` (whose CA is
     /// `ca_file`), with its binary in `folder`, logs and files in `dir`.
     /// Makes its ServiceAccount, RBAC and the IngressClass, and waits until
-    /// it listens.
+    /// it listens. With `gateway_api` (Gateway API's CRDs must be served)
+    /// its Gateway API provider runs too, for the GatewayClass `traefik`
+    /// (made here): a Gateway listener must use the port of
+    /// [`http_address`](Self::http_address).
     pub async fn start(
         client: &Client,
         api_server_url: &str,
         ca_file: &Path,
         folder: &Path,
         dir: &Path,
+        gateway_api: bool,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let token = service_account_token(client).await?;
+        let token = service_account_token(client, gateway_api).await?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -89,6 +97,16 @@ impl Traefik {
             format!("{provider}.ingressclass={INGRESS_CLASS}"),
             "--log.level=INFO".to_string(),
         ];
+        let mut args = args;
+        if gateway_api {
+            let provider = "--providers.kubernetesgateway";
+            args.extend([
+                format!("{provider}=true"),
+                format!("{provider}.endpoint={api_server_url}"),
+                format!("{provider}.token={token}"),
+                format!("{provider}.certauthfilepath={}", ca_file.display()),
+            ]);
+        }
         let process = ManagedProcess::spawn("traefik", &folder.join("traefik"), &args, dir)?;
         let mut traefik = Self {
             process,
@@ -139,7 +157,7 @@ impl Drop for Traefik {
 }
 
 /// The ServiceAccount, its read rights and the IngressClass; a token for it.
-async fn service_account_token(client: &Client) -> Result<String> {
+async fn service_account_token(client: &Client, gateway_api: bool) -> Result<String> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     Api::<Namespace>::all(client.clone())
         .patch(
@@ -169,7 +187,10 @@ async fn service_account_token(client: &Client) -> Result<String> {
                     {"apiGroups": [""], "resources": ["services", "secrets", "nodes"], "verbs": ["get", "list", "watch"]},
                     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
                     {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "ingressclasses"], "verbs": ["get", "list", "watch"]},
-                    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses/status"], "verbs": ["update"]}
+                    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses/status"], "verbs": ["update"]},
+                    {"apiGroups": [""], "resources": ["namespaces", "configmaps"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["*/status"], "verbs": ["update", "patch"]}
                 ]})),
         )
         .await?;
@@ -193,6 +214,20 @@ async fn service_account_token(client: &Client) -> Result<String> {
             ),
         )
         .await?;
+    if gateway_api {
+        let classes = Api::<kube::api::DynamicObject>::all_with(
+            client.clone(),
+            &kapsa_api::external::gateway_gateway_class(),
+        );
+        classes
+            .patch(
+                GATEWAY_CLASS,
+                &apply,
+                &Patch::Apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                    "metadata": {"name": GATEWAY_CLASS}, "spec": {"controllerName": GATEWAY_CONTROLLER}})),
+            )
+            .await?;
+    }
     let request: TokenRequest = serde_json::from_value(json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "spec": {"expirationSeconds": 86400}

@@ -10,8 +10,11 @@
 //! recomputes every status from its caches, writing only what changed
 //! (`lastTransitionTime` is kept while a condition's status stays).
 //!
-//! - Gateways, of any class: `Accepted` and `Programmed` True; `listeners[]`
-//!   with their attached routes; `attachedListenerSets`.
+//! - Gateways of any class but one whose GatewayClass names another
+//!   controller (a real gateway controller, in the real lane: those Gateways,
+//!   and the ListenerSets and HTTPRoutes attached only to them, are left to
+//!   it): `Accepted` and `Programmed` True; `listeners[]` with their attached
+//!   routes; `attachedListenerSets`.
 //! - ListenerSets: Accepted (and Programmed) True when the parent Gateway
 //!   exists and its `allowedListeners.namespaces` (`None` when absent, `Same`,
 //!   `All`, `Selector`) admits the ListenerSet's namespace; otherwise False,
@@ -72,6 +75,11 @@ const RETRY: Duration = Duration::from_millis(500);
 /// The `Gateway` resource (namespaced): [`kapsa_api::external::gateway_gateway`].
 pub fn gateway_resource() -> ApiResource {
     kapsa_api::external::gateway_gateway()
+}
+
+/// The `GatewayClass` resource (cluster-scoped).
+pub fn gateway_class_resource() -> ApiResource {
+    kapsa_api::external::gateway_gateway_class()
 }
 
 /// The `ListenerSet` resource (namespaced).
@@ -1016,6 +1024,7 @@ fn plan(s: &Snapshot) -> Vec<StatusWrite> {
 
 /// The simulator's caches.
 struct Stores {
+    gateway_classes: Store<DynamicObject>,
     gateways: Store<DynamicObject>,
     listener_sets: Store<DynamicObject>,
     routes: Store<DynamicObject>,
@@ -1026,6 +1035,7 @@ struct Stores {
 
 impl Stores {
     async fn wait_until_ready(&self) {
+        let _ = self.gateway_classes.wait_until_ready().await;
         let _ = self.gateways.wait_until_ready().await;
         let _ = self.listener_sets.wait_until_ready().await;
         let _ = self.routes.wait_until_ready().await;
@@ -1037,10 +1047,71 @@ impl Stores {
     }
 
     fn snapshot(&self) -> Snapshot {
+        // Gateways of a class another controller owns (a real gateway
+        // controller in the real lane) are left alone, with what attaches
+        // to them only.
+        let classes: HashMap<String, String> = self
+            .gateway_classes
+            .state()
+            .iter()
+            .map(|c| {
+                (
+                    c.name_any(),
+                    c.data["spec"]["controllerName"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        let (gateways, foreign): (Vec<_>, Vec<_>) =
+            self.gateways.state().into_iter().partition(|g| {
+                let class = g.data["spec"]["gatewayClassName"]
+                    .as_str()
+                    .unwrap_or_default();
+                classes
+                    .get(class)
+                    .is_none_or(|controller| controller == CONTROLLER_NAME)
+            });
+        let foreign: HashSet<Key> = foreign.iter().map(|g| key_of(g)).collect();
+        let to_foreign = |namespace: &str, parent: &Value| {
+            parent["kind"].as_str().is_none_or(|k| k == "Gateway")
+                && foreign.contains(&(
+                    parent["namespace"]
+                        .as_str()
+                        .unwrap_or(namespace)
+                        .to_string(),
+                    parent["name"].as_str().unwrap_or_default().to_string(),
+                ))
+        };
+        let listener_sets = self
+            .listener_sets
+            .state()
+            .into_iter()
+            .filter(|l| {
+                !to_foreign(
+                    &l.namespace().unwrap_or_default(),
+                    &l.data["spec"]["parentRef"],
+                )
+            })
+            .collect();
+        let routes = self
+            .routes
+            .state()
+            .into_iter()
+            .filter(|r| {
+                let namespace = r.namespace().unwrap_or_default();
+                let parents = r.data["spec"]["parentRefs"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                parents.is_empty() || !parents.iter().all(|p| to_foreign(&namespace, p))
+            })
+            .collect();
         Snapshot {
-            gateways: self.gateways.state(),
-            listener_sets: self.listener_sets.state(),
-            routes: self.routes.state(),
+            gateways,
+            listener_sets,
+            routes,
             grants: self.grants.as_ref().map(Store::state).unwrap_or_default(),
             services: self
                 .services
@@ -1180,6 +1251,7 @@ pub async fn run(client: Client) {
         .reflect(writer);
         (store, stream)
     };
+    let (gateway_classes, gateway_class_events) = dynamic(gateway_class_resource());
     let (gateways, gateway_events) = dynamic(gateway_resource());
     let (listener_sets, listener_set_events) = dynamic(listener_set_resource());
     let (routes, route_events) = dynamic(http_route_resource());
@@ -1204,6 +1276,7 @@ pub async fn run(client: Client) {
     .default_backoff()
     .reflect(namespaces_writer);
     let stores = Stores {
+        gateway_classes,
         gateways,
         listener_sets,
         routes,
@@ -1217,6 +1290,7 @@ pub async fn run(client: Client) {
         }
     };
     tokio::join!(
+        gateway_class_events.for_each(on_event(changed.clone())),
         gateway_events.for_each(on_event(changed.clone())),
         listener_set_events.for_each(on_event(changed.clone())),
         route_events.for_each(on_event(changed.clone())),

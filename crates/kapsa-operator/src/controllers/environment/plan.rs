@@ -362,6 +362,14 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
     let routed_ok = routed_condition
         .as_ref()
         .is_none_or(|c| c.status == ConditionStatus::True);
+    // After a switch to Gateway routing the Ingress serves until the
+    // gateway has accepted the route that replaces it (and so the app
+    // still serves meanwhile).
+    let ingress_serves = !routed_ok && observed_key("networking.k8s.io/Ingress").is_some();
+    if ingress_serves {
+        keep.extend(observed_key("networking.k8s.io/Ingress"));
+    }
+    let routed_ok = routed_ok || ingress_serves;
     let references_condition = if world.missing_references.is_empty() {
         condition(
             REFERENCES_RESOLVED,
