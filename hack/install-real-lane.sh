@@ -11,7 +11,9 @@
 # busybox-static. Prints the folder on its last line (KAPSA_REAL_LANE_ASSETS).
 #
 # Exits 2 with a message when the machine cannot run the lane (not Linux, not
-# root, no cgroups); 1 on any other failure.
+# root, no cgroups); 1 on any other failure. With KAPSA_ASSETS_NO_BUILD=1 it
+# installs and builds nothing: it prints the folder if everything is there
+# already, and exits 3 otherwise.
 set -euo pipefail
 
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.36.3}"
@@ -32,11 +34,20 @@ if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" != cgroup2fs ] && [ ! -d /sys/f
 fi
 [ "$(uname -m)" = x86_64 ] || cannot "it is only set up for linux/amd64 (this is $(uname -m))"
 
+cache_root="${KAPSA_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kapsa/assets}"
+out="$cache_root/real-lane-k8s-$KUBERNETES_VERSION-containerd-$CONTAINERD_VERSION-registry-$REGISTRY_VERSION-crane-$CRANE_VERSION"
+
 # --- Debian packages ----------------------------------------------------------
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+if [ "${KAPSA_ASSETS_NO_BUILD:-}" = 1 ]; then
+  for b in "${BINARIES[@]}"; do [ -x "$out/$b" ] || { log "not built yet ($out/$b missing)"; exit 3; }; done
+  [ "${#missing[@]}" -eq 0 ] || { log "not installed yet: ${missing[*]}"; exit 3; }
+  echo "$out"
+  exit 0
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   command -v apt-get >/dev/null || { log "missing ${missing[*]} and no apt-get to install them"; exit 1; }
   log "installing Debian packages: ${missing[*]}"
@@ -51,8 +62,6 @@ has_all() {
   for b in "${BINARIES[@]}"; do [ -x "$dir/$b" ] || return 1; done
 }
 
-cache_root="${KAPSA_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kapsa/assets}"
-out="$cache_root/real-lane-k8s-$KUBERNETES_VERSION-containerd-$CONTAINERD_VERSION-registry-$REGISTRY_VERSION-crane-$CRANE_VERSION"
 if has_all "$out"; then
   log "cached in $out"
   echo "$out"

@@ -12,7 +12,9 @@
 # the Go module proxy does not serve.
 #
 # Prints the folder on its last line (KAPSA_TRAEFIK). If KAPSA_TRAEFIK already
-# names a folder with the binary, nothing is built.
+# names a folder with the binary, nothing is built. With
+# KAPSA_ASSETS_NO_BUILD=1 nothing is built either: it exits 3 when the binary
+# is not in the cache yet.
 set -euo pipefail
 
 TRAEFIK_VERSION="${TRAEFIK_VERSION:-3.6.12}"
@@ -33,6 +35,10 @@ if [ -x "$out/traefik" ]; then
   exit 0
 fi
 
+if [ "${KAPSA_ASSETS_NO_BUILD:-}" = 1 ]; then
+  log "not built yet ($out/traefik missing)"
+  exit 3
+fi
 command -v go >/dev/null || { log "the Go toolchain is needed to build Traefik"; exit 1; }
 module="github.com/traefik/traefik/v3@v$TRAEFIK_VERSION"
 log "fetching $module"

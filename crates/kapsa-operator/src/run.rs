@@ -1283,6 +1283,11 @@ fn log_failure<T, E: std::error::Error>(
 ) -> futures::future::Ready<()> {
     match result {
         Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
+        // Deleted between the trigger and the reconcile (a child's watch
+        // event after its owner went): nothing to do, nothing wrong.
+        Err(error @ controller::Error::ObjectNotFound(..)) => {
+            tracing::debug!(controller, %error, "object gone before its reconcile")
+        }
         Err(error) => tracing::warn!(controller, %error, "controller error"),
     }
     futures::future::ready(())

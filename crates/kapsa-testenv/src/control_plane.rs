@@ -81,6 +81,19 @@ pub(crate) fn installed_folder(
     lacks: &str,
     cannot_run: Option<&str>,
 ) -> Result<PathBuf> {
+    installed_folder_with(from_env, script, complete, lacks, cannot_run, false)
+}
+
+/// [`installed_folder`]; with `cached_only` the script builds nothing
+/// (`KAPSA_ASSETS_NO_BUILD=1`) and only reports what is there.
+pub(crate) fn installed_folder_with(
+    from_env: Option<PathBuf>,
+    script: &Path,
+    complete: impl Fn(&Path) -> bool,
+    lacks: &str,
+    cannot_run: Option<&str>,
+    cached_only: bool,
+) -> Result<PathBuf> {
     if let Some(dir) = from_env
         && complete(&dir)
     {
@@ -92,10 +105,12 @@ pub(crate) fn installed_folder(
             script.display()
         )));
     }
-    let output = Command::new("bash")
-        .arg(script)
-        .stderr(std::process::Stdio::inherit())
-        .output()?;
+    let mut command = Command::new("bash");
+    command.arg(script).stderr(std::process::Stdio::inherit());
+    if cached_only {
+        command.env("KAPSA_ASSETS_NO_BUILD", "1");
+    }
+    let output = command.output()?;
     if !output.status.success() {
         return Err(Error::Assets(match (output.status.code(), cannot_run) {
             (Some(2), Some(reason)) => format!(

@@ -142,17 +142,28 @@ pub fn unsupported_reason() -> Option<String> {
 /// prints the cache folder. The script exits 2 when the machine cannot run
 /// the lane; that is an [`Error::Assets`] saying so.
 pub fn find_real_lane_assets() -> Result<PathBuf> {
+    real_lane_assets(false)
+}
+
+/// [`find_real_lane_assets`] that builds and installs nothing: an error
+/// unless everything is there already.
+pub fn built_real_lane_assets() -> Result<PathBuf> {
+    real_lane_assets(true)
+}
+
+fn real_lane_assets(cached_only: bool) -> Result<PathBuf> {
     let script = std::env::var_os("KAPSA_INSTALL_REAL_LANE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/install-real-lane.sh")
         });
-    crate::control_plane::installed_folder(
+    crate::control_plane::installed_folder_with(
         std::env::var_os("KAPSA_REAL_LANE_ASSETS").map(PathBuf::from),
         &script,
         has_all_binaries,
         &format!("{REAL_LANE_BINARIES:?}"),
         Some("this machine cannot run the real lane"),
+        cached_only,
     )
 }
 

@@ -40,12 +40,22 @@ const FIELD_MANAGER: &str = "kapsa-testenv";
 /// `hack/install-traefik.sh` builds it (once per machine) and prints the
 /// cache folder.
 pub fn find_traefik() -> Result<PathBuf> {
-    crate::control_plane::installed_folder(
+    traefik_folder(false)
+}
+
+/// [`find_traefik`] that builds nothing: an error unless it is built.
+pub fn built_traefik() -> Result<PathBuf> {
+    traefik_folder(true)
+}
+
+fn traefik_folder(cached_only: bool) -> Result<PathBuf> {
+    crate::control_plane::installed_folder_with(
         std::env::var_os("KAPSA_TRAEFIK").map(PathBuf::from),
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/install-traefik.sh"),
         |dir| dir.join("traefik").is_file(),
         "traefik",
         None,
+        cached_only,
     )
 }
 

@@ -103,6 +103,89 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The real lane the demo runs in, when `kapsa dev up` started it.
+pub struct Lane {
+    /// `127.0.0.1:<port>`: the node's registry.
+    pub registry: String,
+    /// `127.0.0.1:<port>`: Traefik's HTTP entry point.
+    pub ingress_http: String,
+}
+
+/// The platform in the real lane: apps run on the real node, Traefik routes
+/// them (plain HTTP: no ACME server in the lane yet), and builds push to the
+/// node's registry on loopback.
+fn lane_platform(lane: &Lane) -> String {
+    format!(
+        r#"
+apiVersion: kapsa.dev/v1alpha1
+kind: ClusterRegistry
+metadata: {{name: local}}
+spec:
+  provider: Generic
+  server: "{registry}"
+  repository: demo
+  insecure: true
+---
+apiVersion: kpack.io/v1alpha2
+kind: ClusterBuilder
+metadata: {{name: default}}
+spec: {{tag: "{registry}/builders/default"}}
+---
+apiVersion: kapsa.dev/v1alpha1
+kind: DomainPool
+metadata: {{name: default}}
+spec:
+  domains: [apps.kapsa.localhost]
+  default: true
+  ingressClassName: {class}
+  nodeSelector: {{"{label}": "true"}}
+  tolerations: [{{key: "{taint}", operator: Exists, effect: NoSchedule}}]
+"#,
+        registry = lane.registry,
+        class = kapsa_testenv::traefik::INGRESS_CLASS,
+        label = kapsa_testenv::real_node::REAL_NODE_LABEL,
+        taint = kapsa_testenv::real_node::REAL_NODE_TAINT,
+    )
+}
+
+/// `GET /` for `host` through Traefik, printed like curl's first lines.
+async fn curl(lane: &Lane, host: &str, expect: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    loop {
+        let answer = async {
+            let mut stream = tokio::net::TcpStream::connect(&lane.ingress_http).await?;
+            stream
+                .write_all(
+                    format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await?;
+            anyhow::Ok(String::from_utf8_lossy(&response).to_string())
+        }
+        .await;
+        if let Ok(text) = &answer
+            && let Some((head, body)) = text.split_once("\r\n\r\n")
+            && body.contains(expect)
+        {
+            println!(
+                "  curl -H 'Host: {host}' http://{}/  ->  {}  {}",
+                lane.ingress_http,
+                head.lines().next().unwrap_or_default(),
+                body.trim()
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "{host} did not answer with {expect:?} through Traefik: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn project_yaml(url: &str) -> String {
     format!(
         r#"
@@ -181,11 +264,24 @@ async fn show(client: &Client, env: &Environment, took: Duration) -> anyhow::Res
 pub async fn run(
     client: &Client,
     kubeconfig: &std::path::Path,
+    lane: Option<Lane>,
 ) -> anyhow::Result<(GitServer, TestRepo)> {
-    println!(
-        "demo: a platform (DomainPool apps.kapsa.localhost, ClusterRegistry, kpack and cert-manager simulators)"
-    );
-    apply_yaml(client, PLATFORM).await?;
+    match &lane {
+        None => {
+            println!(
+                "demo: a platform (DomainPool apps.kapsa.localhost, ClusterRegistry, kpack and cert-manager simulators)"
+            );
+            apply_yaml(client, PLATFORM).await?;
+        }
+        Some(lane) => {
+            println!(
+                "demo: a platform in the real lane (DomainPool apps.kapsa.localhost on the real node, routed by Traefik at {}; ClusterRegistry {}; builds by the kpack simulator push a real image serving the commit)",
+                lane.ingress_http, lane.registry
+            );
+            apply_yaml(client, &lane_platform(lane)).await?;
+        }
+    }
+    let host = "hello.apps.kapsa.localhost";
     let git = GitServer::start(None).await?;
     let repo = git.create_repo("hello")?;
     let first = repo.commit(
@@ -200,6 +296,9 @@ pub async fn run(
     let started = Instant::now();
     let env = wait_live(client, &first).await?;
     show(client, &env, started.elapsed()).await?;
+    if let Some(lane) = &lane {
+        curl(lane, host, &first).await?;
+    }
 
     let second = repo.commit(
         "main",
@@ -211,6 +310,9 @@ pub async fn run(
     let started = Instant::now();
     let env = wait_live(client, &second).await?;
     show(client, &env, started.elapsed()).await?;
+    if let Some(lane) = &lane {
+        curl(lane, host, &second).await?;
+    }
 
     // A branch gets its own preview environment, and loses it with the branch.
     let feature = repo.commit(
@@ -223,6 +325,14 @@ pub async fn run(
     let started = Instant::now();
     let env = wait_env_live(client, "preview-feature-greeting", &feature).await?;
     show(client, &env, started.elapsed()).await?;
+    if let Some(lane) = &lane {
+        curl(
+            lane,
+            "feature-greeting.hello.apps.kapsa.localhost",
+            &feature,
+        )
+        .await?;
+    }
     repo.delete_branch("feature/greeting")?;
     println!("demo: deleted the branch; its preview goes …");
     let started = Instant::now();

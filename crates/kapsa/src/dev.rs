@@ -1,6 +1,8 @@
 //! `kapsa dev up|down`: a local control plane (real etcd, kube-apiserver,
-//! controller-manager and scheduler; kwok nodes; kpack and cert-manager
-//! simulators) with Kapsa's CRDs installed.
+//! controller-manager and scheduler; kwok nodes; kpack, cert-manager and
+//! gateway simulators) with Kapsa's CRDs installed, and, where the machine
+//! can run it, the real lane (docs/real-lane.md): a real node, a registry
+//! and Traefik on loopback, so the demo's app answers real requests.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -53,6 +55,20 @@ pub struct UpArgs {
     /// live and a new commit rolling out.
     #[arg(long, conflicts_with = "no_operator")]
     demo: bool,
+    /// The real lane (a real node, a registry and Traefik on loopback; Linux
+    /// and root): `auto` (default) runs it when the machine can and its
+    /// binaries are built already, `on` builds them if needed (about 20
+    /// minutes once) and fails if the machine cannot, `off` never.
+    #[arg(long, value_enum, default_value_t = RealLane::Auto)]
+    real_lane: RealLane,
+}
+
+/// When `kapsa dev up` runs the real lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RealLane {
+    Auto,
+    On,
+    Off,
 }
 
 pub fn run(command: DevCommand) -> anyhow::Result<()> {
@@ -62,6 +78,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
             let options = UpOptions {
                 operator: !args.no_operator,
                 demo: args.demo,
+                real_lane: args.real_lane,
             };
             if args.detach {
                 up_detached(&state_dir, options)
@@ -119,6 +136,7 @@ fn running_pid(state_dir: &Path) -> Option<i32> {
 struct UpOptions {
     operator: bool,
     demo: bool,
+    real_lane: RealLane,
 }
 
 async fn up_foreground(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
@@ -143,8 +161,20 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     })
     .await
     .context("starting the control plane")?;
-    println!("{EXPORT_PREFIX}{}", plane.kubeconfig_path().display());
     let client = plane.client().await?;
+    let lane = match start_real_lane(&plane, &client, state_dir, options.real_lane).await {
+        Ok(lane) => lane,
+        Err(error) => {
+            drop(plane);
+            return Err(error);
+        }
+    };
+    if let Some(lane) = &lane {
+        // Before KUBECONFIG, which `--detach` waits for.
+        println!("export KAPSA_INGRESS_HTTP={}", lane.traefik.http_address());
+        println!("export KAPSA_REGISTRY={}", lane.node.registry());
+    }
+    println!("{EXPORT_PREFIX}{}", plane.kubeconfig_path().display());
     let kubeconfig = plane.kubeconfig_path().to_path_buf();
     kapsa_testenv::simulators::install(&client).await?;
     let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml())?;
@@ -179,7 +209,11 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
         if !options.demo {
             return futures::future::pending().await;
         }
-        match demo::run(&client, &kubeconfig).await {
+        let demo_lane = lane.as_ref().map(|l| demo::Lane {
+            registry: l.node.registry().to_string(),
+            ingress_http: l.traefik.http_address().to_string(),
+        });
+        match demo::run(&client, &kubeconfig, demo_lane).await {
             // Keep the repository served so that polling goes on.
             Ok(served) => {
                 futures::future::pending::<()>().await;
@@ -197,9 +231,112 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
         _ = terminate.recv() => tracing::info!("terminated"),
     }
     let _ = stop_tx.send(());
+    if let Some(mut lane) = lane {
+        tracing::info!("stopping the real lane");
+        drop(lane.builds);
+        drop(lane.traefik);
+        lane.node.stop();
+    }
     tracing::info!("stopping the control plane");
     drop(plane);
     Ok(())
+}
+
+/// The real lane while it runs.
+struct Lane {
+    node: kapsa_testenv::real_node::RealNode,
+    traefik: kapsa_testenv::traefik::Traefik,
+    builds: kapsa_testenv::simulators::kpack::RealImages,
+}
+
+/// Starts the real lane as `mode` says, or says why it does not.
+async fn start_real_lane(
+    plane: &ControlPlane,
+    client: &kube::Client,
+    state_dir: &Path,
+    mode: RealLane,
+) -> anyhow::Result<Option<Lane>> {
+    use kapsa_testenv::real_node::{self, ImageFile, RealNode};
+    if mode == RealLane::Off {
+        return Ok(None);
+    }
+    if let Some(reason) = real_node::unsupported_reason() {
+        if mode == RealLane::On {
+            bail!("--real-lane on, but {reason}");
+        }
+        eprintln!("real lane: off ({reason}); the kwok lane simulates nodes");
+        return Ok(None);
+    }
+    // `auto` builds nothing: the install scripts only report their caches.
+    let found = if mode == RealLane::Auto {
+        (
+            real_node::built_real_lane_assets(),
+            kapsa_testenv::traefik::built_traefik(),
+        )
+    } else {
+        (
+            real_node::find_real_lane_assets(),
+            kapsa_testenv::traefik::find_traefik(),
+        )
+    };
+    let (assets, traefik_folder) = match found {
+        (Ok(assets), Ok(traefik)) => (assets, traefik),
+        _ if mode == RealLane::Auto => {
+            eprintln!(
+                "real lane: off (its binaries are not built yet; `kapsa dev up --real-lane on` builds them once, about 20 minutes)"
+            );
+            return Ok(None);
+        }
+        (assets, traefik) => (
+            assets.context("the real lane's node binaries")?,
+            traefik.context("Traefik")?,
+        ),
+    };
+    let node = RealNode::start(plane, &assets)
+        .await
+        .context("starting the real node")?;
+    let traefik = kapsa_testenv::traefik::Traefik::start(
+        client,
+        plane.api_server_url(),
+        &plane.dir().join("pki/ca.crt"),
+        &traefik_folder,
+        &state_dir.join("traefik"),
+        false,
+    )
+    .await
+    .context("starting Traefik")?;
+    // Builds in the node's registry push a real image: busybox httpd
+    // serving the commit (the kpack simulator builds nothing from sources).
+    let pusher = node.image_pusher();
+    let busybox = std::fs::read(assets.join("busybox"))?;
+    let builds = kapsa_testenv::simulators::kpack::build_real_images(
+        node.registry(),
+        std::sync::Arc::new(move |tag: &str, _url: &str, revision: &str| {
+            pusher
+                .push(
+                    tag,
+                    &[
+                        ImageFile::new("/bin/busybox", busybox.clone(), 0o755),
+                        ImageFile::new("/www/index.html", format!("commit {revision}\n"), 0o644),
+                        ImageFile::new("/www/healthz", "ok", 0o644),
+                    ],
+                    &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+                    Some("65534"),
+                )
+                .map_err(|e| e.to_string())
+        }),
+    );
+    eprintln!(
+        "real lane: a real node ({}), a registry ({}) and Traefik ({}) on loopback",
+        node.name(),
+        node.registry(),
+        traefik.http_address()
+    );
+    Ok(Some(Lane {
+        node,
+        traefik,
+        builds,
+    }))
 }
 
 fn up_detached(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
@@ -219,6 +356,14 @@ fn up_detached(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     if options.demo {
         command.arg("--demo");
     }
+    command.args([
+        "--real-lane",
+        match options.real_lane {
+            RealLane::Auto => "auto",
+            RealLane::On => "on",
+            RealLane::Off => "off",
+        },
+    ]);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -241,6 +386,10 @@ fn up_detached(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
             if line.starts_with(EXPORT_PREFIX) {
                 print!("{line}");
                 return Ok(());
+            }
+            if line.starts_with("export ") {
+                print!("{line}");
+                continue;
             }
             eprint!("  {line}");
             continue;

@@ -36,7 +36,7 @@ fn dev_up_detach_then_down() {
     let assets = kapsa_testenv::find_assets().expect("control-plane binaries");
     let state = tempfile::tempdir().unwrap();
     let output = kapsa()
-        .args(["dev", "up", "--detach", "--state-dir"])
+        .args(["dev", "up", "--real-lane", "off", "--detach", "--state-dir"])
         .arg(state.path())
         .env("KUBEBUILDER_ASSETS", &assets)
         .stdin(Stdio::null())
@@ -119,7 +119,7 @@ fn killed_dev_up_leaves_no_process() {
     let assets = kapsa_testenv::find_assets().expect("control-plane binaries");
     let state = tempfile::tempdir().unwrap();
     let mut child = kapsa()
-        .args(["dev", "up", "--no-operator", "--state-dir"])
+        .args(["dev", "up", "--real-lane", "off", "--no-operator", "--state-dir"])
         .arg(state.path())
         .env("KUBEBUILDER_ASSETS", &assets)
         .stdin(Stdio::null())
