@@ -519,7 +519,8 @@ async fn operator_phase(
     );
 
     // Steady state starts once the Projects' statuses have caught up too
-    // (each aggregates its production Environment's readiness).
+    // (each aggregates its production Environment's readiness), and the
+    // DomainPool's allocations.
     let projects: Api<Project> = Api::all(client.clone());
     let projects_ready = loop {
         operator.ensure_running()?;
@@ -536,7 +537,18 @@ async fn operator_phase(
                 })
             })
             .count();
-        if ready >= args.projects {
+        // And the DomainPool's status counts them all: its reconcile is
+        // debounced behind the Projects' changes, so its last write comes
+        // after they are Ready (that write is convergence, not idling).
+        let allocated: i32 = Api::<kapsa_api::DomainPool>::all(client.clone())
+            .list(&cached_list())
+            .await?
+            .items
+            .iter()
+            .filter_map(|p| p.status.as_ref())
+            .flat_map(|s| s.allocations.iter().map(|a| a.projects))
+            .sum();
+        if ready >= args.projects && usize::try_from(allocated).unwrap_or(0) >= args.projects {
             break started.elapsed();
         }
         ensure!(
