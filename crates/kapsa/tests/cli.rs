@@ -119,7 +119,14 @@ fn killed_dev_up_leaves_no_process() {
     let assets = kapsa_testenv::find_assets().expect("control-plane binaries");
     let state = tempfile::tempdir().unwrap();
     let mut child = kapsa()
-        .args(["dev", "up", "--real-lane", "off", "--no-operator", "--state-dir"])
+        .args([
+            "dev",
+            "up",
+            "--real-lane",
+            "off",
+            "--no-operator",
+            "--state-dir",
+        ])
         .arg(state.path())
         .env("KUBEBUILDER_ASSETS", &assets)
         .stdin(Stdio::null())
