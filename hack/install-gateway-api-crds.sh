@@ -30,41 +30,7 @@ FILES=(
   gateway.networking.k8s.io_udproutes.yaml
 )
 
-log() { printf '[install-gateway-api-crds] %s\n' "$*" >&2; }
-
-complete() {
-  local dir="$1" f
-  for f in "${FILES[@]}"; do [ -s "$dir/$f" ] || return 1; done
-}
-
-if [ -n "${KAPSA_GATEWAY_API_CRDS:-}" ] && complete "$KAPSA_GATEWAY_API_CRDS"; then
-  log "using KAPSA_GATEWAY_API_CRDS=$KAPSA_GATEWAY_API_CRDS"
-  echo "$KAPSA_GATEWAY_API_CRDS"
-  exit 0
-fi
-
-cache_root="${KAPSA_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kapsa/assets}"
-out="$cache_root/gateway-api-crds-$GATEWAY_API_VERSION"
-if complete "$out"; then
-  log "cached in $out"
-  echo "$out"
-  exit 0
-fi
-
-command -v go >/dev/null || { log "the Go toolchain is needed to fetch the Gateway API module"; exit 1; }
-module="sigs.k8s.io/gateway-api@v$GATEWAY_API_VERSION"
-log "fetching $module"
-dir="$(go mod download -json "$module" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
-[ -n "$dir" ] && [ -d "$dir/config/crd/standard" ] || {
-  log "go mod download $module gave no config/crd/standard folder"
-  exit 1
-}
-mkdir -p "$out"
-for f in "${FILES[@]}"; do
-  cp "$dir/config/crd/standard/$f" "$out/$f.tmp"
-  chmod 0644 "$out/$f.tmp"
-  mv "$out/$f.tmp" "$out/$f"
-done
-echo "$module" > "$out/SOURCE"
-log "done: $out"
-echo "$out"
+# shellcheck source=lib/module-files.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/module-files.sh"
+module_files install-gateway-api-crds KAPSA_GATEWAY_API_CRDS sigs.k8s.io/gateway-api \
+  "$GATEWAY_API_VERSION" config/crd/standard "gateway-api-crds-$GATEWAY_API_VERSION" "${FILES[@]}"

@@ -10,17 +10,14 @@
 
 mod support;
 
-use std::path::Path;
-
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kapsa_api::external;
 use kapsa_api::{DomainPool, Environment, Project};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::*;
 
 const GATEWAY_NAMESPACE: &str = "gateway-system";
@@ -66,7 +63,7 @@ async fn setup() -> Client {
                 )
                 .await;
             }
-            install_host_ownership_policy(&client).await;
+            install_host_ownership_policy(&client, OPERATOR_USER).await;
             shared_operator_with(operator_config_with_host_table).await;
         })
         .await;
@@ -95,33 +92,6 @@ fn certificates(client: &Client, namespace: &str) -> Api<DynamicObject> {
         namespace,
         &external::cert_manager_certificate(),
     )
-}
-
-/// The shipped policy, its exemption naming the tests' operator user.
-async fn install_host_ownership_policy(client: &Client) {
-    let yaml = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/admission/host-ownership.yaml"),
-    )
-    .expect("deploy/admission/host-ownership.yaml")
-    .replace(
-        "'system:serviceaccount:kapsa-system:kapsa'",
-        &format!("'system:serviceaccount:kapsa-system:kapsa', '{OPERATOR_USER}'"),
-    );
-    for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
-        let value: Value = serde::Deserialize::deserialize(document).unwrap();
-        let kind = value["kind"].as_str().unwrap().to_string();
-        let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind);
-        let api: Api<DynamicObject> =
-            Api::all_with(client.clone(), &kube::api::ApiResource::from_gvk(&gvk));
-        let name = value["metadata"]["name"].as_str().unwrap().to_string();
-        api.patch(
-            &name,
-            &PatchParams::apply("kapsa-test").force(),
-            &Patch::Apply(&value),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{kind} {name} refused: {e}"));
-    }
 }
 
 /// Switches `platform`'s pool to Gateway routing on `gateway`.

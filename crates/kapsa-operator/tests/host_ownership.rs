@@ -6,13 +6,10 @@
 
 mod support;
 
-use std::path::Path;
-
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use support::*;
 
@@ -24,32 +21,6 @@ fn ingress(name: &str, host: &str) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": name},
         "spec": {"rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
             "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}})
-}
-
-async fn install_policy(client: &kube::Client) {
-    let yaml = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/admission/host-ownership.yaml"),
-    )
-    .expect("deploy/admission/host-ownership.yaml")
-    .replace(
-        "'system:serviceaccount:kapsa-system:kapsa'",
-        &format!("'system:serviceaccount:kapsa-system:kapsa', '{OPERATOR}'"),
-    );
-    for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
-        let value: Value = serde::Deserialize::deserialize(document).unwrap();
-        let kind = value["kind"].as_str().unwrap().to_string();
-        let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind);
-        let resource = kube::api::ApiResource::from_gvk(&gvk);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-        let name = value["metadata"]["name"].as_str().unwrap().to_string();
-        api.patch(
-            &name,
-            &PatchParams::apply("kapsa-test").force(),
-            &Patch::Apply(&value),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{kind} {name} refused: {e}"));
-    }
 }
 
 #[tokio::test]
@@ -96,7 +67,7 @@ async fn only_the_holders_namespace_routes_a_kapsa_host() {
     .await;
     assert!(table["_bases"].split(',').any(|b| b == base));
 
-    install_policy(&client).await;
+    install_host_ownership_policy(&client, OPERATOR).await;
 
     // The tenant of alpha: admin of its namespace, nothing more.
     create(

@@ -76,19 +76,11 @@ pub fn prometheus_operator_crds() -> Result<Vec<CustomResourceDefinition>> {
         "monitoring.coreos.com_servicemonitors.yaml",
         "monitoring.coreos.com_podmonitors.yaml",
     ];
-    let dir = crate::control_plane::installed_folder(
-        std::env::var_os("KAPSA_PROMETHEUS_OPERATOR_CRDS").map(std::path::PathBuf::from),
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../hack/install-prometheus-operator-crds.sh"),
-        |dir| FILES.iter().all(|f| dir.join(f).is_file()),
-        &format!("{FILES:?}"),
-        None,
-    )?;
-    let mut crds = Vec::new();
-    for file in FILES {
-        crds.extend(parse_crds(&std::fs::read_to_string(dir.join(file))?)?);
-    }
-    Ok(crds)
+    module_crds(
+        "KAPSA_PROMETHEUS_OPERATOR_CRDS",
+        "install-prometheus-operator-crds.sh",
+        &FILES,
+    )
 }
 
 /// The Gateway API CRDs of the standard channel (`gateway.networking.k8s.io`:
@@ -110,16 +102,31 @@ pub fn gateway_api_crds() -> Result<Vec<CustomResourceDefinition>> {
         "gateway.networking.k8s.io_tlsroutes.yaml",
         "gateway.networking.k8s.io_udproutes.yaml",
     ];
+    module_crds(
+        "KAPSA_GATEWAY_API_CRDS",
+        "install-gateway-api-crds.sh",
+        &FILES,
+    )
+}
+
+/// The CRDs in `files` of the folder `env_var` names, or else of the one
+/// `hack/<script>` fetches (once per machine, then cached) from a Go module.
+fn module_crds(
+    env_var: &str,
+    script: &str,
+    files: &[&str],
+) -> Result<Vec<CustomResourceDefinition>> {
     let dir = crate::control_plane::installed_folder(
-        std::env::var_os("KAPSA_GATEWAY_API_CRDS").map(std::path::PathBuf::from),
+        std::env::var_os(env_var).map(std::path::PathBuf::from),
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../hack/install-gateway-api-crds.sh"),
-        |dir| FILES.iter().all(|f| dir.join(f).is_file()),
-        &format!("{FILES:?}"),
+            .join("../../hack")
+            .join(script),
+        |dir| files.iter().all(|f| dir.join(f).is_file()),
+        &format!("{files:?}"),
         None,
     )?;
     let mut crds = Vec::new();
-    for file in FILES {
+    for file in files {
         crds.extend(parse_crds(&std::fs::read_to_string(dir.join(file))?)?);
     }
     Ok(crds)

@@ -419,3 +419,34 @@ pub fn app_image(d: &k8s_openapi::api::apps::v1::Deployment) -> String {
         .clone()
         .unwrap()
 }
+
+/// Installs the shipped host-ownership policy
+/// (deploy/admission/host-ownership.yaml), its exemption naming
+/// `operator_user` too (the tests' operators are client-certificate users,
+/// not the ServiceAccount the file names).
+pub async fn install_host_ownership_policy(client: &Client, operator_user: &str) {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/admission/host-ownership.yaml"),
+    )
+    .expect("deploy/admission/host-ownership.yaml")
+    .replace(
+        "'system:serviceaccount:kapsa-system:kapsa'",
+        &format!("'system:serviceaccount:kapsa-system:kapsa', '{operator_user}'"),
+    );
+    for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
+        let value: Value = serde::Deserialize::deserialize(document).unwrap();
+        let kind = value["kind"].as_str().unwrap().to_string();
+        let gvk = kube::core::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind);
+        let api: Api<DynamicObject> =
+            Api::all_with(client.clone(), &kube::api::ApiResource::from_gvk(&gvk));
+        let name = value["metadata"]["name"].as_str().unwrap().to_string();
+        api.patch(
+            &name,
+            &PatchParams::apply("kapsa-test").force(),
+            &Patch::Apply(&value),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind} {name} refused: {e}"));
+    }
+}
