@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kapsa_api::{DomainPool, Project};
-use kapsa_testenv::real_node::{self, ImageFile, REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode};
+use kapsa_testenv::real_node::{self, REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode};
 use kapsa_testenv::traefik::{INGRESS_CLASS, Traefik};
 use kube::api::{Api, DeleteParams};
 use serde_json::json;
@@ -60,28 +60,6 @@ async fn get(address: &str, host: &str, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
-}
-
-/// The lane's "build": a busybox httpd image, as user 65534, serving
-/// `commit <revision>` at `/` and `ok` at `/healthz` on port 8080.
-fn commit_page_image(
-    pusher: &real_node::ImagePusher,
-    busybox: &[u8],
-    tag: &str,
-    revision: &str,
-) -> Result<String, String> {
-    pusher
-        .push(
-            tag,
-            &[
-                ImageFile::new("/bin/busybox", busybox.to_vec(), 0o755),
-                ImageFile::new("/www/index.html", format!("commit {revision}\n"), 0o644),
-                ImageFile::new("/www/healthz", "ok", 0o644),
-            ],
-            &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
-            Some("65534"),
-        )
-        .map_err(|e| e.to_string())
 }
 
 #[tokio::test]
@@ -122,14 +100,7 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     .expect("Traefik");
 
     // Builds of the lane's registry push real images (kpack simulator).
-    let pusher = node.image_pusher();
-    let busybox = std::fs::read(assets.join("busybox")).expect("busybox");
-    let _real_builds = kapsa_testenv::simulators::kpack::build_real_images(
-        node.registry(),
-        std::sync::Arc::new(move |tag: &str, _url: &str, revision: &str| {
-            commit_page_image(&pusher, &busybox, tag, revision)
-        }),
-    );
+    let _real_builds = node.build_commit_pages().expect("real builds");
 
     // A pool whose apps run on the real node, routed by Traefik, plain HTTP;
     // a registry on loopback (insecure: allowed there).

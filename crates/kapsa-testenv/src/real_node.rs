@@ -342,6 +342,36 @@ impl RealNode {
         )
     }
 
+    /// The lane's "builds": until the guard is dropped, every kpack build
+    /// whose tag is in this node's registry pushes a busybox httpd image
+    /// (user 65534) serving `commit <revision>` at `/` and `ok` at
+    /// `/healthz` on port 8080, and the simulator reports its real digest.
+    pub fn build_commit_pages(&self) -> Result<crate::simulators::kpack::RealImages> {
+        let pusher = self.image_pusher();
+        let busybox = std::fs::read(self.assets.join("busybox"))?;
+        Ok(crate::simulators::kpack::build_real_images(
+            &self.registry,
+            std::sync::Arc::new(move |tag: &str, _url: &str, revision: &str| {
+                pusher
+                    .push(
+                        tag,
+                        &[
+                            ImageFile::new("/bin/busybox", busybox.clone(), 0o755),
+                            ImageFile::new(
+                                "/www/index.html",
+                                format!("commit {revision}\n"),
+                                0o644,
+                            ),
+                            ImageFile::new("/www/healthz", "ok", 0o644),
+                        ],
+                        &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+                        Some("65534"),
+                    )
+                    .map_err(|e| e.to_string())
+            }),
+        ))
+    }
+
     /// What pushes images to this node's registry, for use elsewhere (the
     /// kpack simulator's real builds in this lane).
     pub fn image_pusher(&self) -> ImagePusher {

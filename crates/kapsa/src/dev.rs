@@ -256,7 +256,7 @@ async fn start_real_lane(
     state_dir: &Path,
     mode: RealLane,
 ) -> anyhow::Result<Option<Lane>> {
-    use kapsa_testenv::real_node::{self, ImageFile, RealNode};
+    use kapsa_testenv::real_node::{self, RealNode};
     if mode == RealLane::Off {
         return Ok(None);
     }
@@ -307,25 +307,7 @@ async fn start_real_lane(
     .context("starting Traefik")?;
     // Builds in the node's registry push a real image: busybox httpd
     // serving the commit (the kpack simulator builds nothing from sources).
-    let pusher = node.image_pusher();
-    let busybox = std::fs::read(assets.join("busybox"))?;
-    let builds = kapsa_testenv::simulators::kpack::build_real_images(
-        node.registry(),
-        std::sync::Arc::new(move |tag: &str, _url: &str, revision: &str| {
-            pusher
-                .push(
-                    tag,
-                    &[
-                        ImageFile::new("/bin/busybox", busybox.clone(), 0o755),
-                        ImageFile::new("/www/index.html", format!("commit {revision}\n"), 0o644),
-                        ImageFile::new("/www/healthz", "ok", 0o644),
-                    ],
-                    &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
-                    Some("65534"),
-                )
-                .map_err(|e| e.to_string())
-        }),
-    );
+    let builds = node.build_commit_pages()?;
     eprintln!(
         "real lane: a real node ({}), a registry ({}) and Traefik ({}) on loopback",
         node.name(),

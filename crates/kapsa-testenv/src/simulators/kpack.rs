@@ -200,20 +200,28 @@ async fn reconcile_image(image: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Act
         tracing::info!(image = %name, revision, "kpack simulator: failing build as configured");
         json!({"status": {"conditions": [condition("Ready", "False", "BuildFailed",
             &format!("kpack simulator: build of revision {revision} failed (listed in {SETTINGS_NAMESPACE}/{SETTINGS_NAME} failRevisions)"))]}})
-    } else if let Some(builder) = real_image_builder(tag) {
-        let (tag_owned, url_owned, revision_owned) =
-            (tag.to_string(), url.to_string(), revision.to_string());
-        let built =
-            tokio::task::spawn_blocking(move || builder(&tag_owned, &url_owned, &revision_owned))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+    } else {
+        // The real lane's image for this build, or the simulated digest.
+        let built = match real_image_builder(tag) {
+            Some(builder) => {
+                let (tag, url, revision) = (tag.to_string(), url.to_string(), revision.to_string());
+                tokio::task::spawn_blocking(move || builder(&tag, &url, &revision))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                    .map(|latest| (latest, "kpack simulator: build succeeded (a real image, made by the real lane, not from the sources)"))
+            }
+            None => Ok((
+                format!("{tag}@{}", simulated_digest(url, revision)),
+                "kpack simulator: build succeeded",
+            )),
+        };
         match built {
-            Ok(latest) => {
-                tracing::info!(image = %name, revision, latest, "kpack simulator: real image pushed");
+            Ok((latest, message)) => {
+                tracing::info!(image = %name, revision, latest, "kpack simulator: build succeeded");
                 json!({"status": {
                     "latestImage": latest,
                     "conditions": [
-                        condition("Ready", "True", "", "kpack simulator: build succeeded (a real image, made by the real lane, not from the sources)"),
+                        condition("Ready", "True", "", message),
                         condition("BuilderReady", "True", "", ""),
                     ],
                 }})
@@ -223,16 +231,6 @@ async fn reconcile_image(image: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Act
                 &format!("kpack simulator: pushing the real image failed: {error}"))]}})
             }
         }
-    } else {
-        let latest = format!("{tag}@{}", simulated_digest(url, revision));
-        tracing::info!(image = %name, revision, latest, "kpack simulator: build succeeded");
-        json!({"status": {
-            "latestImage": latest,
-            "conditions": [
-                condition("Ready", "True", "", "kpack simulator: build succeeded"),
-                condition("BuilderReady", "True", "", ""),
-            ],
-        }})
     };
     api.patch_status(&name, &write_params(), &Patch::Merge(&patch))
         .await?;

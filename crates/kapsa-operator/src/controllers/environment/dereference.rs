@@ -108,10 +108,14 @@ impl EnvironmentWorld {
         .chain(
             self.certificates
                 .iter()
-                .map(|c| Observed::of(&certificate_api_resource(), c.as_ref()))
-                .filter(|o| {
-                    o.controller_uid.is_some() && o.controller_uid == self.environment.uid()
-                }),
+                .filter(|c| {
+                    let uid = self.environment.uid();
+                    uid.is_some()
+                        && c.owner_references()
+                            .iter()
+                            .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
+                })
+                .map(|c| Observed::of(&certificate_api_resource(), c.as_ref())),
         )
         .collect()
     }
