@@ -14,20 +14,23 @@
 //!
 //! The kpack simulator "builds" each commit into a real image in the lane's
 //! registry (busybox httpd serving `commit <sha>`), so the digest Kapsa
-//! deploys exists and the pod runs it. Not yet here: HTTPS (real
-//! cert-manager and Pebble).
+//! deploys exists and the pod runs it. A second Project, in a pool whose
+//! ClusterIssuer is the lane's `pebble`, is served over HTTPS with the
+//! certificate real cert-manager obtained from Pebble by HTTP-01 through
+//! Traefik, verified against Pebble's root only.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use kapsa_api::{DomainPool, Project};
+use kapsa_testenv::acme_lane::{AcmeLane, AcmeLaneOptions};
+use kapsa_testenv::http_get::TlsRoots;
 use kapsa_testenv::real_node::{self, REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode};
 use kapsa_testenv::traefik::{INGRESS_CLASS, Traefik};
 use kube::api::{Api, DeleteParams};
 use serde_json::json;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn enabled(test: &str) -> bool {
     if std::env::var("KAPSA_REAL_LANE").as_deref() == Ok("1") {
@@ -37,29 +40,11 @@ fn enabled(test: &str) -> bool {
     false
 }
 
-/// A GET of `/` for `host` through `address`: the status and the body.
+/// A plain-HTTP GET for `host` through `address`: the status and the body.
 async fn get(address: &str, host: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(address),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+    kapsa_testenv::http_get::get(address, host, path, None)
         .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+        .ok()
 }
 
 #[tokio::test]
@@ -72,6 +57,8 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     }
     let assets = real_node::find_real_lane_assets().expect("the real lane's binaries");
     let traefik_folder = kapsa_testenv::traefik::find_traefik().expect("Traefik");
+    let cert_manager_folder =
+        kapsa_testenv::acme_lane::find_cert_manager().expect("cert-manager and Pebble");
     let (env, client) = cluster().await;
     // Gateway API's CRDs before the operator starts (it watches what is
     // served at its start; it would restart its caches for them anyway).
@@ -88,6 +75,7 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
         .parent()
         .expect("the control plane's folder")
         .join("pki/ca.crt");
+    let lane_address = kapsa_testenv::acme_lane::lane_address().expect("a loopback address");
     let traefik = Traefik::start(
         &client,
         env.api_server_url(),
@@ -95,9 +83,28 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
         &traefik_folder,
         &node.dir().join("traefik"),
         true,
+        lane_address,
     )
     .await
     .expect("Traefik");
+    let acme_started = Instant::now();
+    let acme = AcmeLane::start(
+        &client,
+        AcmeLaneOptions {
+            kubeconfig: env.kubeconfig_path().to_path_buf(),
+            folder: cert_manager_folder,
+            dir: node.dir().join("acme"),
+            ingress_address: lane_address,
+            ingress_class: INGRESS_CLASS.to_string(),
+            images: node.image_pusher(),
+        },
+    )
+    .await
+    .expect("cert-manager and Pebble");
+    println!(
+        "real lane: cert-manager's ClusterIssuer pebble Ready in {:?}",
+        acme_started.elapsed()
+    );
 
     // Builds of the lane's registry push real images (kpack simulator).
     let _real_builds = node.build_commit_pages().expect("real builds");
@@ -308,6 +315,157 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
         .delete(name, &DeleteParams::default())
         .await
         .expect("Project deleted");
+
+    served_over_https(&client, &node, &traefik, &acme, &git).await;
+
+    drop(acme);
     drop(traefik);
     node.stop();
+}
+
+/// A Project in a pool whose ClusterIssuer is the lane's `pebble`: real
+/// cert-manager obtains its host's certificate from Pebble (HTTP-01,
+/// validated through Traefik on port 80), Traefik serves it on 443, and a
+/// client that trusts only Pebble's root gets the deployed commit; a new
+/// commit rolls out over HTTPS with no failed request.
+async fn served_over_https(
+    client: &kube::Client,
+    node: &RealNode,
+    traefik: &Traefik,
+    acme: &AcmeLane,
+    git: &kapsa_testenv::git_server::GitServer,
+) {
+    let base = "tls.example.com";
+    let pool = "real-tls-pool";
+    create_ignoring_conflict(
+        &Api::<DomainPool>::all(client.clone()),
+        json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": pool},
+            "spec": {"domains": [base], "ingressClassName": INGRESS_CLASS,
+                "clusterIssuerRef": {"name": kapsa_testenv::acme_lane::CLUSTER_ISSUER},
+                "challenge": "HTTP01",
+                "nodeSelector": {REAL_NODE_LABEL: "true"},
+                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]}}),
+    )
+    .await;
+    let platform = Platform {
+        pool: pool.into(),
+        base: base.into(),
+        issuer: kapsa_testenv::acme_lane::CLUSTER_ISSUER.into(),
+        registry: "real-registry".into(),
+        registry_server: node.registry().into(),
+    };
+    let name = "secureapp";
+    let repo = git.create_repo(name).expect("repository");
+    let first = repo
+        .commit("main", "app.txt", "v1", "first")
+        .expect("commit");
+    let mut manifest = project_manifest(name, repo.url(), &platform, None);
+    manifest["spec"]["runtime"] = json!({"port": 8080, "replicas": 2,
+        "healthCheck": {"path": "/healthz"},
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}});
+    let applied = Instant::now();
+    create(&Api::<Project>::all(client.clone()), manifest).await;
+    rolled_out(client, name, &first).await;
+    let ready_after = applied.elapsed();
+    let (tls, reason, message) = environment_condition(client, name, "production", "TLSReady")
+        .await
+        .expect("TLSReady");
+    assert_eq!(tls, "True", "TLSReady: {reason}: {message}");
+
+    let host = format!("{name}.{base}");
+    let https = traefik.https_address().to_string();
+    let pebble = TlsRoots::from_pem_file(acme.acme_ca()).expect("Pebble's root");
+    let last = std::sync::Mutex::new(String::new());
+    let answered = kapsa_testenv::wait::try_eventually(support::TIMEOUT, || async {
+        let answer = kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await;
+        *last.lock().unwrap() = format!("{answer:?}");
+        answer.ok().filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let Some((status, body)) = answered else {
+        panic!(
+            "no page over HTTPS with Pebble's certificate; the last answer: {}\nTraefik log: {}",
+            last.lock().unwrap(),
+            kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
+        );
+    };
+    let served_after = applied.elapsed();
+    assert_eq!((status, body), (200, format!("commit {first}\n")));
+    // Verification is real: a client trusting another root refuses it.
+    let other_root = std::fs::read(node.dir().join("acme/pebble.crt")).expect("another root");
+    let refused = kapsa_testenv::http_get::get(
+        &https,
+        &host,
+        "/",
+        Some(&TlsRoots::from_pem(&other_root).expect("a root")),
+    )
+    .await
+    .expect_err("a certificate Pebble issued is not trusted by another root");
+    assert!(refused.contains("certificate"), "{refused}");
+
+    // The certificate came by ACME: cert-manager made an Order for the host.
+    let orders = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        name,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "acme.cert-manager.io",
+            "v1",
+            "Order",
+        )),
+    );
+    let valid = orders
+        .list(&Default::default())
+        .await
+        .expect("Orders")
+        .items
+        .into_iter()
+        .filter(|o| o.data["status"]["state"] == "valid")
+        .count();
+    assert!(valid >= 1, "a valid ACME Order for {host}");
+
+    // A new commit rolls out over HTTPS while requests keep being answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (https, host, stop, pebble) =
+            (https.clone(), host.clone(), stop.clone(), pebble.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    let second = repo
+        .commit("main", "app.txt", "v2", "second")
+        .expect("second commit");
+    let second_page = format!("commit {second}\n");
+    eventually("the second commit over HTTPS", || async {
+        kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble))
+            .await
+            .ok()
+            .filter(|(s, b)| *s == 200 && *b == second_page)
+    })
+    .await;
+    rolled_out(client, name, &second).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.await.unwrap();
+    println!(
+        "real lane, HTTPS: Project applied -> production Ready (certificate from Pebble) {ready_after:?}, -> served over HTTPS {served_after:?}; during the second rollout {ok} HTTPS requests answered 200, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "HTTPS requests failed during the rollout: {failed:?}\nTraefik log: {}",
+        kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
+    );
+    Api::<Project>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("Project deleted");
 }

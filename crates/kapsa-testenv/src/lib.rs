@@ -9,11 +9,13 @@
 //! - [`shared`]: one control plane per test binary, with an audit log.
 //! - [`audit`]: the API server's audit log, read back: what each user did.
 
+pub mod acme_lane;
 pub mod audit;
 pub mod control_plane;
 pub mod crds;
 pub mod git_server;
 pub mod hostile_git;
+pub mod http_get;
 pub mod pki;
 pub mod process;
 pub mod real_node;

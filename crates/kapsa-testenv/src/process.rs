@@ -60,6 +60,17 @@ pub struct ManagedProcess {
 
 impl ManagedProcess {
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> io::Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], log_dir)
+    }
+
+    /// [`spawn`](Self::spawn) with these environment variables set too.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(log_dir)?;
         let log_path = log_dir.join(format!("{name}.log"));
         let log = File::create(&log_path)?;
@@ -72,6 +83,7 @@ impl ManagedProcess {
         };
         command
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -1,8 +1,10 @@
 //! The real lane's ingress controller: Traefik (built from its Go module by
 //! `hack/install-traefik.sh`), run outside the cluster against the local
 //! control plane, routing the cluster's Ingresses of class `traefik` to pod
-//! IPs (the real node's bridge is reachable from the host) on a loopback
-//! port.
+//! IPs (the real node's bridge is reachable from the host) on ports 80
+//! (`web`) and 443 (`websecure`, serving the certificates of the Ingresses'
+//! TLS Secrets) of the lane's loopback address
+//! ([`crate::acme_lane::lane_address`]).
 //!
 //! Traefik reads the cluster as the ServiceAccount `kapsa-lane/traefik`,
 //! with the read rights its Kubernetes Ingress provider documents (and
@@ -63,6 +65,7 @@ fn traefik_folder(cached_only: bool) -> Result<PathBuf> {
 pub struct Traefik {
     process: ManagedProcess,
     http: String,
+    https: String,
     dir: PathBuf,
 }
 
@@ -70,6 +73,7 @@ impl std::fmt::Debug for Traefik {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Traefik")
             .field("http", &self.http)
+            .field("https", &self.https)
             .field("pid", &self.process.pid())
             .finish()
     }
@@ -81,8 +85,9 @@ impl Traefik {
     /// Makes its ServiceAccount, RBAC and the IngressClass, and waits until
     /// it listens. With `gateway_api` (Gateway API's CRDs must be served)
     /// its Gateway API provider runs too, for the GatewayClass `traefik`
-    /// (made here): a Gateway listener must use the port of
-    /// [`http_address`](Self::http_address).
+    /// (made here): a Gateway listener must use port 80 (plain HTTP) or 443.
+    /// It listens on `address` ([`crate::acme_lane::lane_address`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         client: &Client,
         api_server_url: &str,
@@ -90,16 +95,19 @@ impl Traefik {
         folder: &Path,
         dir: &Path,
         gateway_api: bool,
+        address: std::net::Ipv4Addr,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let token = service_account_token(client, gateway_api).await?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let http = format!("127.0.0.1:{port}");
+        let http = format!("{address}:80");
+        let https = format!("{address}:443");
         let provider = "--providers.kubernetesingress";
         let args = vec![
             format!("--entrypoints.web.address={http}"),
+            format!("--entrypoints.websecure.address={https}"),
+            // Every router on websecure serves TLS, with the certificate of
+            // the Ingresses' TLS Secrets that matches the SNI name.
+            "--entrypoints.websecure.http.tls=true".to_string(),
             format!("{provider}=true"),
             format!("{provider}.endpoint={api_server_url}"),
             format!("{provider}.token={token}"),
@@ -121,10 +129,13 @@ impl Traefik {
         let mut traefik = Self {
             process,
             http,
+            https,
             dir: dir.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&traefik.http).is_err() {
+        while TcpStream::connect(&traefik.http).is_err()
+            || TcpStream::connect(&traefik.https).is_err()
+        {
             traefik
                 .process
                 .ensure_running()
@@ -140,9 +151,14 @@ impl Traefik {
         Ok(traefik)
     }
 
-    /// `127.0.0.1:<port>`: Traefik's plain-HTTP entry point.
+    /// `<lane address>:80`: Traefik's plain-HTTP entry point.
     pub fn http_address(&self) -> &str {
         &self.http
+    }
+
+    /// `<lane address>:443`: Traefik's HTTPS entry point.
+    pub fn https_address(&self) -> &str {
+        &self.https
     }
 
     /// Its log file.

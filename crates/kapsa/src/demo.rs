@@ -107,13 +107,18 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> anyhow::Result<()> {
 pub struct Lane {
     /// `127.0.0.1:<port>`: the node's registry.
     pub registry: String,
-    /// `127.0.0.1:<port>`: Traefik's HTTP entry point.
+    /// `<lane address>:80`: Traefik's HTTP entry point.
     pub ingress_http: String,
+    /// `<lane address>:443`: Traefik's HTTPS entry point.
+    pub ingress_https: String,
+    /// Pebble's root certificate: what the served certificates chain to.
+    pub acme_ca: std::path::PathBuf,
 }
 
 /// The platform in the real lane: apps run on the real node, Traefik routes
-/// them (plain HTTP: no ACME server in the lane yet), and builds push to the
-/// node's registry on loopback.
+/// them, cert-manager obtains their certificates from Pebble (the
+/// ClusterIssuer `pebble`, HTTP-01), and builds push to the node's registry
+/// on loopback.
 fn lane_platform(lane: &Lane) -> String {
     format!(
         r#"
@@ -137,52 +142,45 @@ metadata: {{name: default}}
 spec:
   domains: [apps.kapsa.localhost]
   default: true
+  clusterIssuerRef: {{name: {issuer}}}
+  challenge: HTTP01
   ingressClassName: {class}
   nodeSelector: {{"{label}": "true"}}
   tolerations: [{{key: "{taint}", operator: Exists, effect: NoSchedule}}]
 "#,
         registry = lane.registry,
         class = kapsa_testenv::traefik::INGRESS_CLASS,
+        issuer = kapsa_testenv::acme_lane::CLUSTER_ISSUER,
         label = kapsa_testenv::real_node::REAL_NODE_LABEL,
         taint = kapsa_testenv::real_node::REAL_NODE_TAINT,
     )
 }
 
 /// `GET /` for `host` through Traefik, printed like curl's first lines.
+/// `curl --cacert <Pebble's root> https://<host>/` through Traefik, until
+/// the page contains `expect` (the certificate may still be on its way).
 async fn curl(lane: &Lane, host: &str, expect: &str) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use kapsa_testenv::http_get::{TlsRoots, get};
+    let roots = TlsRoots::from_pem_file(&lane.acme_ca)?;
     let started = Instant::now();
     loop {
-        let answer = async {
-            let mut stream = tokio::net::TcpStream::connect(&lane.ingress_http).await?;
-            stream
-                .write_all(
-                    format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await?;
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).await?;
-            anyhow::Ok(String::from_utf8_lossy(&response).to_string())
-        }
-        .await;
-        if let Ok(text) = &answer
-            && let Some((head, body)) = text.split_once("\r\n\r\n")
+        let answer = get(&lane.ingress_https, host, "/", Some(&roots)).await;
+        if let Ok((status, body)) = &answer
             && body.contains(expect)
         {
             println!(
-                "  curl -H 'Host: {host}' http://{}/  ->  {}  {}",
-                lane.ingress_http,
-                head.lines().next().unwrap_or_default(),
+                "  curl --cacert {} --resolve {host}:443:{} https://{host}/  ->  {status}  {}",
+                lane.acme_ca.display(),
+                lane.ingress_https.rsplit_once(':').map_or("", |(ip, _)| ip),
                 body.trim()
             );
             return Ok(());
         }
         anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "{host} did not answer with {expect:?} through Traefik: {answer:?}"
+            started.elapsed() < Duration::from_secs(120),
+            "https://{host}/ did not answer with {expect:?} through Traefik with a certificate from Pebble: {answer:?}"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -275,8 +273,8 @@ pub async fn run(
         }
         Some(lane) => {
             println!(
-                "demo: a platform in the real lane (DomainPool apps.kapsa.localhost on the real node, routed by Traefik at {}; ClusterRegistry {}; builds by the kpack simulator push a real image serving the commit)",
-                lane.ingress_http, lane.registry
+                "demo: a platform in the real lane (DomainPool apps.kapsa.localhost on the real node, routed by Traefik at {} and {}, certificates from Pebble by cert-manager; ClusterRegistry {}; builds by the kpack simulator push a real image serving the commit)",
+                lane.ingress_http, lane.ingress_https, lane.registry
             );
             apply_yaml(client, &lane_platform(lane)).await?;
         }

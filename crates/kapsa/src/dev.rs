@@ -162,6 +162,9 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     .await
     .context("starting the control plane")?;
     let client = plane.client().await?;
+    // The simulators' CRDs first: the real lane's cert-manager replaces the
+    // simulator's cert-manager CRDs with its own.
+    kapsa_testenv::simulators::install(&client).await?;
     let lane = match start_real_lane(&plane, &client, state_dir, options.real_lane).await {
         Ok(lane) => lane,
         Err(error) => {
@@ -172,11 +175,15 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     if let Some(lane) = &lane {
         // Before KUBECONFIG, which `--detach` waits for.
         println!("export KAPSA_INGRESS_HTTP={}", lane.traefik.http_address());
+        println!(
+            "export KAPSA_INGRESS_HTTPS={}",
+            lane.traefik.https_address()
+        );
+        println!("export KAPSA_ACME_CA={}", lane.acme.acme_ca().display());
         println!("export KAPSA_REGISTRY={}", lane.node.registry());
     }
     println!("{EXPORT_PREFIX}{}", plane.kubeconfig_path().display());
     let kubeconfig = plane.kubeconfig_path().to_path_buf();
-    kapsa_testenv::simulators::install(&client).await?;
     let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml())?;
     kapsa_testenv::crds::install_crds(&client, &crds, "kapsa").await?;
     tracing::info!(
@@ -212,6 +219,8 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
         let demo_lane = lane.as_ref().map(|l| demo::Lane {
             registry: l.node.registry().to_string(),
             ingress_http: l.traefik.http_address().to_string(),
+            ingress_https: l.traefik.https_address().to_string(),
+            acme_ca: l.acme.acme_ca().to_path_buf(),
         });
         match demo::run(&client, &kubeconfig, demo_lane).await {
             // Keep the repository served so that polling goes on.
@@ -234,6 +243,7 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     if let Some(mut lane) = lane {
         tracing::info!("stopping the real lane");
         drop(lane.builds);
+        drop(lane.acme);
         drop(lane.traefik);
         lane.node.stop();
     }
@@ -246,6 +256,7 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
 struct Lane {
     node: kapsa_testenv::real_node::RealNode,
     traefik: kapsa_testenv::traefik::Traefik,
+    acme: kapsa_testenv::acme_lane::AcmeLane,
     builds: kapsa_testenv::simulators::kpack::RealImages,
 }
 
@@ -272,26 +283,30 @@ async fn start_real_lane(
         (
             real_node::built_real_lane_assets(),
             kapsa_testenv::traefik::built_traefik(),
+            kapsa_testenv::acme_lane::built_cert_manager(),
         )
     } else {
         (
             real_node::find_real_lane_assets(),
             kapsa_testenv::traefik::find_traefik(),
+            kapsa_testenv::acme_lane::find_cert_manager(),
         )
     };
-    let (assets, traefik_folder) = match found {
-        (Ok(assets), Ok(traefik)) => (assets, traefik),
+    let (assets, traefik_folder, cert_manager_folder) = match found {
+        (Ok(assets), Ok(traefik), Ok(cert_manager)) => (assets, traefik, cert_manager),
         _ if mode == RealLane::Auto => {
             eprintln!(
                 "real lane: off (its binaries are not built yet; `kapsa dev up --real-lane on` builds them once, about 20 minutes)"
             );
             return Ok(None);
         }
-        (assets, traefik) => (
+        (assets, traefik, cert_manager) => (
             assets.context("the real lane's node binaries")?,
             traefik.context("Traefik")?,
+            cert_manager.context("cert-manager and Pebble")?,
         ),
     };
+    let address = kapsa_testenv::acme_lane::lane_address()?;
     let node = RealNode::start(plane, &assets)
         .await
         .context("starting the real node")?;
@@ -302,21 +317,38 @@ async fn start_real_lane(
         &traefik_folder,
         &state_dir.join("traefik"),
         false,
+        address,
     )
     .await
     .context("starting Traefik")?;
+    let acme = kapsa_testenv::acme_lane::AcmeLane::start(
+        client,
+        kapsa_testenv::acme_lane::AcmeLaneOptions {
+            kubeconfig: plane.kubeconfig_path().to_path_buf(),
+            folder: cert_manager_folder,
+            dir: state_dir.join("acme"),
+            ingress_address: address,
+            ingress_class: kapsa_testenv::traefik::INGRESS_CLASS.to_string(),
+            images: node.image_pusher(),
+        },
+    )
+    .await
+    .context("starting cert-manager and Pebble")?;
     // Builds in the node's registry push a real image: busybox httpd
     // serving the commit (the kpack simulator builds nothing from sources).
     let builds = node.build_commit_pages()?;
     eprintln!(
-        "real lane: a real node ({}), a registry ({}) and Traefik ({}) on loopback",
+        "real lane: a real node ({}), a registry ({}), Traefik ({} and {}), cert-manager with Pebble ({}) on loopback",
         node.name(),
         node.registry(),
-        traefik.http_address()
+        traefik.http_address(),
+        traefik.https_address(),
+        acme.directory()
     );
     Ok(Some(Lane {
         node,
         traefik,
+        acme,
         builds,
     }))
 }

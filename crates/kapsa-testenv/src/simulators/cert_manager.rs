@@ -11,6 +11,9 @@
 //!   ACME `dns01` solver, as with a real ACME CA; otherwise the Certificate
 //!   gets `Ready=False`, reason `WildcardRequiresDNS01`.
 //! - ClusterIssuers are marked Ready.
+//! - It stands aside for ClusterIssuers a real cert-manager serves (the real
+//!   lane's, labelled [`crate::acme_lane::REAL_CERT_MANAGER_LABEL`]), and for
+//!   the Certificates and Ingresses that name them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,7 +99,24 @@ pub fn certificates_for_ingress(ingress: &Ingress) -> Vec<DynamicObject> {
         .collect()
 }
 
+/// Whether a real cert-manager serves this ClusterIssuer (the real lane):
+/// then the simulator leaves it, its Certificates and Ingresses alone.
+fn served_by_real_cert_manager(issuer: &DynamicObject) -> bool {
+    issuer
+        .labels()
+        .contains_key(crate::acme_lane::REAL_CERT_MANAGER_LABEL)
+}
+
 async fn reconcile_ingress(ingress: Arc<Ingress>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
+    if let Some(issuer) = ingress.annotations().get(CLUSTER_ISSUER_ANNOTATION)
+        && let Some(issuer) =
+            Api::<DynamicObject>::all_with(ctx.client.clone(), &cluster_issuer_resource())
+                .get_opt(issuer)
+                .await?
+        && served_by_real_cert_manager(&issuer)
+    {
+        return Ok(Action::await_change());
+    }
     let namespace = ingress.namespace().unwrap_or_default();
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &namespace, &certificate_resource());
@@ -169,6 +189,9 @@ async fn reconcile_certificate(
     } else {
         None
     };
+    if issuer.as_ref().is_some_and(served_by_real_cert_manager) {
+        return Ok(Action::await_change());
+    }
     let problem = match &issuer {
         _ if names.is_empty() => Some(("InvalidSpec", "no dnsNames or commonName".to_string())),
         None => Some((
@@ -275,6 +298,9 @@ async fn reconcile_certificate(
 }
 
 async fn reconcile_issuer(issuer: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
+    if served_by_real_cert_manager(&issuer) {
+        return Ok(Action::await_change());
+    }
     let ready = issuer.data["status"]["conditions"]
         .as_array()
         .is_some_and(|cs| {
