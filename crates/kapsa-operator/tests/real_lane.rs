@@ -464,6 +464,123 @@ async fn served_over_https(
         "HTTPS requests failed during the rollout: {failed:?}\nTraefik log: {}",
         kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
     );
+
+    // HTTPS through Gateway API: the platform's Gateway has an HTTPS
+    // listener for the pool's hosts whose certificate cert-manager obtained
+    // from Pebble (Traefik 3.6 has no ListenerSets, so the pool attaches
+    // routes to that listener). The switch drops no HTTPS request.
+    let lane_namespace = kapsa_testenv::traefik::NAMESPACE;
+    let certificates = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        lane_namespace,
+        &kapsa_api::external::cert_manager_certificate(),
+    );
+    create(
+        &certificates,
+        json!({"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+            "metadata": {"name": "lane-tls-apps"},
+            "spec": {"secretName": "lane-tls-apps", "dnsNames": [host],
+                "issuerRef": {"name": kapsa_testenv::acme_lane::CLUSTER_ISSUER, "kind": "ClusterIssuer"}}}),
+    )
+    .await;
+    eventually("the Gateway listener's certificate from Pebble", || async {
+        let certificate = certificates.get("lane-tls-apps").await.ok()?;
+        certificate.data["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            .then_some(())
+    })
+    .await;
+    create(
+        &Api::<kube::api::DynamicObject>::namespaced_with(
+            client.clone(),
+            lane_namespace,
+            &kapsa_api::external::gateway_gateway(),
+        ),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "lane-tls"},
+            "spec": {"gatewayClassName": kapsa_testenv::traefik::GATEWAY_CLASS,
+                "listeners": [{"name": "apps-https", "hostname": format!("*.{base}"), "port": 443,
+                    "protocol": "HTTPS",
+                    "tls": {"mode": "Terminate", "certificateRefs": [{"name": "lane-tls-apps"}]},
+                    "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (https, host, stop, pebble) =
+            (https.clone(), host.clone(), stop.clone(), pebble.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let started = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{:?}: {other:?}", started.elapsed())),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    let switched = Instant::now();
+    Api::<DomainPool>::all(client.clone())
+        .patch(
+            pool,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"routing": "Gateway", "gatewayRef": {
+                "name": "lane-tls", "namespace": lane_namespace, "sectionName": "apps-https"}}})),
+        )
+        .await
+        .expect("pool switched to Gateway routing");
+    eventually(
+        "Routed=True from Traefik over the HTTPS listener",
+        || async {
+            environment_condition(client, name, "production", "Routed")
+                .await
+                .filter(|(s, _, _)| s == "True")
+        },
+    )
+    .await;
+    let routed_after = switched.elapsed();
+
+    let ingresses =
+        Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(client.clone(), name);
+    eventually("the Ingress pruned", || async {
+        ingresses
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let pruned_after = switched.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.await.unwrap();
+    let answer = kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await;
+    assert_eq!(
+        answer,
+        Ok((200, second_page.clone())),
+        "served by the HTTPRoute alone"
+    );
+    let (tls, reason, _) = environment_condition(client, name, "production", "TLSReady")
+        .await
+        .expect("TLSReady");
+    assert_eq!((tls.as_str(), reason.as_str()), ("True", "GatewayListener"));
+    println!(
+        "real lane, HTTPS through Gateway API: Routed=True in {routed_after:?}, the Ingress pruned after {pruned_after:?}; during the switch {ok} HTTPS requests answered 200, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "HTTPS requests failed during the switch to Gateway API: {failed:?}\nTraefik log: {}",
+        kapsa_testenv::process::log_tail(&traefik.log_path(), 30)
+    );
+
     Api::<Project>::all(client.clone())
         .delete(name, &DeleteParams::default())
         .await

@@ -37,6 +37,12 @@ use crate::status::PlannedEvent;
 pub const HISTORY_LIMIT: usize = 10;
 /// The safety-net resync of a settled Environment.
 pub const RESYNC: Duration = Duration::from_secs(600);
+/// How long the Ingress keeps serving after a switch to Gateway routing once
+/// the gateway has accepted the HTTPRoute (`Routed` turned True): gateway
+/// controllers write `Accepted` before their data plane routes (Traefik
+/// applies its configuration up to 2 s later), and a request in between
+/// would find no route.
+pub const ROUTE_HANDOVER: Duration = Duration::from_secs(5);
 
 /// What the Environment reconcile does next.
 #[derive(Clone, Debug)]
@@ -492,6 +498,14 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
             None => status.conditions.retain(|c| c.type_ != type_),
         }
     }
+    let mut requeue = RESYNC;
+    if let Some(held) = routed_for(&status, &world.now)
+        && held < ROUTE_HANDOVER
+        && let Some(ingress) = observed_key("networking.k8s.io/Ingress")
+    {
+        keep.push(ingress);
+        requeue = ROUTE_HANDOVER - held + Duration::from_millis(100);
+    }
     let delete = prune(&observed, &apply, &keep, &env.uid().unwrap_or_default());
     EnvironmentPlan {
         apply,
@@ -499,8 +513,22 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         observed,
         events: events(&before, &status),
         status,
-        requeue: RESYNC,
+        requeue,
     }
+}
+
+/// How long `Routed` has been True (as of `now`), if it is.
+fn routed_for(
+    status: &EnvironmentStatus,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Option<Duration> {
+    let routed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ROUTED && c.status == ConditionStatus::True)?;
+    Some(
+        Duration::try_from(now.0.duration_since(routed.last_transition_time.0)).unwrap_or_default(),
+    )
 }
 
 /// Events for the status change: problems and milestones of each

@@ -272,6 +272,7 @@ cases! {
         gateway_stale_verdict_is_no_verdict => "gateway-stale-verdict-is-no-verdict",
         gateway_listener_instead_of_listener_set => "gateway-listener-instead-of-listener-set",
         gateway_keeps_the_ingress_until_routed => "gateway-keeps-the-ingress-until-routed",
+        gateway_route_handover_keeps_the_ingress => "gateway-route-handover-keeps-the-ingress",
         registry_insecure_off_loopback_release_kept => "registry-insecure-off-loopback-release-kept",
     }
     known_bugs {
