@@ -7,8 +7,10 @@
 //! Gateway provider serves the app through Kapsa's HTTPRoute, with no
 //! request lost in the switch.
 //!
-//! Opt-in: returns at once unless `KAPSA_REAL_LANE=1` (Linux, root; the
-//! binaries of `hack/install-real-lane.sh` and `hack/install-traefik.sh`).
+//! Runs where the machine can run the lane and its binaries are built
+//! (`hack/install-real-lane.sh`, `hack/install-traefik.sh`,
+//! `hack/install-cert-manager.sh`); `KAPSA_REAL_LANE=1` builds what is
+//! missing, `KAPSA_REAL_LANE=0` skips it ([`real_node::real_lane_test`]).
 //!
 //! `KAPSA_REAL_LANE=1 cargo test -p kapsa-operator --test real_lane -- --nocapture`
 //!
@@ -33,11 +35,16 @@ use serde_json::json;
 use support::*;
 
 fn enabled(test: &str) -> bool {
-    if std::env::var("KAPSA_REAL_LANE").as_deref() == Ok("1") {
-        return true;
-    }
-    println!("{test}: skipped: set KAPSA_REAL_LANE=1 to run the real lane (Linux, root)");
-    false
+    real_node::real_lane_test(
+        test,
+        &[
+            ("Traefik", kapsa_testenv::traefik::built_traefik),
+            (
+                "cert-manager and Pebble",
+                kapsa_testenv::acme_lane::built_cert_manager,
+            ),
+        ],
+    )
 }
 
 /// A plain-HTTP GET for `host` through `address`: the status and the body.
@@ -51,9 +58,6 @@ async fn get(address: &str, host: &str, path: &str) -> Option<(u16, String)> {
 async fn a_project_serves_its_commit_through_the_ingress_controller() {
     if !enabled("a_project_serves_its_commit_through_the_ingress_controller") {
         return;
-    }
-    if let Some(reason) = real_node::unsupported_reason() {
-        panic!("KAPSA_REAL_LANE=1, but {reason}");
     }
     let assets = real_node::find_real_lane_assets().expect("the real lane's binaries");
     let traefik_folder = kapsa_testenv::traefik::find_traefik().expect("Traefik");

@@ -326,6 +326,8 @@ impl ControlPlane {
         let serving_key = write("apiserver.key", &pki.serving_key_pem)?;
         let admin_cert = write("admin.crt", &pki.admin_cert_pem)?;
         let admin_key = write("admin.key", &pki.admin_key_pem)?;
+        let kubelet_client_cert = write("kubelet-client.crt", &pki.kubelet_client_cert_pem)?;
+        let kubelet_client_key = write("kubelet-client.key", &pki.kubelet_client_key_pem)?;
         let sa_key = write("service-account.key", &pki.service_account_key_pem)?;
         let sa_public_key = write("service-account.pub", &pki.service_account_public_key_pem)?;
         std::fs::write(
@@ -397,7 +399,20 @@ impl ControlPlane {
                     format!("--service-account-signing-key-file={}", path(&sa_key)),
                     "--service-account-issuer=https://kubernetes.default.svc".into(),
                     "--service-cluster-ip-range=10.96.0.0/16".into(),
-                    "--authorization-mode=RBAC".into(),
+                    // Kubelets (the real lane's node) get the rights of their
+                    // own Node and its pods only.
+                    "--authorization-mode=Node,RBAC".into(),
+                    "--enable-admission-plugins=NodeRestriction".into(),
+                    // The API server reaches kubelets (`kubectl logs`, `exec`)
+                    // at their InternalIP, verifying their serving certificate
+                    // against the cluster CA.
+                    format!(
+                        "--kubelet-client-certificate={}",
+                        path(&kubelet_client_cert)
+                    ),
+                    format!("--kubelet-client-key={}", path(&kubelet_client_key)),
+                    format!("--kubelet-certificate-authority={}", path(&ca_cert)),
+                    "--kubelet-preferred-address-types=InternalIP".into(),
                     "--allow-privileged=true".into(),
                     "--event-ttl=1h".into(),
                     // Benchmarks apply thousands of objects at once; the defaults
@@ -570,7 +585,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 }
 
 /// Name of the CA's key in the `pki` folder.
-const CA_KEY_FILE: &str = "ca.key";
+pub(crate) const CA_KEY_FILE: &str = "ca.key";
 
 /// Writes (once) a kubeconfig for `user` in `groups` into `<dir>/users`, with
 /// a client certificate signed by the CA in `<dir>/pki`, and returns its path.

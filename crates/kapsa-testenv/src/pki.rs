@@ -19,6 +19,10 @@ pub struct ControlPlanePki {
     /// A client certificate in `system:masters`, for the admin kubeconfig.
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
+    /// The API server's client certificate for kubelets (`kubectl logs`,
+    /// `exec`): user `kube-apiserver-kubelet-client` in `system:masters`.
+    pub kubelet_client_cert_pem: String,
+    pub kubelet_client_key_pem: String,
     pub service_account_key_pem: String,
     pub service_account_public_key_pem: String,
 }
@@ -50,8 +54,15 @@ impl ControlPlanePki {
         let admin_cert =
             client_params("kapsa-admin", Some("system:masters"))?.signed_by(&admin_key, &ca)?;
 
+        let kubelet_client_key = KeyPair::generate()?;
+        let kubelet_client_cert =
+            client_params("kube-apiserver-kubelet-client", Some("system:masters"))?
+                .signed_by(&kubelet_client_key, &ca)?;
+
         let service_account_key = KeyPair::generate()?;
         Ok(Self {
+            kubelet_client_cert_pem: kubelet_client_cert.pem(),
+            kubelet_client_key_pem: kubelet_client_key.serialize_pem(),
             ca_cert_pem: ca.pem(),
             ca_key_pem,
             admin_cert_pem: admin_cert.pem(),
@@ -90,6 +101,26 @@ fn client_params(user: &str, group: Option<&str>) -> Result<CertificateParams, r
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     Ok(params)
+}
+
+/// A serving certificate for `dns_names` and `ips` signed by the control
+/// plane's CA (whose key is `ca_key_pem`), e.g. a kubelet's, which the API
+/// server verifies. Returns the certificate and its key, PEM.
+pub fn serving_certificate(
+    ca_key_pem: &str,
+    dns_names: &[String],
+    ips: &[IpAddr],
+) -> Result<(String, String), rcgen::Error> {
+    let ca = Issuer::new(ca_params()?, KeyPair::from_pem(ca_key_pem)?);
+    let mut params = CertificateParams::new(dns_names.to_vec())?;
+    params.distinguished_name = name(dns_names.first().map(String::as_str).unwrap_or("kapsa"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// A client certificate for `user` in `groups`, signed by the control plane's

@@ -22,8 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -137,6 +136,62 @@ pub fn unsupported_reason() -> Option<String> {
     None
 }
 
+/// What finds a built folder of the lane without building it, e.g.
+/// [`built_real_lane_assets`].
+pub type BuiltFolder = fn() -> Result<PathBuf>;
+
+/// Whether a real-lane test runs, by `KAPSA_REAL_LANE`:
+/// - `1`: it runs (what is missing is built; on a machine that cannot run
+///   the lane the test fails saying why);
+/// - `0`: it is skipped;
+/// - unset: it runs when the machine can run the lane and everything it
+///   needs is already built (`built` lists what, e.g.
+///   `("Traefik", traefik::built_traefik)`; nothing is built), and is
+///   skipped otherwise, saying why and how to build.
+///
+/// A skipped test prints `<test>: skipped: …` and passes.
+pub fn real_lane_test(test: &str, built: &[(&str, BuiltFolder)]) -> bool {
+    match std::env::var("KAPSA_REAL_LANE").as_deref() {
+        Ok("1") => {
+            if let Some(reason) = unsupported_reason() {
+                panic!("KAPSA_REAL_LANE=1, but {reason}");
+            }
+            return true;
+        }
+        Ok("0") => {
+            println!("{test}: skipped: KAPSA_REAL_LANE=0");
+            return false;
+        }
+        _ => {}
+    }
+    let skip = |why: String| {
+        println!(
+            "{test}: skipped: {why} (KAPSA_REAL_LANE=1 builds what is missing and runs it; docs/real-lane.md)"
+        );
+        false
+    };
+    if let Some(reason) = unsupported_reason() {
+        return skip(reason);
+    }
+    for program in [RUNC, &format!("{CNI_BIN_DIR}/bridge")] {
+        if !Path::new(program).exists() {
+            return skip(format!("{program} is not installed"));
+        }
+    }
+    for (what, find) in [(
+        "the node's binaries",
+        built_real_lane_assets as fn() -> Result<PathBuf>,
+    )]
+    .iter()
+    .chain(built)
+    {
+        if let Err(error) = find() {
+            return skip(format!("{what} are not built yet ({error})"));
+        }
+    }
+    true
+}
+
 /// The lane's binaries: `KAPSA_REAL_LANE_ASSETS` if it holds all of them,
 /// otherwise `hack/install-real-lane.sh` builds them (once per machine) and
 /// prints the cache folder. The script exits 2 when the machine cannot run
@@ -229,7 +284,6 @@ pub struct RealNode {
     /// In start order: registry, containerd, kubelet.
     processes: Vec<ManagedProcess>,
     host: HostSnapshot,
-    binding: Option<String>,
     started: bool,
     stopped: bool,
 }
@@ -290,7 +344,6 @@ impl RealNode {
             pause_image: String::new(),
             processes: Vec::new(),
             host: HostSnapshot::default(),
-            binding: None,
             started: false,
             stopped: false,
         };
@@ -524,27 +577,10 @@ http:
         let containerd_ready = started.elapsed();
 
         // The node's identity: `system:node:<name>` in `system:nodes`, a
-        // certificate signed by the control plane's CA. The control plane
-        // authorizes with RBAC only (no Node authorizer), so the node's user
-        // gets the `system:node` ClusterRole by a binding of its own.
+        // certificate signed by the control plane's CA; the Node authorizer
+        // and NodeRestriction limit it to its own Node and pods.
         let client = client_from_kubeconfig(&self.cluster.kubeconfig_path).await?;
         let user = format!("system:node:{}", self.name);
-        let binding_name = format!("kapsa-real-node:{}", self.name);
-        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": binding_name, "labels": {REAL_NODE_LABEL: "true"}},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
-        }))
-        .map_err(|e| Error::Manifest(e.to_string()))?;
-        match Api::<ClusterRoleBinding>::all(client.clone())
-            .create(&PostParams::default(), &binding)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.binding = Some(binding_name);
         let kubeconfig = user_kubeconfig(
             &self.cluster.dir,
             &self.cluster.api_server_url,
@@ -552,9 +588,27 @@ http:
             &["system:nodes"],
         )?;
 
-        // kubelet.
+        // kubelet, serving on the node's address with a certificate of the
+        // cluster CA, so that the API server reaches it (`kubectl logs`).
+        let node_ip = node_address()?;
+        let ca_key = std::fs::read_to_string(
+            self.cluster
+                .dir
+                .join("pki")
+                .join(crate::control_plane::CA_KEY_FILE),
+        )?;
+        let (serving_cert, serving_key) = crate::pki::serving_certificate(
+            &ca_key,
+            std::slice::from_ref(&self.name),
+            &[std::net::IpAddr::V4(node_ip)],
+        )
+        .map_err(|e| Error::Manifest(format!("the kubelet's serving certificate: {e}")))?;
+        let kubelet_pki = self.dir.join("kubelet-pki");
+        std::fs::create_dir_all(&kubelet_pki)?;
+        std::fs::write(kubelet_pki.join("kubelet.crt"), serving_cert)?;
+        std::fs::write(kubelet_pki.join("kubelet.key"), serving_key)?;
         let kubelet_config = self.dir.join("kubelet.yaml");
-        std::fs::write(&kubelet_config, self.kubelet_yaml())?;
+        std::fs::write(&kubelet_config, self.kubelet_yaml(node_ip, &kubelet_pki))?;
         self.spawn(
             "kubelet",
             &self.assets.join("kubelet"),
@@ -565,6 +619,7 @@ http:
                 format!("--root-dir={}", self.dir.join("kubelet").display()),
                 format!("--cert-dir={}", self.dir.join("kubelet/pki").display()),
                 format!("--hostname-override={}", self.name),
+                format!("--node-ip={node_ip}"),
                 format!("--node-labels={REAL_NODE_LABEL}=true"),
                 "--v=1".into(),
             ],
@@ -678,7 +733,7 @@ disabled_plugins = [
         )
     }
 
-    fn kubelet_yaml(&self) -> String {
+    fn kubelet_yaml(&self, address: std::net::Ipv4Addr, serving: &Path) -> String {
         let pki = self.cluster.dir.join("pki");
         let cgroup_v1 = !Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
         format!(
@@ -688,8 +743,10 @@ kind: KubeletConfiguration
 failCgroupV1: {fail_cgroup_v1}
 cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix://{socket}
-address: 127.0.0.1
+address: {address}
 port: {port}
+tlsCertFile: {serving_cert}
+tlsPrivateKeyFile: {serving_key}
 readOnlyPort: 0
 healthzPort: 0
 authentication:
@@ -725,6 +782,8 @@ maxPods: 50
             fail_cgroup_v1 = !cgroup_v1,
             socket = self.containerd_socket.display(),
             port = free_port().unwrap_or(10250),
+            serving_cert = serving.join("kubelet.crt").display(),
+            serving_key = serving.join("kubelet.key").display(),
             ca = pki.join("ca.crt").display(),
             taint = REAL_NODE_TAINT,
             pod_logs = self.dir.join("pod-logs").display(),
@@ -856,14 +915,6 @@ maxPods: 50
             "--ignore-not-found",
             "--wait=false",
         ]);
-        if let Some(binding) = self.binding.take() {
-            kubectl(&[
-                "delete",
-                "clusterrolebinding",
-                &binding,
-                "--ignore-not-found",
-            ]);
-        }
         // The folder, unless something is still mounted in it (never follow
         // a mount while deleting).
         if !mounts_under(&self.dir).is_empty() {
@@ -1043,6 +1094,23 @@ impl HostSnapshot {
 /// The node's name: this host's name when it is a valid node name (the API
 /// server reaches a kubelet by its node's host name), otherwise
 /// `kapsa-real-node`.
+/// The node's address: the host's source address towards its default route
+/// (kubelet refuses a loopback node IP). kubelet listens there and the Node
+/// reports it as InternalIP, where the API server reaches it.
+fn node_address() -> Result<std::net::Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // Connecting a UDP socket sends nothing; it only picks a route.
+    let picked = socket
+        .connect("203.0.113.1:9")
+        .and_then(|()| socket.local_addr());
+    match picked {
+        Ok(std::net::SocketAddr::V4(address)) if !address.ip().is_loopback() => Ok(*address.ip()),
+        other => Err(Error::Assets(format!(
+            "the real node needs a non-loopback IPv4 address with a route (kubelet refuses a loopback node IP); found {other:?}"
+        ))),
+    }
+}
+
 fn node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()

@@ -2,8 +2,10 @@
 //! test control plane runs an image pushed to the loopback registry, and its
 //! teardown leaves the host as it was.
 //!
-//! Opt-in: every test returns at once unless `KAPSA_REAL_LANE=1` (it needs
-//! Linux, root, and the binaries of `hack/install-real-lane.sh`).
+//! Each test runs where the machine can run the lane (Linux, root) and the
+//! binaries of `hack/install-real-lane.sh` are built; `KAPSA_REAL_LANE=1`
+//! builds them first, `KAPSA_REAL_LANE=0` skips the tests
+//! ([`real_node::real_lane_test`]).
 //!
 //! `KAPSA_REAL_LANE=1 cargo test -p kapsa-testenv --test real_node`
 
@@ -27,17 +29,10 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 static ONE_NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn enabled(test: &str) -> bool {
-    if std::env::var("KAPSA_REAL_LANE").as_deref() == Ok("1") {
-        return true;
-    }
-    println!("{test}: skipped: set KAPSA_REAL_LANE=1 to run the real lane (Linux, root)");
-    false
+    real_node::real_lane_test(test, &[])
 }
 
 fn assets() -> PathBuf {
-    if let Some(reason) = real_node::unsupported_reason() {
-        panic!("KAPSA_REAL_LANE=1, but {reason}");
-    }
     real_node::find_real_lane_assets().expect("the real lane's binaries")
 }
 
@@ -184,6 +179,63 @@ async fn a_deployment_runs_on_the_real_node_and_serves_its_page() {
     assert!(response.starts_with("HTTP/1."), "{response}");
     assert!(response.contains(" 200 "), "{response}");
     assert!(response.contains(&marker), "{response}");
+    // The API server reaches the kubelet (its serving certificate signed by
+    // the cluster CA, the API server's kubelet client certificate):
+    // `kubectl exec` runs in the container, `kubectl logs` answers.
+    let pod_name = pod.metadata.name.clone().expect("a pod name");
+    let kubectl = |args: &[&str]| {
+        std::process::Command::new(env.assets_dir().join("kubectl"))
+            .arg(format!("--kubeconfig={}", env.kubeconfig_path().display()))
+            .args(["-n", &ns])
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    };
+    let exec = kubectl(&[
+        "exec",
+        &pod_name,
+        "--",
+        "/bin/busybox",
+        "cat",
+        "/www/index.html",
+    ]);
+    assert!(
+        exec.status.success() && String::from_utf8_lossy(&exec.stdout).contains(&marker),
+        "kubectl exec: {}{}",
+        String::from_utf8_lossy(&exec.stdout),
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    let logs = kubectl(&["logs", &pod_name]);
+    assert!(
+        logs.status.success(),
+        "kubectl logs: {}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    // The node's identity is its own Node's: the Node authorizer refuses it
+    // another node's object and Secrets of pods not bound to it.
+    let node_client = env
+        .client_as(&format!("system:node:{}", node.name()), &["system:nodes"])
+        .await;
+    let refused = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(node_client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .expect_err("a node may not list Secrets");
+    assert!(
+        matches!(refused, kube::Error::Api(ref s) if s.code == 403),
+        "{refused:?}"
+    );
+    let other = Api::<k8s_openapi::api::core::v1::Node>::all(node_client)
+        .patch(
+            kapsa_testenv::control_plane::FAKE_NODE_NAME,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"stolen": "true"}}})),
+        )
+        .await
+        .expect_err("a node may not change another Node");
+    assert!(
+        matches!(other, kube::Error::Api(ref s) if s.code == 403 || s.code == 404),
+        "{other:?}"
+    );
     node.ensure_running()
         .expect("the node's processes still run");
     let rss: Vec<String> = node
