@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -100,7 +101,72 @@ fn watch<K>(api: Api<K>, config: watcher::Config) -> EventStream<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher(api, config).default_backoff().boxed()
+    watcher(api, config).backoff(watch_backoff()).boxed()
+}
+
+/// The longest wait between two attempts of a watch (before jitter).
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How a broken watch is retried: from 0.5 s, doubling, at most
+/// [`WATCH_BACKOFF_MAX`] (with jitter, up to twice that), reset after a
+/// minute without errors. kube's default goes up to 30 s (60 s with
+/// jitter), which after an API server outage of a few seconds left caches
+/// stale for more than a minute (tests/missed_events.rs); a handful of
+/// watches retrying every few seconds is no load for an API server.
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<watcher::ExponentialBackoff> {
+    kube::runtime::utils::ResetTimerBackoff::new(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(WATCH_BACKOFF_MAX)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .into(),
+        Duration::from_secs(60),
+    )
+}
+
+/// Deletes that a relist hides. When a watch must list again (`410 Gone`
+/// after an API server restart, say), an object deleted meanwhile is simply
+/// not in the new list: kube's reflector drops it from the cache without an
+/// event, so nothing tells its owner, whose cache-only reconcile would not
+/// run again until its next resync. This passes the new list through and,
+/// at its end, a `Delete` for every object the cache held that the list no
+/// longer has (before `InitDone`): the cache forgets it and its owner is
+/// reconciled, as for a delete the watch saw.
+fn with_relist_deletes<K>(events: EventStream<K>, cache: Store<K>) -> EventStream<K>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    type Key = (Option<String>, String);
+    let key = |o: &K| (o.meta().namespace.clone(), o.name_any());
+    let mut listing: Option<std::collections::HashMap<Key, Arc<K>>> = None;
+    events
+        .flat_map(move |event| {
+            let out: Vec<Result<watcher::Event<K>, watcher::Error>> = match event {
+                Ok(watcher::Event::Init) => {
+                    listing = Some(cache.state().into_iter().map(|o| (key(&o), o)).collect());
+                    vec![Ok(watcher::Event::Init)]
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    if let Some(held) = listing.as_mut() {
+                        held.remove(&key(&o));
+                    }
+                    vec![Ok(watcher::Event::InitApply(o))]
+                }
+                Ok(watcher::Event::InitDone) => listing
+                    .take()
+                    .unwrap_or_default()
+                    .into_values()
+                    .map(|gone| Ok(watcher::Event::Delete(gone.as_ref().clone())))
+                    .chain([Ok(watcher::Event::InitDone)])
+                    .collect(),
+                other => vec![other],
+            };
+            futures::stream::iter(out)
+        })
+        .boxed()
 }
 
 /// The watch events of one of Kapsa's own kinds, decoded object by object:
@@ -128,7 +194,7 @@ where
         Api::<DynamicObject>::all_with(client.clone(), &resource),
         watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
     .try_filter_map(move |event| {
         let decode = |o: DynamicObject, deleting: bool| -> Option<K> {
             match serde_json::to_value(&o).and_then(serde_json::from_value::<K>) {
@@ -259,12 +325,18 @@ where
 {
     let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
-    let events = watcher(api, config).default_backoff();
+    let events = watcher(api, config).backoff(watch_backoff());
     let events: EventStream<K> = match owners {
         None => events.boxed(),
         Some(owners) => owners.admit(events),
     };
-    let stream = events
+    let kind = resource.kind.clone();
+    let stream = with_relist_deletes(events, reader.clone())
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Init) => tracing::debug!(kind, "cache: listing"),
+            Err(error) => tracing::debug!(kind, %error, "cache: watch error"),
+            _ => {}
+        })
         .inspect_ok(move |event| {
             if let watcher::Event::Delete(object) = event {
                 applier.forget(&ChildKey::new(
@@ -405,7 +477,7 @@ where
         senders.push(deleted);
         streams.push(futures::stream::select(subscriber, deletes).boxed());
     }
-    let driver = events
+    let driver = with_relist_deletes(events, store.clone())
         .modify(move |o: &mut K| {
             o.managed_fields_mut().clear();
             trim(o);
@@ -640,7 +712,7 @@ async fn optional_apis_changed(client: Client, installed: Installed) {
                 watcher::Config::default(),
             ),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
     );
     while let Some(event) = events.next().await {
         match event {
@@ -1675,5 +1747,73 @@ mod tests {
         }))
         .unwrap();
         assert!(owning_project(foreign).is_none());
+    }
+
+    fn config_map(name: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": "1"}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_relist_reports_the_objects_it_no_longer_has_as_deleted() {
+        let mut writer =
+            reflector::store::Writer::<k8s_openapi::api::core::v1::ConfigMap>::default();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(config_map("kept")),
+            watcher::Event::InitApply(config_map("gone")),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+        }
+        let store = writer.as_reader();
+        let name = |e: &watcher::Event<k8s_openapi::api::core::v1::ConfigMap>| match e {
+            watcher::Event::Init => "Init".to_string(),
+            watcher::Event::InitApply(o) => format!("InitApply {}", o.name_any()),
+            watcher::Event::InitDone => "InitDone".to_string(),
+            watcher::Event::Apply(o) => format!("Apply {}", o.name_any()),
+            watcher::Event::Delete(o) => format!("Delete {}", o.name_any()),
+        };
+        // A relist (after `410 Gone`) that no longer has "gone", then a
+        // watch event: the delete comes before InitDone, nothing else
+        // changes.
+        let relist: EventStream<k8s_openapi::api::core::v1::ConfigMap> = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(config_map("kept"))),
+            Ok(watcher::Event::InitApply(config_map("new"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(config_map("kept"))),
+        ])
+        .boxed();
+        let seen: Vec<String> = with_relist_deletes(relist, store.clone())
+            .map(|e| name(&e.unwrap()))
+            .collect()
+            .await;
+        assert_eq!(
+            seen,
+            [
+                "Init",
+                "InitApply kept",
+                "InitApply new",
+                "Delete gone",
+                "InitDone",
+                "Apply kept"
+            ]
+        );
+        // The first listing (an empty cache) reports nothing deleted.
+        let first: EventStream<k8s_openapi::api::core::v1::ConfigMap> = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(config_map("a"))),
+            Ok(watcher::Event::InitDone),
+        ])
+        .boxed();
+        let empty = reflector::store::Writer::<k8s_openapi::api::core::v1::ConfigMap>::default();
+        let seen: Vec<String> = with_relist_deletes(first, empty.as_reader())
+            .map(|e| name(&e.unwrap()))
+            .collect()
+            .await;
+        assert_eq!(seen, ["Init", "InitApply a", "InitDone"]);
     }
 }

@@ -284,16 +284,7 @@ async fn switching_a_pool_to_gateway_moves_every_environment_and_prunes_the_ingr
             .unwrap();
         assert_eq!(route.data["spec"]["hostnames"], json!([host]));
     }
-    eventually("the Ingresses pruned", || async {
-        ingresses
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    ingresses_pruned(&client, name).await;
     // One listener per Environment, production first.
     let set = listener_sets(&client, name).get(name).await.unwrap();
     let listener_names: Vec<&str> = set.data["spec"]["listeners"]

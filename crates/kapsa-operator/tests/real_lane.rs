@@ -54,6 +54,54 @@ async fn get(address: &str, host: &str, path: &str) -> Option<(u16, String)> {
         .ok()
 }
 
+/// Requests `GET /` for a host every 20 ms until stopped (over TLS with
+/// `tls`): how many were answered 200, what the others got, and the pages.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<ProbeResult>,
+}
+
+#[derive(Debug)]
+struct ProbeResult {
+    ok: u32,
+    failed: Vec<String>,
+    pages: std::collections::BTreeSet<String>,
+}
+
+impl Prober {
+    fn start(address: &str, host: &str, tls: Option<TlsRoots>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (address, host, stopped) = (address.to_string(), host.to_string(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut result = ProbeResult {
+                ok: 0,
+                failed: Vec::new(),
+                pages: Default::default(),
+            };
+            let started = Instant::now();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match kapsa_testenv::http_get::get(&address, &host, "/", tls.as_ref()).await {
+                    Ok((200, body)) => {
+                        result.ok += 1;
+                        result.pages.insert(body);
+                    }
+                    other => result
+                        .failed
+                        .push(format!("{:?}: {other:?}", started.elapsed())),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            result
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> ProbeResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the prober")
+    }
+}
+
 #[tokio::test]
 async fn a_project_serves_its_commit_through_the_ingress_controller() {
     if !enabled("a_project_serves_its_commit_through_the_ingress_controller") {
@@ -176,25 +224,7 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     assert_eq!(other, 404);
 
     // A new commit rolls out while requests keep being answered.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (address, host, stop) = (address.clone(), host.clone(), stop.clone());
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            let mut pages = std::collections::BTreeSet::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match get(&address, &host, "/").await {
-                    Some((200, body)) => {
-                        ok += 1;
-                        pages.insert(body);
-                    }
-                    other => failed.push(format!("{other:?}")),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (ok, failed, pages)
-        })
-    };
+    let prober = Prober::start(&address, &host, None);
     let committed = Instant::now();
     let second = repo
         .commit("main", "app.txt", "v2", "second")
@@ -210,8 +240,7 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     // Keep probing until the rollout is over (the old pods gone).
     rolled_out(&client, name, &second).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed, pages) = prober.await.unwrap();
+    let ProbeResult { ok, failed, pages } = prober.stop().await;
     println!(
         "real lane: node Ready in {node_ready:?}; Project applied -> production Ready {ready_after:?}, -> served through Traefik {served_after:?}; second commit -> served {second_after:?} (polling every 10 s); during the rollout {ok} requests answered 200, {} failed",
         failed.len()
@@ -250,21 +279,7 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
                     "protocol": "HTTP", "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
     )
     .await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (address, host, stop) = (address.clone(), host.clone(), stop.clone());
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match get(&address, &host, "/").await {
-                    Some((200, _)) => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (ok, failed)
-        })
-    };
+    let prober = Prober::start(&address, &host, None);
     let switched = Instant::now();
     Api::<DomainPool>::all(client.clone())
         .patch(
@@ -287,21 +302,9 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
         message.contains(kapsa_testenv::traefik::GATEWAY_CONTROLLER),
         "{message}"
     );
-    let ingresses =
-        Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(client.clone(), name);
-    eventually("the Ingress pruned", || async {
-        ingresses
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    ingresses_pruned(&client, name).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = prober.await.unwrap();
+    let ProbeResult { ok, failed, .. } = prober.stop().await;
     // Only the HTTPRoute routes it now.
     let (status, body) = get(&address, &host, "/").await.expect("Traefik answers");
     assert_eq!((status, body), (200, second_page.clone()));
@@ -428,22 +431,7 @@ async fn served_over_https(
     assert!(valid >= 1, "a valid ACME Order for {host}");
 
     // A new commit rolls out over HTTPS while requests keep being answered.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (https, host, stop, pebble) =
-            (https.clone(), host.clone(), stop.clone(), pebble.clone());
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await {
-                    Ok((200, _)) => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (ok, failed)
-        })
-    };
+    let prober = Prober::start(&https, &host, Some(pebble.clone()));
     let second = repo
         .commit("main", "app.txt", "v2", "second")
         .expect("second commit");
@@ -457,8 +445,7 @@ async fn served_over_https(
     .await;
     rolled_out(client, name, &second).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = prober.await.unwrap();
+    let ProbeResult { ok, failed, .. } = prober.stop().await;
     println!(
         "real lane, HTTPS: Project applied -> production Ready (certificate from Pebble) {ready_after:?}, -> served over HTTPS {served_after:?}; during the second rollout {ok} HTTPS requests answered 200, {} failed",
         failed.len()
@@ -511,23 +498,7 @@ async fn served_over_https(
                     "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
     )
     .await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (https, host, stop, pebble) =
-            (https.clone(), host.clone(), stop.clone(), pebble.clone());
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            let started = Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await {
-                    Ok((200, _)) => ok += 1,
-                    other => failed.push(format!("{:?}: {other:?}", started.elapsed())),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (ok, failed)
-        })
-    };
+    let prober = Prober::start(&https, &host, Some(pebble.clone()));
     let switched = Instant::now();
     Api::<DomainPool>::all(client.clone())
         .patch(
@@ -549,22 +520,10 @@ async fn served_over_https(
     .await;
     let routed_after = switched.elapsed();
 
-    let ingresses =
-        Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(client.clone(), name);
-    eventually("the Ingress pruned", || async {
-        ingresses
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    ingresses_pruned(client, name).await;
     let pruned_after = switched.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = prober.await.unwrap();
+    let ProbeResult { ok, failed, .. } = prober.stop().await;
     let answer = kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await;
     assert_eq!(
         answer,

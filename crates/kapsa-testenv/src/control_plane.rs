@@ -173,6 +173,8 @@ pub struct ControlPlane {
     audit_log: Option<AuditLog>,
     /// In start order; stopped in reverse.
     processes: Vec<ManagedProcess>,
+    /// kube-apiserver's flags, to start it again ([`Self::restart_api_server`]).
+    api_server_args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -223,6 +225,7 @@ impl ControlPlane {
             _temp: temp,
             assets_dir,
             processes: Vec::new(),
+            api_server_args: Vec::new(),
         };
         let started = Instant::now();
         plane.launch(api_port).await?;
@@ -383,49 +386,46 @@ impl ControlPlane {
                 "--audit-log-maxbackup=1".into(),
             ];
         }
-        self.spawn(
-            "kube-apiserver",
-            [
-                vec![
-                    format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                    format!("--secure-port={api_port}"),
-                    "--bind-address=127.0.0.1".into(),
-                    "--advertise-address=127.0.0.1".into(),
-                    format!("--cert-dir={}", path(&self.dir.join("apiserver-certs"))),
-                    format!("--tls-cert-file={}", path(&serving_cert)),
-                    format!("--tls-private-key-file={}", path(&serving_key)),
-                    format!("--client-ca-file={}", path(&ca_cert)),
-                    format!("--service-account-key-file={}", path(&sa_public_key)),
-                    format!("--service-account-signing-key-file={}", path(&sa_key)),
-                    "--service-account-issuer=https://kubernetes.default.svc".into(),
-                    "--service-cluster-ip-range=10.96.0.0/16".into(),
-                    // Kubelets (the real lane's node) get the rights of their
-                    // own Node and its pods only.
-                    "--authorization-mode=Node,RBAC".into(),
-                    "--enable-admission-plugins=NodeRestriction".into(),
-                    // The API server reaches kubelets (`kubectl logs`, `exec`)
-                    // at their InternalIP, verifying their serving certificate
-                    // against the cluster CA.
-                    format!(
-                        "--kubelet-client-certificate={}",
-                        path(&kubelet_client_cert)
-                    ),
-                    format!("--kubelet-client-key={}", path(&kubelet_client_key)),
-                    format!("--kubelet-certificate-authority={}", path(&ca_cert)),
-                    "--kubelet-preferred-address-types=InternalIP".into(),
-                    "--allow-privileged=true".into(),
-                    "--event-ttl=1h".into(),
-                    // Benchmarks apply thousands of objects at once; the defaults
-                    // (400/200) would measure the limiter, not Kapsa.
-                    "--max-requests-inflight=2000".into(),
-                    "--max-mutating-requests-inflight=1000".into(),
-                    "--v=0".into(),
-                ],
-                audit_args,
-            ]
-            .concat(),
-            &logs,
-        )?;
+        self.api_server_args = [
+            vec![
+                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                format!("--secure-port={api_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--cert-dir={}", path(&self.dir.join("apiserver-certs"))),
+                format!("--tls-cert-file={}", path(&serving_cert)),
+                format!("--tls-private-key-file={}", path(&serving_key)),
+                format!("--client-ca-file={}", path(&ca_cert)),
+                format!("--service-account-key-file={}", path(&sa_public_key)),
+                format!("--service-account-signing-key-file={}", path(&sa_key)),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                // Kubelets (the real lane's node) get the rights of their
+                // own Node and its pods only.
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                // The API server reaches kubelets (`kubectl logs`, `exec`)
+                // at their InternalIP, verifying their serving certificate
+                // against the cluster CA.
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path(&kubelet_client_cert)
+                ),
+                format!("--kubelet-client-key={}", path(&kubelet_client_key)),
+                format!("--kubelet-certificate-authority={}", path(&ca_cert)),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--allow-privileged=true".into(),
+                "--event-ttl=1h".into(),
+                // Benchmarks apply thousands of objects at once; the defaults
+                // (400/200) would measure the limiter, not Kapsa.
+                "--max-requests-inflight=2000".into(),
+                "--max-mutating-requests-inflight=1000".into(),
+                "--v=0".into(),
+            ],
+            audit_args,
+        ]
+        .concat();
+        self.spawn("kube-apiserver", self.api_server_args.clone(), &logs)?;
         self.wait_for_api_server().await?;
 
         let common = |extra: &[String]| -> Vec<String> {
@@ -506,6 +506,32 @@ impl ControlPlane {
         )
         .await?;
         Ok(())
+    }
+
+    /// Stops kube-apiserver (SIGTERM, SIGKILL after 10 s) and starts it
+    /// again with the same flags and port; etcd keeps the state. Every
+    /// client's watch breaks, and a watch resumed from a resourceVersion
+    /// older than the new API server's watch cache gets `410 Gone` and must
+    /// list again. `down` is how long it stays stopped. Returns once it is
+    /// ready; its log goes on in `kube-apiserver.log`.
+    pub async fn restart_api_server(&mut self, down: Duration) -> Result<()> {
+        let index = self
+            .processes
+            .iter()
+            .position(|p| p.name() == "kube-apiserver")
+            .ok_or_else(|| Error::ProcessExited("no kube-apiserver to restart".into()))?;
+        self.processes[index].wait_or_kill(Duration::from_secs(10));
+        tokio::time::sleep(down).await;
+        let logs = self.dir.join("logs");
+        let log = logs.join("kube-apiserver.log");
+        let _ = std::fs::rename(&log, logs.join("kube-apiserver.before-restart.log"));
+        self.processes[index] = ManagedProcess::spawn(
+            "kube-apiserver",
+            &self.assets_dir.join("kube-apiserver"),
+            &self.api_server_args,
+            &logs,
+        )?;
+        self.wait_for_api_server().await
     }
 
     fn spawn(&mut self, name: &str, args: Vec<String>, logs: &Path) -> Result<()> {

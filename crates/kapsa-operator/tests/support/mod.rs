@@ -450,3 +450,20 @@ pub async fn install_host_ownership_policy(client: &Client, operator_user: &str)
         .unwrap_or_else(|e| panic!("{kind} {name} refused: {e}"));
     }
 }
+
+/// Waits until the namespace has no Ingress left (e.g. after a switch to
+/// Gateway routing).
+pub async fn ingresses_pruned(client: &Client, namespace: &str) {
+    let ingresses =
+        Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(client.clone(), namespace);
+    eventually(&format!("every Ingress of {namespace} pruned"), || async {
+        ingresses
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
