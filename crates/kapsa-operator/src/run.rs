@@ -352,7 +352,10 @@ where
         })
         .reflect(writer)
         // Deletes too: a child deleted by hand brings its owner back at once.
-        .touched_objects();
+        .touched_objects()
+        // The watcher retries by itself (its backoff); its errors, logged
+        // above, are not passed on to the controller.
+        .filter(|item| futures::future::ready(item.is_ok()));
     (reader, stream.boxed())
 }
 
