@@ -102,6 +102,85 @@ impl Prober {
     }
 }
 
+/// What switching a pool to a listener of a Gateway showed.
+struct Switch {
+    /// From the pool's patch to `Routed=True`.
+    routed_after: Duration,
+    /// From the pool's patch to the Ingress pruned.
+    pruned_after: Duration,
+    /// The requests during the switch (and 2 s after).
+    probes: ProbeResult,
+    /// A request once the Ingress is gone: the HTTPRoute alone serves it.
+    after: Result<kapsa_testenv::http_get::Response, String>,
+}
+
+/// Makes the Gateway `kapsa-lane/<gateway>` of class `traefik` with
+/// `listener`, and switches `pool` to that listener (`sectionName`, since
+/// Traefik 3.6 has no ListenerSets) while `host` is probed at `address`:
+/// waits until Traefik accepted `project`'s production HTTPRoute
+/// (`Routed=True`, reason `Accepted`, Traefik's controller name) and the
+/// Ingress is pruned.
+async fn switch_to_gateway(
+    client: &kube::Client,
+    pool: &str,
+    project: &str,
+    gateway: &str,
+    listener: serde_json::Value,
+    (address, host, tls): (&str, &str, Option<TlsRoots>),
+) -> Switch {
+    let namespace = kapsa_testenv::traefik::NAMESPACE;
+    let section = listener["name"]
+        .as_str()
+        .expect("a listener name")
+        .to_string();
+    create(
+        &Api::<kube::api::DynamicObject>::namespaced_with(
+            client.clone(),
+            namespace,
+            &kapsa_api::external::gateway_gateway(),
+        ),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": gateway},
+            "spec": {"gatewayClassName": kapsa_testenv::traefik::GATEWAY_CLASS,
+                "listeners": [listener]}}),
+    )
+    .await;
+    let prober = Prober::start(address, host, tls.clone());
+    let switched = Instant::now();
+    Api::<DomainPool>::all(client.clone())
+        .patch(
+            pool,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"routing": "Gateway", "gatewayRef": {
+                "name": gateway, "namespace": namespace, "sectionName": section}}})),
+        )
+        .await
+        .expect("pool switched to Gateway routing");
+    let (_, reason, message) = eventually("Routed=True from Traefik", || async {
+        environment_condition(client, project, "production", "Routed")
+            .await
+            .filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    let routed_after = switched.elapsed();
+    assert_eq!(reason, "Accepted");
+    assert!(
+        message.contains(kapsa_testenv::traefik::GATEWAY_CONTROLLER),
+        "{message}"
+    );
+    ingresses_pruned(client, project).await;
+    let pruned_after = switched.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let probes = prober.stop().await;
+    let after = kapsa_testenv::http_get::get(address, host, "/", tls.as_ref()).await;
+    Switch {
+        routed_after,
+        pruned_after,
+        probes,
+        after,
+    }
+}
+
 #[tokio::test]
 async fn a_project_serves_its_commit_through_the_ingress_controller() {
     if !enabled("a_project_serves_its_commit_through_the_ingress_controller") {
@@ -261,53 +340,26 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     // does not support ListenerSets, so the pool attaches routes to that
     // listener: gatewayRef.sectionName.) The switch drops no request: the
     // Ingress goes only once Traefik has accepted the HTTPRoute.
-    let port: u16 = address
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .expect("Traefik's port");
-    let gateways = Api::<kube::api::DynamicObject>::namespaced_with(
-        client.clone(),
-        kapsa_testenv::traefik::NAMESPACE,
-        &kapsa_api::external::gateway_gateway(),
-    );
-    create(
-        &gateways,
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": "lane"},
-            "spec": {"gatewayClassName": kapsa_testenv::traefik::GATEWAY_CLASS,
-                "listeners": [{"name": "apps", "hostname": format!("*.{base}"), "port": port,
-                    "protocol": "HTTP", "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
+    let Switch {
+        routed_after,
+        probes: ProbeResult { ok, failed, .. },
+        after,
+        ..
+    } = switch_to_gateway(
+        &client,
+        pool,
+        name,
+        "lane",
+        json!({"name": "apps", "hostname": format!("*.{base}"), "port": 80, "protocol": "HTTP",
+            "allowedRoutes": {"namespaces": {"from": "All"}}}),
+        (&address, &host, None),
     )
     .await;
-    let prober = Prober::start(&address, &host, None);
-    let switched = Instant::now();
-    Api::<DomainPool>::all(client.clone())
-        .patch(
-            pool,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": {"routing": "Gateway", "gatewayRef": {
-                "name": "lane", "namespace": kapsa_testenv::traefik::NAMESPACE, "sectionName": "apps"}}})),
-        )
-        .await
-        .expect("pool switched to Gateway routing");
-    let (_, reason, message) = eventually("Routed=True from Traefik", || async {
-        environment_condition(&client, name, "production", "Routed")
-            .await
-            .filter(|(s, _, _)| s == "True")
-    })
-    .await;
-    let routed_after = switched.elapsed();
-    assert_eq!(reason, "Accepted");
-    assert!(
-        message.contains(kapsa_testenv::traefik::GATEWAY_CONTROLLER),
-        "{message}"
+    assert_eq!(
+        after,
+        Ok((200, second_page.clone())),
+        "served by the HTTPRoute alone"
     );
-    ingresses_pruned(&client, name).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let ProbeResult { ok, failed, .. } = prober.stop().await;
-    // Only the HTTPRoute routes it now.
-    let (status, body) = get(&address, &host, "/").await.expect("Traefik answers");
-    assert_eq!((status, body), (200, second_page.clone()));
     println!(
         "real lane: switch to Gateway API -> Routed=True by Traefik in {routed_after:?}; during the switch {ok} requests answered 200, {} failed",
         failed.len()
@@ -483,50 +535,25 @@ async fn served_over_https(
             .then_some(())
     })
     .await;
-    create(
-        &Api::<kube::api::DynamicObject>::namespaced_with(
-            client.clone(),
-            lane_namespace,
-            &kapsa_api::external::gateway_gateway(),
-        ),
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": "lane-tls"},
-            "spec": {"gatewayClassName": kapsa_testenv::traefik::GATEWAY_CLASS,
-                "listeners": [{"name": "apps-https", "hostname": format!("*.{base}"), "port": 443,
-                    "protocol": "HTTPS",
-                    "tls": {"mode": "Terminate", "certificateRefs": [{"name": "lane-tls-apps"}]},
-                    "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
+    let Switch {
+        routed_after,
+        pruned_after,
+        probes: ProbeResult { ok, failed, .. },
+        after,
+    } = switch_to_gateway(
+        client,
+        pool,
+        name,
+        "lane-tls",
+        json!({"name": "apps-https", "hostname": format!("*.{base}"), "port": 443,
+            "protocol": "HTTPS",
+            "tls": {"mode": "Terminate", "certificateRefs": [{"name": "lane-tls-apps"}]},
+            "allowedRoutes": {"namespaces": {"from": "All"}}}),
+        (&https, &host, Some(pebble.clone())),
     )
     .await;
-    let prober = Prober::start(&https, &host, Some(pebble.clone()));
-    let switched = Instant::now();
-    Api::<DomainPool>::all(client.clone())
-        .patch(
-            pool,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": {"routing": "Gateway", "gatewayRef": {
-                "name": "lane-tls", "namespace": lane_namespace, "sectionName": "apps-https"}}})),
-        )
-        .await
-        .expect("pool switched to Gateway routing");
-    eventually(
-        "Routed=True from Traefik over the HTTPS listener",
-        || async {
-            environment_condition(client, name, "production", "Routed")
-                .await
-                .filter(|(s, _, _)| s == "True")
-        },
-    )
-    .await;
-    let routed_after = switched.elapsed();
-
-    ingresses_pruned(client, name).await;
-    let pruned_after = switched.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let ProbeResult { ok, failed, .. } = prober.stop().await;
-    let answer = kapsa_testenv::http_get::get(&https, &host, "/", Some(&pebble)).await;
     assert_eq!(
-        answer,
+        after,
         Ok((200, second_page.clone())),
         "served by the HTTPRoute alone"
     );
