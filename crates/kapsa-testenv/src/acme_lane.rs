@@ -371,14 +371,8 @@ impl AcmeLane {
             if let Some(value) = probe().await {
                 return Ok(value);
             }
-            for p in &mut self.processes {
-                p.ensure_running().map_err(|e| {
-                    Error::ProcessExited(format!(
-                        "{e}\n{}",
-                        log_tail(&self.dir.join("logs").join(format!("{}.log", p.name())), 20)
-                    ))
-                })?;
-            }
+            // A process that exited says so with the end of its log.
+            self.ensure_running()?;
             if Instant::now() > deadline {
                 let log = self.controller_log();
                 return Err(Error::Timeout(
