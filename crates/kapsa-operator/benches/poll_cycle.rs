@@ -229,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
         template.commit(
             &format!("feature/branch-{b}"),
             "README",
-            &format!("branch {b}\n"),
+            format!("branch {b}\n"),
             &format!("branch {b}"),
         )?;
     }

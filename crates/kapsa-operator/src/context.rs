@@ -257,8 +257,9 @@ pub struct Context {
     /// The Pod Security Standard of project namespaces whose DomainPool
     /// sets none (`--pod-security`).
     pub pod_security_default: kapsa_api::domain_pool::PodSecurityLevel,
-    /// The image of Dockerfile build Jobs (`--buildkit-image`).
-    pub buildkit_image: String,
+    /// What Dockerfile build Pods run and where (`--buildkit-image`,
+    /// `--build-node-selector`, `--build-toleration`).
+    pub build_pods: crate::resources::environment::BuildPods,
     /// Whether registries with `insecure: true` off loopback are used
     /// (`--allow-insecure-registries`).
     pub allow_insecure_registries: bool,
@@ -300,7 +301,7 @@ impl Context {
             git,
             failures: Default::default(),
             secret_verdicts: Default::default(),
-            buildkit_image: crate::resources::environment::DEFAULT_BUILDKIT_IMAGE.to_string(),
+            build_pods: Default::default(),
             pod_security_default: Default::default(),
             allow_insecure_registries: false,
         }

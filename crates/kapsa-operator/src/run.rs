@@ -64,8 +64,8 @@ pub struct OperatorConfig {
     /// `pollInterval` says (for development and tests: the CRD's minimum
     /// is 10 s); `None` honours each Project's interval.
     pub max_poll_interval: Option<std::time::Duration>,
-    /// The image of Dockerfile build Jobs: rootless BuildKit.
-    pub buildkit_image: String,
+    /// What Dockerfile build Jobs run (rootless BuildKit) and where.
+    pub build_pods: crate::resources::environment::BuildPods,
     /// Use registries with `insecure: true` that are not on loopback
     /// (refused by default: push credentials would cross the network
     /// without TLS verification).
@@ -82,7 +82,7 @@ impl Default for OperatorConfig {
             pod_security: kapsa_api::domain_pool::PodSecurityLevel::Restricted,
             host_owners_namespace: None,
             max_poll_interval: None,
-            buildkit_image: crate::resources::environment::DEFAULT_BUILDKIT_IMAGE.to_string(),
+            build_pods: Default::default(),
             allow_insecure_registries: false,
         }
     }
@@ -1108,7 +1108,7 @@ async fn run_once(
         git.clone(),
     );
     ctx.pod_security_default = config.pod_security;
-    ctx.buildkit_image = config.buildkit_image.clone();
+    ctx.build_pods = config.build_pods.clone();
     ctx.allow_insecure_registries = config.allow_insecure_registries;
     let ctx = Arc::new(ctx);
     let controller_config = controller::Config::default().concurrency(config.concurrency);

@@ -157,7 +157,7 @@ async fn a_dockerfile_project_builds_in_jobs_keeps_serving_through_a_failure_and
     for round in 3..=5 {
         last = live
             .repo
-            .commit("main", "app.txt", &format!("v{round}"), "more")
+            .commit("main", "app.txt", format!("v{round}"), "more")
             .unwrap();
         rolled_out(&client, name, &last).await;
     }

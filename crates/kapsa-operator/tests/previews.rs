@@ -401,7 +401,7 @@ async fn max_environments_holds_exactly_and_names_the_rest() {
     // head is contained in production: no preview).
     for i in 0..30 {
         live.repo
-            .commit(&format!("b{i:02}"), "own.txt", &i.to_string(), "own")
+            .commit(&format!("b{i:02}"), "own.txt", i.to_string(), "own")
             .unwrap();
     }
     let status = eventually("10 previews and 20 branches left out", || async {
@@ -462,7 +462,7 @@ async fn hostile_branch_names_get_distinct_hosts_inside_the_project() {
     ];
     for (i, branch) in branches.iter().enumerate() {
         live.repo
-            .commit(branch, "f.txt", &i.to_string(), "hostile")
+            .commit(branch, "f.txt", i.to_string(), "hostile")
             .unwrap();
     }
     let valid = branches.len() - 1;

@@ -26,25 +26,24 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kapsa_api::{DomainPool, Project};
-use kapsa_testenv::acme_lane::{AcmeLane, AcmeLaneOptions};
+use kapsa_operator::OperatorConfig;
+use kapsa_testenv::acme_lane::AcmeLane;
 use kapsa_testenv::http_get::TlsRoots;
-use kapsa_testenv::real_node::{self, REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode};
-use kapsa_testenv::traefik::{INGRESS_CLASS, Traefik};
+use kapsa_testenv::real_node::RealNode;
+use kapsa_testenv::traefik::Traefik;
 use kube::api::{Api, DeleteParams};
 use serde_json::json;
+use support::lane::{Lane, enabled, pool_spec};
 use support::*;
 
-fn enabled(test: &str) -> bool {
-    real_node::real_lane_test(
-        test,
-        &[
-            ("Traefik", kapsa_testenv::traefik::built_traefik),
-            (
-                "cert-manager and Pebble",
-                kapsa_testenv::acme_lane::built_cert_manager,
-            ),
-        ],
-    )
+/// The lane's operator: its registry is plain HTTP on the pods' bridge (a
+/// private address, where build Pods reach it), which an operator refuses
+/// by default.
+fn config() -> OperatorConfig {
+    OperatorConfig {
+        allow_insecure_registries: true,
+        ..operator_config()
+    }
 }
 
 /// A plain-HTTP GET for `host` through `address`: the status and the body.
@@ -183,13 +182,12 @@ async fn switch_to_gateway(
 
 #[tokio::test]
 async fn a_project_serves_its_commit_through_the_ingress_controller() {
-    if !enabled("a_project_serves_its_commit_through_the_ingress_controller") {
+    if !enabled(
+        "a_project_serves_its_commit_through_the_ingress_controller",
+        &[],
+    ) {
         return;
     }
-    let assets = real_node::find_real_lane_assets().expect("the real lane's binaries");
-    let traefik_folder = kapsa_testenv::traefik::find_traefik().expect("Traefik");
-    let cert_manager_folder =
-        kapsa_testenv::acme_lane::find_cert_manager().expect("cert-manager and Pebble");
     let (env, client) = cluster().await;
     // Gateway API's CRDs before the operator starts (it watches what is
     // served at its start; it would restart its caches for them anyway).
@@ -197,59 +195,28 @@ async fn a_project_serves_its_commit_through_the_ingress_controller() {
     kapsa_testenv::crds::install_crds(&client, &gateway_crds, "kapsa-test")
         .await
         .expect("Gateway API CRDs installed");
-    shared_operator().await;
-    let started = Instant::now();
-    let mut node = RealNode::start(env, &assets).await.expect("a real node");
-    let node_ready = started.elapsed();
-    let ca = env
-        .kubeconfig_path()
-        .parent()
-        .expect("the control plane's folder")
-        .join("pki/ca.crt");
-    let lane_address = kapsa_testenv::acme_lane::lane_address().expect("a loopback address");
-    let traefik = Traefik::start(
-        &client,
-        env.api_server_url(),
-        &ca,
-        &traefik_folder,
-        &node.dir().join("traefik"),
-        true,
-        lane_address,
-    )
-    .await
-    .expect("Traefik");
-    let acme_started = Instant::now();
-    let acme = AcmeLane::start(
-        &client,
-        AcmeLaneOptions {
-            kubeconfig: env.kubeconfig_path().to_path_buf(),
-            folder: cert_manager_folder,
-            dir: node.dir().join("acme"),
-            ingress_address: lane_address,
-            ingress_class: INGRESS_CLASS.to_string(),
-            images: node.image_pusher(),
-        },
-    )
-    .await
-    .expect("cert-manager and Pebble");
-    println!(
-        "real lane: cert-manager's ClusterIssuer pebble Ready in {:?}",
-        acme_started.elapsed()
-    );
+    shared_operator_with(config).await;
+    let Lane {
+        mut node,
+        traefik,
+        acme,
+        node_ready,
+        acme_ready,
+    } = Lane::start(env, &client, true).await;
+    println!("real lane: cert-manager's ClusterIssuer pebble Ready in {acme_ready:?}");
 
     // Builds of the lane's registry push real images (kpack simulator).
     let _real_builds = node.build_commit_pages().expect("real builds");
 
     // A pool whose apps run on the real node, routed by Traefik, plain HTTP;
-    // a registry on loopback (insecure: allowed there).
+    // the lane's plain-HTTP registry (insecure: allowed by the lane's
+    // operator).
     let base = "real.example.com";
     let pool = "real-pool";
     create_ignoring_conflict(
         &Api::<DomainPool>::all(client.clone()),
         json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": pool},
-            "spec": {"domains": [base], "ingressClassName": INGRESS_CLASS,
-                "nodeSelector": {REAL_NODE_LABEL: "true"},
-                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]}}),
+            "spec": pool_spec(base, None)}),
     )
     .await;
     let registry = "real-registry";
@@ -399,11 +366,7 @@ async fn served_over_https(
     create_ignoring_conflict(
         &Api::<DomainPool>::all(client.clone()),
         json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "DomainPool", "metadata": {"name": pool},
-            "spec": {"domains": [base], "ingressClassName": INGRESS_CLASS,
-                "clusterIssuerRef": {"name": kapsa_testenv::acme_lane::CLUSTER_ISSUER},
-                "challenge": "HTTP01",
-                "nodeSelector": {REAL_NODE_LABEL: "true"},
-                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]}}),
+            "spec": pool_spec(base, Some(kapsa_testenv::acme_lane::CLUSTER_ISSUER))}),
     )
     .await;
     let platform = Platform {

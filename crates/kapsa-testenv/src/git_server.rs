@@ -73,13 +73,22 @@ impl GitServer {
     /// request needs that username and password (401 with a
     /// `WWW-Authenticate: Basic` challenge otherwise).
     pub async fn start(basic_auth: Option<(String, String)>) -> io::Result<Self> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, basic_auth).await
+    }
+
+    /// [`GitServer::start`] on a free port of `address`, a local address:
+    /// e.g. the real lane's bridge gateway, where build Pods reach it.
+    pub async fn start_on(
+        address: std::net::Ipv4Addr,
+        basic_auth: Option<(String, String)>,
+    ) -> io::Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("kapsa-git-server-")
             .tempdir()?;
         let home = tempfile::Builder::new()
             .prefix("kapsa-git-home-")
             .tempdir()?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let listener = std::net::TcpListener::bind((address, 0))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -129,7 +138,7 @@ impl GitServer {
         })
     }
 
-    /// `http://127.0.0.1:PORT/<repo>.git` (a `.git` suffix in `repo` is kept
+    /// `http://<address>:PORT/<repo>.git` (a `.git` suffix in `repo` is kept
     /// as is).
     pub fn url(&self, repo: &str) -> String {
         let repo = repo.trim_start_matches('/');
@@ -272,7 +281,7 @@ impl TestRepo {
         &self,
         branch: &str,
         path: &str,
-        contents: &str,
+        contents: impl AsRef<[u8]>,
         message: &str,
     ) -> io::Result<String> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,6 +11,7 @@
 
 pub mod acme_lane;
 pub mod audit;
+pub mod buildkit;
 pub mod control_plane;
 pub mod crds;
 pub mod git_server;

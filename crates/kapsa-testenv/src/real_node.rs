@@ -50,6 +50,11 @@ pub const REAL_NODE_LABEL: &str = "kapsa.dev/real-node";
 /// The CNI bridge of the node, and the pods' subnet (host-local IPAM).
 pub const BRIDGE: &str = "kapsa-cni0";
 pub const POD_SUBNET: &str = "10.89.0.0/24";
+/// The host's address on [`BRIDGE`], the pods' gateway: where pods reach
+/// services of the host (the lane's registry, a git server). The host
+/// reaches it too, so one address serves both (an image reference that a
+/// build Pod pushes to and containerd pulls from).
+pub const BRIDGE_GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 89, 0, 1);
 const CNI_NETWORK: &str = "kapsa-real-node";
 
 /// Where Debian's `containernetworking-plugins` and `runc` are.
@@ -465,9 +470,25 @@ impl RealNode {
         let logs = self.dir.join("logs");
         std::fs::create_dir_all(&logs)?;
 
-        // The registry.
-        let registry_port = free_port()?;
-        self.registry = format!("127.0.0.1:{registry_port}");
+        // The pods' bridge with the host's address on it, made now (the
+        // bridge plugin takes it as it finds it) so that the registry can
+        // listen there before the first pod.
+        if !link_exists(BRIDGE) {
+            run_checked(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
+        }
+        run_checked(Command::new("ip").args([
+            "addr",
+            "replace",
+            &format!("{BRIDGE_GATEWAY}/24"),
+            "dev",
+            BRIDGE,
+        ]))?;
+        run_checked(Command::new("ip").args(["link", "set", BRIDGE, "up"]))?;
+
+        // The registry, on the bridge's address: pods push to it (build
+        // Jobs) and containerd pulls from it, by the same reference.
+        let registry_port = TcpListener::bind((BRIDGE_GATEWAY, 0))?.local_addr()?.port();
+        self.registry = format!("{BRIDGE_GATEWAY}:{registry_port}");
         let registry_config = self.dir.join("registry.yaml");
         std::fs::write(
             &registry_config,
@@ -542,7 +563,7 @@ http:
             }))
             .map_err(|e| Error::Manifest(e.to_string()))?,
         )?;
-        // plain HTTP for the loopback registry.
+        // plain HTTP for the lane's registry.
         let certs_d = self.dir.join("certs.d");
         let hosts_dir = certs_d.join(&self.registry);
         std::fs::create_dir_all(&hosts_dir)?;
@@ -1180,6 +1201,28 @@ impl ImagePusher {
         entrypoint: &[&str],
         user: Option<&str>,
     ) -> Result<String> {
+        let repository = self.repository_of(reference)?;
+        let pushed = push_image(&self.assets, &self.dir, reference, files, entrypoint, user)?;
+        Ok(format!("{}/{repository}@{pushed}", self.registry))
+    }
+
+    /// Pushes a one-layer image of the tar file `layer` (owners and modes
+    /// as they are in it) as `reference`, with `entrypoint`, `user` and
+    /// the `env` variables; returns `<registry>/<repository>@sha256:…`.
+    pub fn push_layer(
+        &self,
+        reference: &str,
+        layer: &Path,
+        entrypoint: &[&str],
+        user: Option<&str>,
+        env: &[(String, String)],
+    ) -> Result<String> {
+        let repository = self.repository_of(reference)?;
+        let pushed = push_layer(&self.assets, reference, layer, entrypoint, user, env)?;
+        Ok(format!("{}/{repository}@{pushed}", self.registry))
+    }
+
+    fn repository_of<'a>(&self, reference: &'a str) -> Result<&'a str> {
         let repository = reference
             .strip_prefix(&format!("{}/", self.registry))
             .ok_or_else(|| {
@@ -1188,11 +1231,9 @@ impl ImagePusher {
                     self.registry
                 ))
             })?;
-        let repository = repository
+        Ok(repository
             .rsplit_once(':')
-            .map_or(repository, |(repository, _)| repository);
-        let pushed = push_image(&self.assets, &self.dir, reference, files, entrypoint, user)?;
-        Ok(format!("{}/{repository}@{pushed}", self.registry))
+            .map_or(repository, |(repository, _)| repository))
     }
 }
 
@@ -1234,11 +1275,24 @@ fn push_image(
             .arg(&layer)
             .arg("."),
     )?;
+    push_layer(assets, reference, &layer, entrypoint, user, &[])
+}
+
+/// Pushes a one-layer image of the tar file `layer` as `reference`;
+/// returns its digest.
+fn push_layer(
+    assets: &Path,
+    reference: &str,
+    layer: &Path,
+    entrypoint: &[&str],
+    user: Option<&str>,
+    env: &[(String, String)],
+) -> Result<String> {
     let crane = assets.join("crane");
     run_checked(
         Command::new(&crane)
             .args(["append", "--oci-empty-base", "--insecure", "-f"])
-            .arg(&layer)
+            .arg(layer)
             .args(["-t", reference]),
     )?;
     let mut mutate = Command::new(&crane);
@@ -1256,6 +1310,9 @@ fn push_image(
     }
     if let Some(user) = user {
         mutate.args(["--user", user]);
+    }
+    for (name, value) in env {
+        mutate.args(["--env", &format!("{name}={value}")]);
     }
     run_checked(&mut mutate)?;
     let digest = run_checked(Command::new(&crane).args(["digest", "--insecure", reference]))?;

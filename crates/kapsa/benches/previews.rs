@@ -211,7 +211,7 @@ async fn one_try(
     let commit = tokio::task::block_in_place(|| {
         platform
             .repo
-            .commit(&branch, "app.txt", &format!("try {i}"), "a preview branch")
+            .commit(&branch, "app.txt", format!("try {i}"), "a preview branch")
     })?;
     let pushed = Instant::now();
     let mut created = None;

@@ -320,7 +320,7 @@ fn preview_branches(
             let head = platform.repo.commit(
                 &branch,
                 "app.txt",
-                &format!("preview {i}"),
+                format!("preview {i}"),
                 "a preview branch",
             )?;
             Ok((branch, head))

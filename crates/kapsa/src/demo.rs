@@ -118,7 +118,7 @@ pub struct Lane {
 /// The platform in the real lane: apps run on the real node, Traefik routes
 /// them, cert-manager obtains their certificates from Pebble (the
 /// ClusterIssuer `pebble`, HTTP-01), and builds push to the node's registry
-/// on loopback.
+/// (plain HTTP on the pods' bridge).
 fn lane_platform(lane: &Lane) -> String {
     format!(
         r#"

@@ -55,8 +55,8 @@ pub struct UpArgs {
     /// live and a new commit rolling out.
     #[arg(long, conflicts_with = "no_operator")]
     demo: bool,
-    /// The real lane (a real node, a registry and Traefik on loopback; Linux
-    /// and root): `auto` (default) runs it when the machine can and its
+    /// The real lane (a real node, a registry on its pods' bridge, Traefik
+    /// on loopback; Linux and root): `auto` (default) runs it when the machine can and its
     /// binaries are built already, `on` builds them if needed (about 20
     /// minutes once) and fails if the machine cannot, `off` never.
     #[arg(long, value_enum, default_value_t = RealLane::Auto)]
@@ -192,6 +192,9 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The lane's registry is plain HTTP on the pods' bridge (where build
+    // Pods reach it), not on loopback.
+    let lane_registry = lane.is_some();
     let operator = {
         let client = client.clone();
         async move {
@@ -201,6 +204,7 @@ async fn serve(state_dir: &Path, options: UpOptions) -> anyhow::Result<()> {
             // The demo's git repository is served on loopback.
             let config = kapsa_operator::OperatorConfig {
                 allow_internal_git_hosts: kapsa_operator::git::HostPolicy::loopback(),
+                allow_insecure_registries: lane_registry,
                 ..Default::default()
             };
             let metrics = std::sync::Arc::new(kapsa_operator::metrics::Metrics::default());
@@ -338,7 +342,7 @@ async fn start_real_lane(
     // serving the commit (the kpack simulator builds nothing from sources).
     let builds = node.build_commit_pages()?;
     eprintln!(
-        "real lane: a real node ({}), a registry ({}), Traefik ({} and {}), cert-manager with Pebble ({}) on loopback",
+        "real lane: a real node ({}), a registry on the pods' bridge ({}), Traefik ({} and {}) and cert-manager with Pebble ({}) on loopback",
         node.name(),
         node.registry(),
         traefik.http_address(),

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use k8s_openapi::api::core::v1::Toleration;
 use kapsa_api::domain_pool::PodSecurityLevel;
 use kapsa_operator::leader::{LeaseConfig, release};
 use kapsa_operator::metrics::Metrics;
+use kapsa_operator::resources::environment::BuildPods;
 use kapsa_operator::{OperatorConfig, run as run_operator};
 
 #[derive(Args)]
@@ -79,6 +81,16 @@ pub struct OperatorArgs {
         default_value = kapsa_operator::resources::environment::DEFAULT_BUILDKIT_IMAGE
     )]
     buildkit_image: String,
+    /// Node labels Dockerfile build Pods must match, `key=value`
+    /// (repeatable, or comma-separated), e.g. `node-pool=builds` for nodes
+    /// set aside for builds. Default: any node.
+    #[arg(long, env = "KAPSA_BUILD_NODE_SELECTOR", value_delimiter = ',', value_parser = parse_label)]
+    build_node_selector: Vec<(String, String)>,
+    /// A taint Dockerfile build Pods tolerate, as `kubectl taint` writes
+    /// it: `key=value:Effect`, `key:Effect` (any value) or `key=value` (any
+    /// effect); repeatable, or comma-separated.
+    #[arg(long, env = "KAPSA_BUILD_TOLERATIONS", value_delimiter = ',', value_parser = parse_toleration)]
+    build_toleration: Vec<Toleration>,
     /// Use registries with `insecure: true` (plain HTTP, or a certificate
     /// nobody checks) that are not on loopback. Off by default: builds
     /// would send push credentials across the network unprotected, and a
@@ -91,6 +103,44 @@ pub struct OperatorArgs {
     /// Log as human-readable text instead of JSON.
     #[arg(long)]
     text_logs: bool,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not key=value"))?;
+    if key.is_empty() {
+        return Err(format!("{text:?} has no key"));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn parse_toleration(text: &str) -> Result<Toleration, String> {
+    let (rest, effect) = match text.rsplit_once(':') {
+        Some((rest, effect)) => {
+            if !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&effect) {
+                return Err(format!(
+                    "{text:?}: the effect is NoSchedule, PreferNoSchedule or NoExecute"
+                ));
+            }
+            (rest, Some(effect.to_string()))
+        }
+        None => (text, None),
+    };
+    let (key, value) = match rest.split_once('=') {
+        Some((key, value)) => (key, Some(value.to_string())),
+        None => (rest, None),
+    };
+    if key.is_empty() {
+        return Err(format!("{text:?} has no key"));
+    }
+    Ok(Toleration {
+        key: Some(key.to_string()),
+        operator: Some(if value.is_some() { "Equal" } else { "Exists" }.to_string()),
+        value,
+        effect,
+        ..Toleration::default()
+    })
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -138,7 +188,11 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         pod_security: args.pod_security,
         host_owners_namespace,
         max_poll_interval: args.max_poll_interval,
-        buildkit_image: args.buildkit_image,
+        build_pods: BuildPods {
+            image: args.buildkit_image,
+            node_selector: args.build_node_selector.into_iter().collect(),
+            tolerations: args.build_toleration,
+        },
         allow_insecure_registries: args.allow_insecure_registries,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
@@ -170,4 +224,53 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         }
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_placement_flags_read_like_kubectl_taint() {
+        assert_eq!(
+            parse_label("node-pool=builds"),
+            Ok(("node-pool".into(), "builds".into()))
+        );
+        assert!(parse_label("node-pool").is_err());
+        assert!(parse_label("=builds").is_err());
+        let t = parse_toleration("dedicated=builds:NoSchedule").unwrap();
+        assert_eq!(
+            (
+                t.key.as_deref(),
+                t.operator.as_deref(),
+                t.value.as_deref(),
+                t.effect.as_deref()
+            ),
+            (
+                Some("dedicated"),
+                Some("Equal"),
+                Some("builds"),
+                Some("NoSchedule")
+            )
+        );
+        let t = parse_toleration("kapsa.dev/real-node:NoSchedule").unwrap();
+        assert_eq!(
+            (
+                t.key.as_deref(),
+                t.operator.as_deref(),
+                t.value,
+                t.effect.as_deref()
+            ),
+            (
+                Some("kapsa.dev/real-node"),
+                Some("Exists"),
+                None,
+                Some("NoSchedule")
+            )
+        );
+        let t = parse_toleration("dedicated=builds").unwrap();
+        assert_eq!((t.operator.as_deref(), t.effect), (Some("Equal"), None));
+        assert!(parse_toleration("dedicated=builds:Sometimes").is_err());
+        assert!(parse_toleration(":NoSchedule").is_err());
+    }
 }

@@ -398,6 +398,26 @@ fn chart_defaults_and_toggles() {
     );
     assert_eq!(str_at(monitor, "/spec/endpoints/0/path"), "/metrics");
 
+    // Where and with what Dockerfile builds run.
+    let builds = render(
+        &helm,
+        &[
+            "operator.builds.buildkitImage=mirror.example/buildkit@sha256:0123",
+            "operator.builds.nodeSelector.node-pool=builds",
+            "operator.builds.tolerations={dedicated=builds:NoSchedule}",
+            "operator.allowInsecureRegistries=true",
+        ],
+    );
+    let args = operator_args(&builds);
+    for arg in [
+        "--buildkit-image=mirror.example/buildkit@sha256:0123",
+        "--build-node-selector=node-pool=builds",
+        "--build-toleration=dedicated=builds:NoSchedule",
+        "--allow-insecure-registries",
+    ] {
+        assert!(args.contains(&arg.to_owned()), "{arg} in {args:?}");
+    }
+
     // Admission policies off: no policies, and no host-ownership table.
     let no_admission = render(
         &helm,

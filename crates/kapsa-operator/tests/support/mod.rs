@@ -18,6 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+pub mod lane;
+
 pub const TIMEOUT: Duration = Duration::from_secs(90);
 /// The user the shared operator runs as (in group system:masters): its
 /// requests are the ones the audit log attributes to this name.

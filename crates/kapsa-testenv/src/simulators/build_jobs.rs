@@ -12,6 +12,10 @@
 //! BuildKit-like error as message. The Job controller turns that into the
 //! Job's `Complete` or `Failed` condition. `buildDelayMillis` of the same
 //! ConfigMap delays every build.
+//!
+//! Build Pods placed on the real lane's node (their `nodeSelector` names
+//! [`crate::real_node::REAL_NODE_LABEL`]) are left alone: real BuildKit
+//! builds there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,9 +64,20 @@ fn env_of(pod: &Pod, name: &str) -> Option<String> {
         .and_then(|v| v.value.clone())
 }
 
+/// Whether the Pod is placed on the real lane's node.
+fn on_real_node(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_selector.as_ref())
+        .is_some_and(|s| s.contains_key(crate::real_node::REAL_NODE_LABEL))
+}
+
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, SimError> {
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
     if phase.as_deref() != Some("Running") || pod.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    if on_real_node(&pod) {
         return Ok(Action::await_change());
     }
     let (fail, delay) = super::kpack::settings(&ctx.client).await;

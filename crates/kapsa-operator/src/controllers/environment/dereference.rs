@@ -66,8 +66,9 @@ pub struct EnvironmentWorld {
     /// Its Dockerfile build Jobs in the build namespace (tied to it by its
     /// uid), newest first, with what each reported.
     pub build_jobs: Vec<BuildJob>,
-    /// The BuildKit image Dockerfile builds run (`--buildkit-image`).
-    pub buildkit_image: String,
+    /// What Dockerfile build Pods run and where (`--buildkit-image`,
+    /// `--build-node-selector`, `--build-toleration`).
+    pub build_pods: crate::resources::environment::BuildPods,
     /// Whether the cluster serves the Prometheus Operator's ServiceMonitor
     /// API (what `runtime.metrics` needs).
     pub monitoring_installed: bool,
@@ -424,7 +425,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
             ),
             _ => Vec::new(),
         },
-        buildkit_image: ctx.buildkit_image.clone(),
+        build_pods: ctx.build_pods.clone(),
         monitoring_installed: stores.installed.prometheus_operator,
         gateway_installed: stores.installed.gateway_api,
         cert_manager_installed: stores.installed.cert_manager,

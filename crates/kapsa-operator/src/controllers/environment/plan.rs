@@ -714,13 +714,7 @@ fn dockerfile_build(
                 pool: None,
                 base_domain: None,
             };
-            let job = build_job(
-                &inputs,
-                registry,
-                &repository,
-                commit,
-                &world.buildkit_image,
-            );
+            let job = build_job(&inputs, registry, &repository, commit, &world.build_pods);
             (
                 pending("Building", format!("building commit {commit}"), false),
                 Some(Child::typed(&job)),

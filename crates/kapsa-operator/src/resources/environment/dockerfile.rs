@@ -18,7 +18,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, EnvVar, KeyToPath, PodSecurityContext, PodSpec,
     PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -30,6 +30,30 @@ use super::{BUILDER_SERVICE_ACCOUNT, ENVIRONMENT_UID_LABEL, EnvironmentInputs, m
 
 /// The upstream rootless BuildKit image, the default of `--buildkit-image`.
 pub const DEFAULT_BUILDKIT_IMAGE: &str = "docker.io/moby/buildkit:v0.26.2-rootless";
+/// What Dockerfile build Pods run and where: the operator's
+/// `--buildkit-image`, `--build-node-selector` and `--build-toleration`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildPods {
+    /// The BuildKit image (rootless; it has `buildctl-daemonless.sh`, git
+    /// and a POSIX shell).
+    pub image: String,
+    /// Node labels build Pods must match (their `nodeSelector`), e.g.
+    /// nodes set aside for builds; empty: any node.
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints build Pods tolerate.
+    pub tolerations: Vec<Toleration>,
+}
+
+impl Default for BuildPods {
+    fn default() -> Self {
+        Self {
+            image: DEFAULT_BUILDKIT_IMAGE.to_string(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+        }
+    }
+}
+
 /// Label on build Jobs and their Pods: which strategy made them.
 pub const BUILD_LABEL: &str = "kapsa.dev/build";
 /// Value of [`BUILD_LABEL`] for Dockerfile builds.
@@ -72,15 +96,22 @@ test "$(git rev-parse HEAD)" = "$KAPSA_COMMIT"
 context="/work/src/$KAPSA_CONTEXT_DIR"
 dockerfile="$context/$KAPSA_DOCKERFILE"
 output="type=image,name=$KAPSA_IMAGE,push=true"
-[ "$KAPSA_INSECURE" = true ] && output="$output,registry.insecure=true"
+cache="type=registry,ref=$KAPSA_CACHE"
+if [ "$KAPSA_INSECURE" = true ]; then
+  output="$output,registry.insecure=true"
+  cache="$cache,registry.insecure=true"
+  # Base images from the same registry are pulled the same way.
+  printf '[registry."%s"]\n  http = true\n  insecure = true\n' "$KAPSA_REGISTRY_SERVER" > /work/buildkitd.toml
+  export BUILDKITD_FLAGS="$BUILDKITD_FLAGS --config=/work/buildkitd.toml"
+fi
 buildctl-daemonless.sh build \
   --frontend dockerfile.v0 \
   --local context="$context" \
   --local dockerfile="$(dirname "$dockerfile")" \
   --opt filename="$(basename "$dockerfile")" \
   --output "$output" \
-  --import-cache "type=registry,ref=$KAPSA_CACHE" \
-  --export-cache "type=registry,ref=$KAPSA_CACHE,mode=max" \
+  --import-cache "$cache" \
+  --export-cache "$cache,mode=max" \
   --metadata-file /work/metadata.json
 sed -n 's/.*"containerimage.digest": *"\(sha256:[0-9a-f]*\)".*/\1/p' /work/metadata.json | head -n 1 > /dev/termination-log
 test -s /dev/termination-log
@@ -144,7 +175,7 @@ pub fn build_job(
     registry: &RegistrySpec,
     repository: &str,
     commit: &str,
-    buildkit_image: &str,
+    pods: &BuildPods,
 ) -> Job {
     let project = inputs.project;
     let env_name = inputs.environment.name_any();
@@ -178,7 +209,7 @@ pub fn build_job(
         .unwrap_or_else(|| "Dockerfile".to_string());
     let container = Container {
         name: BUILD_CONTAINER.to_string(),
-        image: Some(buildkit_image.to_string()),
+        image: Some(pods.image.clone()),
         command: Some(vec!["sh".into(), "-c".into(), BUILD_SCRIPT.into()]),
         env: Some(vec![
             env("KAPSA_GIT_URL", project.spec.source.git.url.clone()),
@@ -188,6 +219,7 @@ pub fn build_job(
             env("KAPSA_IMAGE", format!("{repository}:{env_name}")),
             env("KAPSA_CACHE", format!("{repository}:{BUILD_CACHE_TAG}")),
             env("KAPSA_INSECURE", registry.insecure.to_string()),
+            env("KAPSA_REGISTRY_SERVER", registry.server.clone()),
             env("DOCKER_CONFIG", "/kapsa/docker"),
             // Rootless BuildKit in a pod without privileges of its own.
             env("BUILDKITD_FLAGS", "--oci-worker-no-process-sandbox"),
@@ -251,6 +283,8 @@ pub fn build_job(
         automount_service_account_token: Some(false),
         restart_policy: Some("Never".into()),
         enable_service_links: Some(false),
+        node_selector: (!pods.node_selector.is_empty()).then(|| pods.node_selector.clone()),
+        tolerations: (!pods.tolerations.is_empty()).then(|| pods.tolerations.clone()),
         security_context: Some(PodSecurityContext {
             fs_group: Some(1000),
             ..PodSecurityContext::default()
@@ -329,7 +363,10 @@ mod tests {
             &registry,
             &repository,
             COMMIT,
-            "buildkit:test",
+            &BuildPods {
+                image: "buildkit:test".into(),
+                ..BuildPods::default()
+            },
         );
         let meta = &job.metadata;
         assert_eq!(meta.name.as_deref(), Some("production-3f2a9c1"));
@@ -415,10 +452,37 @@ mod tests {
         assert!(script.contains("buildctl-daemonless.sh build"));
         assert!(script.contains("/dev/termination-log"));
         assert_apply_ready(&serde_json::to_value(&job).unwrap(), "batch/v1", "Job");
+        // Anywhere, unless the operator places builds.
+        assert!(pod.node_selector.is_none() && pod.tolerations.is_none());
 
-        // Without a timeout: 30 minutes.
+        // Without a timeout: 30 minutes. Placed where the operator says.
         p.spec.build.timeout = None;
-        let job = build_job(&inputs(&p, &e, None), &registry, &repository, COMMIT, "b");
-        assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(1800));
+        let placed = BuildPods {
+            node_selector: BTreeMap::from([("node-pool".into(), "builds".into())]),
+            tolerations: vec![Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Equal".into()),
+                value: Some("builds".into()),
+                effect: Some("NoSchedule".into()),
+                ..Toleration::default()
+            }],
+            ..BuildPods::default()
+        };
+        let job = build_job(
+            &inputs(&p, &e, None),
+            &registry,
+            &repository,
+            COMMIT,
+            &placed,
+        );
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(1800));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.node_selector, Some(placed.node_selector.clone()));
+        assert_eq!(pod.tolerations, Some(placed.tolerations.clone()));
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some(DEFAULT_BUILDKIT_IMAGE)
+        );
     }
 }

@@ -43,7 +43,7 @@ pub use certificates::{
     certificate_api_resource, wildcard_certificate, wildcard_certificate_name, wildcard_secret_name,
 };
 pub use dockerfile::{
-    BUILD_COMMIT_ANNOTATION, BUILD_CONTAINER, BUILD_HISTORY_LIMIT, BUILD_LABEL,
+    BUILD_COMMIT_ANNOTATION, BUILD_CONTAINER, BUILD_HISTORY_LIMIT, BUILD_LABEL, BuildPods,
     DEFAULT_BUILDKIT_IMAGE, DOCKERFILE_BUILD, build_job, build_job_name,
 };
 pub use gateway::{

@@ -185,7 +185,10 @@ fn world(fixture: &Fixture) -> EnvironmentWorld {
                     .collect()
             },
         ),
-        buildkit_image: "buildkit.example/buildkit:rootless".into(),
+        build_pods: crate::resources::environment::BuildPods {
+            image: "buildkit.example/buildkit:rootless".into(),
+            ..Default::default()
+        },
         monitoring_installed,
         service_monitor: fixture
             .find::<DynamicObject>("monitoring.coreos.com/v1", "ServiceMonitor", &name, ns)
