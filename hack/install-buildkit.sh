@@ -31,39 +31,17 @@ ROOTLESSKIT_VERSION="${ROOTLESSKIT_VERSION:-2.3.5}"
 DEBIAN_PACKAGES=(git runc uidmap busybox-static libcap2-bin)
 
 log() { printf '[install-buildkit] %s\n' "$*" >&2; }
+# shellcheck source=lib/assets.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/assets.sh"
 
 complete() { [ -s "$1/rootfs.tar" ] && [ -s "$1/IMAGE.env" ]; }
 
-if [ -n "${KAPSA_BUILDKIT:-}" ] && complete "$KAPSA_BUILDKIT"; then
-  log "using KAPSA_BUILDKIT=$KAPSA_BUILDKIT"
-  echo "$KAPSA_BUILDKIT"
-  exit 0
-fi
-cache_root="${KAPSA_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kapsa/assets}"
-out="$cache_root/buildkit-$BUILDKIT_VERSION-rootlesskit-$ROOTLESSKIT_VERSION"
-if complete "$out"; then
-  log "cached in $out"
-  echo "$out"
-  exit 0
-fi
-if [ "${KAPSA_ASSETS_NO_BUILD:-}" = 1 ]; then
-  log "not built yet ($out incomplete)"
-  exit 3
-fi
-[ "$(id -u)" = 0 ] || { log "it needs root (the image's files are owned by root and by user 1000, newuidmap is setuid)"; exit 2; }
+out="$(assets_cache_root)/buildkit-$BUILDKIT_VERSION-rootlesskit-$ROOTLESSKIT_VERSION"
+cached_folder KAPSA_BUILDKIT "$out" complete
+[ "$(id -u)" = 0 ] || { log "it needs root (the image's files are owned by root and by user 1000, and setcap gives newuidmap its capabilities)"; exit 2; }
 command -v go >/dev/null || { log "the Go toolchain is needed to build BuildKit"; exit 1; }
 
-missing=()
-for p in "${DEBIAN_PACKAGES[@]}"; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  command -v apt-get >/dev/null || { log "missing ${missing[*]} and no apt-get to install them"; exit 1; }
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends "${missing[@]}" >&2 ||
-    { apt-get update >&2 && apt-get install -y --no-install-recommends "${missing[@]}" >&2; }
-fi
+install_debian_packages "${DEBIAN_PACKAGES[@]}"
 
 export GOFLAGS="-buildvcs=false ${GOFLAGS:-}"
 mkdir -p "$out"

@@ -33,24 +33,11 @@ complete() {
   [ -s "$dir/crds/crd-certificates.yaml" ]
 }
 
-if [ -n "${KAPSA_CERT_MANAGER:-}" ] && complete "$KAPSA_CERT_MANAGER"; then
-  log "using KAPSA_CERT_MANAGER=$KAPSA_CERT_MANAGER"
-  echo "$KAPSA_CERT_MANAGER"
-  exit 0
-fi
+# shellcheck source=lib/assets.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/assets.sh"
+out="$(assets_cache_root)/cert-manager-$CERT_MANAGER_VERSION-pebble-$PEBBLE_VERSION"
+cached_folder KAPSA_CERT_MANAGER "$out" complete
 
-cache_root="${KAPSA_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kapsa/assets}"
-out="$cache_root/cert-manager-$CERT_MANAGER_VERSION-pebble-$PEBBLE_VERSION"
-if complete "$out"; then
-  log "cached in $out"
-  echo "$out"
-  exit 0
-fi
-
-if [ "${KAPSA_ASSETS_NO_BUILD:-}" = 1 ]; then
-  log "not built yet ($out incomplete)"
-  exit 3
-fi
 command -v go >/dev/null || { log "the Go toolchain is needed to build cert-manager and Pebble"; exit 1; }
 export GOFLAGS="-buildvcs=false ${GOFLAGS:-}"
 mkdir -p "$out/crds"

@@ -34,27 +34,19 @@ if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" != cgroup2fs ] && [ ! -d /sys/f
 fi
 [ "$(uname -m)" = x86_64 ] || cannot "it is only set up for linux/amd64 (this is $(uname -m))"
 
-cache_root="${KAPSA_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kapsa/assets}"
-out="$cache_root/real-lane-k8s-$KUBERNETES_VERSION-containerd-$CONTAINERD_VERSION-registry-$REGISTRY_VERSION-crane-$CRANE_VERSION"
+# shellcheck source=lib/assets.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/assets.sh"
+out="$(assets_cache_root)/real-lane-k8s-$KUBERNETES_VERSION-containerd-$CONTAINERD_VERSION-registry-$REGISTRY_VERSION-crane-$CRANE_VERSION"
 
 # --- Debian packages ----------------------------------------------------------
-missing=()
-for p in "${DEBIAN_PACKAGES[@]}"; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
 if [ "${KAPSA_ASSETS_NO_BUILD:-}" = 1 ]; then
   for b in "${BINARIES[@]}"; do [ -x "$out/$b" ] || { log "not built yet ($out/$b missing)"; exit 3; }; done
-  [ "${#missing[@]}" -eq 0 ] || { log "not installed yet: ${missing[*]}"; exit 3; }
+  missing="$(missing_debian_packages "${DEBIAN_PACKAGES[@]}" | tr '\n' ' ')"
+  [ -z "$missing" ] || { log "not installed yet: $missing"; exit 3; }
   echo "$out"
   exit 0
 fi
-if [ "${#missing[@]}" -gt 0 ]; then
-  command -v apt-get >/dev/null || { log "missing ${missing[*]} and no apt-get to install them"; exit 1; }
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends "${missing[@]}" >&2 ||
-    { apt-get update >&2 && apt-get install -y --no-install-recommends "${missing[@]}" >&2; }
-fi
+install_debian_packages "${DEBIAN_PACKAGES[@]}"
 
 # --- binaries built from Go modules -------------------------------------------
 has_all() {

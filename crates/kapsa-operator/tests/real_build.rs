@@ -83,8 +83,8 @@ async fn build_job(client: &kube::Client, project: &str, commit: &str) -> Job {
         .expect("the commit's build Job")
 }
 
-/// The log of a build Job's Pod (through the API server and the kubelet).
-async fn build_log(client: &kube::Client, project: &str, job: &Job) -> String {
+/// The Pod of a build Job, and the API of its namespace.
+async fn build_pod(client: &kube::Client, project: &str, job: &Job) -> (Pod, Api<Pod>) {
     let namespace = kapsa_api::naming::build_namespace(project);
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     let pod = pods
@@ -95,6 +95,12 @@ async fn build_log(client: &kube::Client, project: &str, job: &Job) -> String {
         .into_iter()
         .next()
         .expect("the build Pod");
+    (pod, pods)
+}
+
+/// The log of a build Job's Pod (through the API server and the kubelet).
+async fn build_log(client: &kube::Client, project: &str, job: &Job) -> String {
+    let (pod, pods) = build_pod(client, project, job).await;
     pods.logs(&pod.name_any(), &LogParams::default())
         .await
         .expect("the build log")
@@ -115,16 +121,7 @@ async fn build_seconds(client: &kube::Client, project: &str, job: &Job) -> (i64,
         panic!("the build Job has no start or completion time");
     };
     let job_seconds = completed.0.as_second() - started.0.as_second();
-    let namespace = kapsa_api::naming::build_namespace(project);
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-    let pod = pods
-        .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
-        .await
-        .expect("build Pods")
-        .items
-        .into_iter()
-        .next()
-        .expect("the build Pod");
+    let (pod, _) = build_pod(client, project, job).await;
     let terminated = pod.status.and_then(|s| s.container_statuses).and_then(|c| {
         c.into_iter()
             .next()
