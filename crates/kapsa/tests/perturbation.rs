@@ -26,6 +26,10 @@
 //!   Environment goes (the garbage collector takes its Deployment, Service
 //!   and Ingress: the end state waits for it) and the Project deletes its
 //!   kpack Image from the build namespace;
+//! - `build-failed`: a live Project's branch gets a commit whose build
+//!   fails (the kpack simulator's `failRevisions`): `Built=False`
+//!   `BuildFailed` naming it, the previous release keeps serving, and the
+//!   commit is built exactly once however often the operator restarts;
 //! - `children-deleted`: while the operator is stopped (it never sees the
 //!   delete events), a live Project's Deployment, Service, Ingress, kpack
 //!   Image, runtime ServiceAccount, push credentials' copy and builder Role
@@ -74,8 +78,9 @@
 //! Quick form (`make test`, `hack/test.sh`): per scenario the unperturbed
 //! run and a few k spread evenly over the positions of the operator's own
 //! writes among 1..=W (a restart right after a Lease renewal interrupts
-//! nothing new; 4 for new-project, 3 for the others, whose every run first
-//! brings a Project live): about five and a half minutes on two cores. Long form: every k of every scenario, e.g.
+//! nothing new; 4 for new-project, 2 for build-failed, 3 for the others,
+//! whose every run first brings a Project live): about six and a half
+//! minutes on two cores. Long form: every k of every scenario, e.g.
 //! `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa --features fault-injection
 //! --test perturbation -- --nocapture` (W is 30 to 50 per scenario, about
 //! 15 to 30 s per perturbation: expect 30 to 60 minutes).
@@ -137,6 +142,9 @@ enum Scenario {
     /// A live preview's branch is deleted: the preview Environment, its
     /// children and its build in the build namespace go.
     PreviewDeleted,
+    /// A live Project's branch gets a commit whose build fails: `Built`
+    /// says so, the previous release keeps serving, one build only.
+    BuildFailed,
     /// While the operator is stopped, a live Project's children are
     /// deleted (events it never sees): they come back as they were.
     ChildrenDeleted,
@@ -147,11 +155,12 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::NewProject,
         Scenario::NewCommit,
         Scenario::PreviewCreated,
         Scenario::PreviewDeleted,
+        Scenario::BuildFailed,
         Scenario::ChildrenDeleted,
         Scenario::ProjectDeleted,
     ];
@@ -162,6 +171,7 @@ impl Scenario {
             Scenario::NewCommit => "new-commit",
             Scenario::PreviewCreated => "preview-created",
             Scenario::PreviewDeleted => "preview-deleted",
+            Scenario::BuildFailed => "build-failed",
             Scenario::ChildrenDeleted => "children-deleted",
             Scenario::ProjectDeleted => "project-deleted",
         }
@@ -175,6 +185,7 @@ impl Scenario {
     fn quick_sample(self) -> u64 {
         match self {
             Scenario::NewProject => 4,
+            Scenario::BuildFailed => 2,
             Scenario::NewCommit
             | Scenario::PreviewCreated
             | Scenario::PreviewDeleted
@@ -338,6 +349,20 @@ async fn apply_json(
     .unwrap_or_else(|e| panic!("applying {} {name}: {e}", resource.kind));
 }
 
+/// Makes the kpack simulator fail the builds of `revision` (none: no build
+/// fails).
+async fn fail_revisions(client: &Client, revision: Option<&str>) {
+    use kapsa_testenv::simulators::kpack::{SETTINGS_NAME, SETTINGS_NAMESPACE};
+    apply_json(
+        client,
+        &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+        Some(SETTINGS_NAMESPACE),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": SETTINGS_NAME},
+            "data": {"failRevisions": revision.unwrap_or_default()}}),
+    )
+    .await;
+}
+
 async fn install_platform(client: &Client) {
     let crds = kapsa_testenv::crds::parse_crds(&kapsa_api::crds_yaml()).expect("CRDs");
     kapsa_testenv::crds::install_crds(client, &crds, "kapsa-perturbation-test")
@@ -435,6 +460,11 @@ impl ScenarioRepo {
         let second = match scenario {
             Scenario::NewProject | Scenario::ChildrenDeleted | Scenario::ProjectDeleted => None,
             Scenario::NewCommit => Some(repo.commit("main", "app.txt", "v2", "second").unwrap()),
+            // Not new-commit's content: that commit's id must not fail.
+            Scenario::BuildFailed => Some(
+                repo.commit("main", "app.txt", "v2 does not build", "broken")
+                    .unwrap(),
+            ),
             Scenario::PreviewCreated | Scenario::PreviewDeleted => Some(
                 repo.commit(PREVIEW_BRANCH, "login.txt", "login", "login page")
                     .unwrap(),
@@ -980,7 +1010,17 @@ impl Suite {
             Scenario::PreviewDeleted | Scenario::ChildrenDeleted | Scenario::ProjectDeleted => {
                 expected_envs.insert("production".into(), (repo.first.clone(), 1));
             }
+            // The first commit serves; the second was built once and failed.
+            Scenario::BuildFailed => {
+                expected_envs.insert("production".into(), (repo.first.clone(), 2));
+            }
         }
+        // What each Environment's kpack Image builds: its deployed commit,
+        // but build-failed's production builds the commit that failed.
+        let building = |name: &str, deployed: &str| match (scenario, name) {
+            (Scenario::BuildFailed, "production") => repo.second.clone().unwrap(),
+            _ => deployed.to_string(),
+        };
         let names: BTreeSet<String> = environments.iter().map(|e| e.name_any()).collect();
         let wanted: BTreeSet<String> = expected_envs.keys().cloned().collect();
         if names != wanted {
@@ -996,6 +1036,13 @@ impl Suite {
                 failures.push(format!(
                     "Environment {name}: phase {:?}, not Ready",
                     es.phase
+                ));
+            }
+            if building(&name, commit) != *commit && !build_failed(&es, &building(&name, commit)) {
+                failures.push(format!(
+                    "Environment {name}: Built {:?}, expected BuildFailed for {}",
+                    es.conditions.iter().find(|c| c.type_ == "Built"),
+                    building(&name, commit)
                 ));
             }
             if es.observed_generation != env.metadata.generation {
@@ -1023,9 +1070,10 @@ impl Suite {
             }
             match find("Image", &name) {
                 Some(image) => {
-                    if image["spec"]["source"]["git"]["revision"] != commit.as_str() {
+                    let revision = building(&name, commit);
+                    if image["spec"]["source"]["git"]["revision"] != revision.as_str() {
                         failures.push(format!(
-                            "Image {name}: revision {}, expected {commit}",
+                            "Image {name}: revision {}, expected {revision}",
                             image["spec"]["source"]["git"]["revision"]
                         ));
                     }
@@ -1176,6 +1224,18 @@ impl Suite {
         if !env_ready(&self.client, &project, "production", &production_commit).await {
             return false;
         }
+        if scenario == Scenario::BuildFailed {
+            let failed = Api::<Environment>::namespaced(self.client.clone(), &project)
+                .get_opt("production")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|e| e.status)
+                .is_some_and(|s| build_failed(&s, repo.second.as_deref().unwrap()));
+            if !failed {
+                return false;
+            }
+        }
         let preview = kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH);
         if scenario.starts_with_preview()
             && Api::<Environment>::namespaced(self.client.clone(), &project)
@@ -1232,9 +1292,14 @@ impl Suite {
         };
         let status = p.status.unwrap_or_default();
         let expected = if scenario.ends_with_preview() { 2 } else { 1 };
+        // The branch's head: build-failed's is the commit that failed.
+        let head = match scenario {
+            Scenario::BuildFailed => repo.second.clone().unwrap(),
+            _ => production_commit,
+        };
         status.environments.len() == expected
             && status.environments.iter().all(|e| e.ready)
-            && status.latest_commit.as_deref() == Some(production_commit.as_str())
+            && status.latest_commit.as_deref() == Some(head.as_str())
     }
 
     /// Waits for the end state, then for an idle window with no write by
@@ -1258,8 +1323,19 @@ impl Suite {
             }
             if Instant::now() > deadline {
                 let events = writes(&self.audit, since, user, false).await;
+                let environments =
+                    Api::<Environment>::namespaced(self.client.clone(), &scenario.project())
+                        .list(&ListParams::default())
+                        .await
+                        .map(|l| {
+                            l.items
+                                .into_iter()
+                                .map(|e| format!("{}: {:?}", e.name_any(), e.status))
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default();
                 return Err(format!(
-                    "no end state within {CONVERGE_TIMEOUT:?}; writes so far:\n{}\nlog:\n{}",
+                    "no end state within {CONVERGE_TIMEOUT:?}; writes so far:\n{}\nEnvironments: {environments:#?}\nlog:\n{}",
                     summary(&events),
                     operator.tail(30)
                 ));
@@ -1433,7 +1509,9 @@ impl Suite {
     async fn trigger(&self, scenario: Scenario, repo: &ScenarioRepo) {
         match scenario {
             Scenario::NewProject => self.create_project(scenario, repo).await,
-            Scenario::NewCommit => repo.set_ref("main", repo.second.as_deref()),
+            Scenario::NewCommit | Scenario::BuildFailed => {
+                repo.set_ref("main", repo.second.as_deref())
+            }
             Scenario::PreviewCreated => repo.set_ref(PREVIEW_BRANCH, repo.second.as_deref()),
             Scenario::PreviewDeleted => repo.set_ref(PREVIEW_BRANCH, None),
             Scenario::ProjectDeleted => {
@@ -1583,6 +1661,14 @@ async fn live(client: &Client, project: &str, commit: &str) -> bool {
     };
     let status = p.status.unwrap_or_default();
     !status.environments.is_empty() && status.environments.iter().all(|e| e.ready)
+}
+
+/// Whether an Environment says the build of `commit` failed.
+fn build_failed(status: &kapsa_api::EnvironmentStatus, commit: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Built" && c.reason == "BuildFailed" && c.message.contains(commit))
 }
 
 async fn env_ready(client: &Client, namespace: &str, name: &str, commit: &str) -> bool {
@@ -1759,6 +1845,11 @@ async fn restart_at_every_write_point() {
         }
         let scenario_started = Instant::now();
         let repo = ScenarioRepo::new(scenario).await;
+        // The kpack simulator fails build-failed's second commit (a commit
+        // no other scenario has).
+        if scenario == Scenario::BuildFailed {
+            fail_revisions(&suite.client, repo.second.as_deref()).await;
+        }
         let baseline = suite.run(scenario, &repo, None).await;
         assert!(
             baseline.failures.is_empty(),
