@@ -360,19 +360,26 @@ async fn a_route_the_gateway_refuses_is_routed_false_with_the_gateways_reason() 
         ready_message.contains("NoMatchingParent") || ready_message.contains("did not accept"),
         "{ready_message}"
     );
-    let set = listener_sets(&client, name).get(name).await.unwrap();
-    let refused = set.data["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == "Accepted")
-        .cloned();
-    assert_eq!(
-        refused
-            .as_ref()
-            .map(|c| (c["status"].clone(), c["reason"].clone())),
-        Some((json!("False"), json!("NotAllowed"))),
-        "{refused:?}"
+    // The gateway's verdict on the ListenerSet (written in a status update
+    // of its own, which may come after the route's).
+    let sets = listener_sets(&client, name);
+    let last = std::sync::Mutex::new(None);
+    let refused = kapsa_testenv::wait::try_eventually(TIMEOUT, || async {
+        let set = sets.get(name).await.ok()?;
+        let accepted = set.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Accepted")
+            .cloned();
+        *last.lock().unwrap() = accepted.clone();
+        accepted.filter(|c| c["status"] == "False" && c["reason"] == "NotAllowed")
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the ListenerSet is refused with NotAllowed; its Accepted condition: {:?}",
+        last.lock().unwrap()
     );
 
     // The platform team lets the Project's namespace attach listeners.
