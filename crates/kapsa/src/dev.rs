@@ -56,9 +56,10 @@ pub struct UpArgs {
     #[arg(long, conflicts_with = "no_operator")]
     demo: bool,
     /// The real lane (a real node, a registry on its pods' bridge, Traefik
-    /// on loopback; Linux and root): `auto` (default) runs it when the machine can and its
-    /// binaries are built already, `on` builds them if needed (about 20
-    /// minutes once) and fails if the machine cannot, `off` never.
+    /// on loopback; Linux and root): `auto` (default) runs it when the
+    /// machine can and its binaries are built already, `on` builds them if
+    /// needed (about 20 minutes once) and fails if the machine cannot,
+    /// `off` never.
     #[arg(long, value_enum, default_value_t = RealLane::Auto)]
     real_lane: RealLane,
 }
