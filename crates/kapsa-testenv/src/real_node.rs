@@ -328,7 +328,7 @@ impl RealNode {
         }
         if let Some(existing) = kubepods_cgroups().first() {
             return Err(Error::Assets(format!(
-                "{} exists: another kubelet runs on this machine, or a previous real node was killed without its teardown; clean it up first",
+                "{} exists: another kubelet runs on this machine, or a previous real node was killed without its teardown (hack/clean-real-lane.sh removes what it left)",
                 existing.display()
             )));
         }
