@@ -25,11 +25,11 @@ use kapsa_api::{DomainPool, Project};
 use kapsa_operator::OperatorConfig;
 use kapsa_operator::resources::environment::BuildPods;
 use kapsa_testenv::http_get::TlsRoots;
-use kapsa_testenv::real_node::{BRIDGE_GATEWAY, REAL_NODE_LABEL};
+use kapsa_testenv::real_node::{BRIDGE_GATEWAY, REAL_NODE_LABEL, real_node_toleration};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, LogParams};
 use serde_json::json;
-use support::lane::{Lane, enabled, pool_spec, real_node_toleration};
+use support::lane::{Lane, enabled, pool_spec};
 use support::*;
 
 /// The lane's BuildKit image, by digest (pushed before the operator starts).

@@ -32,7 +32,7 @@ use serde_json::json;
 use crate::control_plane::{Error, Result};
 use crate::http_get::{TlsRoots, get};
 use crate::process::{ManagedProcess, log_tail};
-use crate::real_node::{ImageFile, ImagePusher, REAL_NODE_LABEL, REAL_NODE_TAINT};
+use crate::real_node::{ImageFile, ImagePusher, REAL_NODE_LABEL, real_node_toleration};
 
 /// The ClusterIssuer the lane makes (scripts and DomainPools name it).
 pub const CLUSTER_ISSUER: &str = "pebble";
@@ -279,8 +279,7 @@ impl AcmeLane {
                             "class": ingress_class,
                             "podTemplate": {"spec": {
                                 "nodeSelector": {REAL_NODE_LABEL: "true"},
-                                "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists",
-                                    "effect": "NoSchedule"}]
+                                "tolerations": [real_node_toleration()]
                             }}
                         }}}]
                     }}

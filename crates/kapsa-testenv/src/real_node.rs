@@ -47,6 +47,12 @@ pub const REAL_LANE_BINARIES: [&str; 8] = [
 pub const REAL_NODE_TAINT: &str = "kapsa.dev/real-node";
 pub const REAL_NODE_LABEL: &str = "kapsa.dev/real-node";
 
+/// The toleration of [`REAL_NODE_TAINT`] (any value), as JSON for a Pod
+/// spec's `tolerations`.
+pub fn real_node_toleration() -> serde_json::Value {
+    serde_json::json!({"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
+}
+
 /// The CNI bridge of the node, and the pods' subnet (host-local IPAM).
 pub const BRIDGE: &str = "kapsa-cni0";
 pub const POD_SUBNET: &str = "10.89.0.0/24";
@@ -368,7 +374,8 @@ impl RealNode {
         &self.dir
     }
 
-    /// `127.0.0.1:<port>`, the plain-HTTP registry the node pulls from.
+    /// `10.89.0.1:<port>` ([`BRIDGE_GATEWAY`]), the plain-HTTP registry the
+    /// node pulls from and build Pods push to.
     pub fn registry(&self) -> &str {
         &self.registry
     }
@@ -385,7 +392,7 @@ impl RealNode {
 
     /// Builds a one-layer image of `files` (no base image) for linux/amd64
     /// with `entrypoint`, pushes it to the node's registry as `name:latest`,
-    /// and returns `127.0.0.1:<port>/<name>@sha256:…`.
+    /// and returns `10.89.0.1:<port>/<name>@sha256:…`.
     pub fn push_image(
         &self,
         name: &str,
@@ -1186,7 +1193,7 @@ pub struct ImagePusher {
 }
 
 impl ImagePusher {
-    /// `127.0.0.1:<port>`: the registry pushed to.
+    /// `10.89.0.1:<port>`: the registry pushed to.
     pub fn registry(&self) -> &str {
         &self.registry
     }
@@ -1201,9 +1208,8 @@ impl ImagePusher {
         entrypoint: &[&str],
         user: Option<&str>,
     ) -> Result<String> {
-        let repository = self.repository_of(reference)?;
-        let pushed = push_image(&self.assets, &self.dir, reference, files, entrypoint, user)?;
-        Ok(format!("{}/{repository}@{pushed}", self.registry))
+        let (_work, layer) = layer_of(&self.dir, files)?;
+        self.push_layer(reference, &layer, entrypoint, user, &[])
     }
 
     /// Pushes a one-layer image of the tar file `layer` (owners and modes
@@ -1217,12 +1223,6 @@ impl ImagePusher {
         user: Option<&str>,
         env: &[(String, String)],
     ) -> Result<String> {
-        let repository = self.repository_of(reference)?;
-        let pushed = push_layer(&self.assets, reference, layer, entrypoint, user, env)?;
-        Ok(format!("{}/{repository}@{pushed}", self.registry))
-    }
-
-    fn repository_of<'a>(&self, reference: &'a str) -> Result<&'a str> {
         let repository = reference
             .strip_prefix(&format!("{}/", self.registry))
             .ok_or_else(|| {
@@ -1231,21 +1231,44 @@ impl ImagePusher {
                     self.registry
                 ))
             })?;
-        Ok(repository
+        let repository = repository
             .rsplit_once(':')
-            .map_or(repository, |(repository, _)| repository))
+            .map_or(repository, |(repository, _)| repository);
+        let crane = self.assets.join("crane");
+        run_checked(
+            Command::new(&crane)
+                .args(["append", "--oci-empty-base", "--insecure", "-f"])
+                .arg(layer)
+                .args(["-t", reference]),
+        )?;
+        let mut mutate = Command::new(&crane);
+        mutate.args([
+            "mutate",
+            "--insecure",
+            reference,
+            "--set-platform",
+            "linux/amd64",
+            "-t",
+            reference,
+        ]);
+        if !entrypoint.is_empty() {
+            mutate.args(["--entrypoint", &entrypoint.join(",")]);
+        }
+        if let Some(user) = user {
+            mutate.args(["--user", user]);
+        }
+        for (name, value) in env {
+            mutate.args(["--env", &format!("{name}={value}")]);
+        }
+        run_checked(&mut mutate)?;
+        let digest = run_checked(Command::new(&crane).args(["digest", "--insecure", reference]))?;
+        Ok(format!("{}/{repository}@{}", self.registry, digest.trim()))
     }
 }
 
-/// Builds and pushes the image as `reference`; returns its digest.
-fn push_image(
-    assets: &Path,
-    dir: &Path,
-    reference: &str,
-    files: &[ImageFile],
-    entrypoint: &[&str],
-    user: Option<&str>,
-) -> Result<String> {
+/// A one-layer tar of `files` (owned by root), in a temporary folder under
+/// `dir` that goes when the returned guard is dropped.
+fn layer_of(dir: &Path, files: &[ImageFile]) -> Result<(tempfile::TempDir, PathBuf)> {
     let work = tempfile::Builder::new().prefix("image-").tempdir_in(dir)?;
     let root = work.path().join("root");
     for file in files {
@@ -1275,48 +1298,7 @@ fn push_image(
             .arg(&layer)
             .arg("."),
     )?;
-    push_layer(assets, reference, &layer, entrypoint, user, &[])
-}
-
-/// Pushes a one-layer image of the tar file `layer` as `reference`;
-/// returns its digest.
-fn push_layer(
-    assets: &Path,
-    reference: &str,
-    layer: &Path,
-    entrypoint: &[&str],
-    user: Option<&str>,
-    env: &[(String, String)],
-) -> Result<String> {
-    let crane = assets.join("crane");
-    run_checked(
-        Command::new(&crane)
-            .args(["append", "--oci-empty-base", "--insecure", "-f"])
-            .arg(layer)
-            .args(["-t", reference]),
-    )?;
-    let mut mutate = Command::new(&crane);
-    mutate.args([
-        "mutate",
-        "--insecure",
-        reference,
-        "--set-platform",
-        "linux/amd64",
-        "-t",
-        reference,
-    ]);
-    if !entrypoint.is_empty() {
-        mutate.args(["--entrypoint", &entrypoint.join(",")]);
-    }
-    if let Some(user) = user {
-        mutate.args(["--user", user]);
-    }
-    for (name, value) in env {
-        mutate.args(["--env", &format!("{name}={value}")]);
-    }
-    run_checked(&mut mutate)?;
-    let digest = run_checked(Command::new(&crane).args(["digest", "--insecure", reference]))?;
-    Ok(digest.trim().to_string())
+    Ok((work, layer))
 }
 
 /// Runs a command to completion; its stdout, or an error with its stderr.

@@ -1038,11 +1038,11 @@ impl Suite {
                     es.phase
                 ));
             }
-            if building(&name, commit) != *commit && !build_failed(&es, &building(&name, commit)) {
+            let revision = building(&name, commit);
+            if revision != *commit && !build_failed(&es, &revision) {
                 failures.push(format!(
-                    "Environment {name}: Built {:?}, expected BuildFailed for {}",
+                    "Environment {name}: Built {:?}, expected BuildFailed for {revision}",
                     es.conditions.iter().find(|c| c.type_ == "Built"),
-                    building(&name, commit)
                 ));
             }
             if es.observed_generation != env.metadata.generation {
@@ -1070,7 +1070,6 @@ impl Suite {
             }
             match find("Image", &name) {
                 Some(image) => {
-                    let revision = building(&name, commit);
                     if image["spec"]["source"]["git"]["revision"] != revision.as_str() {
                         failures.push(format!(
                             "Image {name}: revision {}, expected {revision}",

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use kapsa_testenv::TestEnv;
 use kapsa_testenv::acme_lane::{AcmeLane, AcmeLaneOptions};
-use kapsa_testenv::real_node::{self, BuiltFolder, REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode};
+use kapsa_testenv::real_node::{
+    self, BuiltFolder, REAL_NODE_LABEL, RealNode, real_node_toleration,
+};
 use kapsa_testenv::traefik::{INGRESS_CLASS, Traefik};
 use serde_json::{Value, json};
 
@@ -97,9 +99,4 @@ pub fn pool_spec(base: &str, issuer: Option<&str>) -> Value {
         spec["challenge"] = json!("HTTP01");
     }
     spec
-}
-
-/// Tolerates the real node's taint.
-pub fn real_node_toleration() -> Value {
-    json!({"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"})
 }
