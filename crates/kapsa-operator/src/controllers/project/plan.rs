@@ -22,14 +22,13 @@ use crate::children::{Child, ChildKey, Deletion, Observed, prune};
 use crate::controllers::transitions;
 use crate::domains::{AllocationError, Landscape, allocate_host, choose_base_domain, select_pool};
 use crate::resources::environment::{
-    EnvironmentInputs, certificate_api_resource, environment_listener, kpack_image_api_resource,
-    listener_set, listener_set_api_resource, wildcard_certificate,
+    EnvironmentInputs, certificate_api_resource, environment_listener, environment_url,
+    kpack_image_api_resource, listener_set, listener_set_api_resource, wildcard_certificate,
 };
 use crate::resources::project as build;
 use crate::status::PlannedEvent;
 
-/// A safety-net resync: reads only, writes nothing when nothing changed.
-pub const RESYNC: Duration = Duration::from_secs(600);
+pub use crate::controllers::RESYNC;
 
 /// How soon a Project waiting for its old build namespace to go looks again.
 pub const BUILD_NAMESPACE_RECHECK: Duration = Duration::from_secs(5);
@@ -345,11 +344,17 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
         ),
     };
     status.latest_commit = commit.clone().or(status.latest_commit);
-    apply.push(Child::typed(&build::production_environment(
-        project,
-        commit.as_deref(),
-        status.host.as_deref(),
-    )));
+    // A new production Environment is made once the branch's head is known
+    // and the host and pool it reads from this status have been written
+    // (the cached status already holds them): made earlier, it would write
+    // its status over and over (waiting for a commit, then for a host)
+    // before its first build. One that exists is always kept.
+    let planned_production = (production.is_some()
+        || (commit.is_some()
+            && before.observed_generation.is_some()
+            && before.domain_pool == status.domain_pool))
+        .then(|| build::production_environment(project, commit.as_deref(), status.host.as_deref()));
+    apply.extend(planned_production.iter().map(Child::typed));
 
     // Previews: one Environment per qualifying branch.
     let previews = super::previews::plan_previews(&super::previews::PreviewInputs {
@@ -408,10 +413,30 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
         }
     }
 
-    // Aggregate the environments.
+    // Aggregate the environments, with the production Environment this
+    // reconcile makes (not Ready yet), so that its appearance costs no
+    // status write of its own. The URL is where each serves, or will once
+    // deployed: it does not change on the way to Ready.
+    let url_of = |environment: &Environment| {
+        let st = environment.status.as_ref();
+        serving_from
+            .as_ref()
+            .and_then(|(pool, base)| {
+                environment_url(&EnvironmentInputs {
+                    project,
+                    environment,
+                    pool: Some(pool),
+                    base_domain: Some(base),
+                })
+            })
+            .or_else(|| st.and_then(|s| s.url.clone()))
+    };
+    let made_now = planned_production.as_ref().filter(|_| production.is_none());
     let mut environments: Vec<EnvironmentSummary> = world
         .environments
         .iter()
+        .map(AsRef::as_ref)
+        .chain(made_now)
         .map(|e| {
             let st = e.status.clone().unwrap_or_default();
             EnvironmentSummary {
@@ -419,7 +444,7 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
                 type_: Some(e.spec.type_),
                 branch: e.spec.branch.clone(),
                 commit: st.commit.clone(),
-                url: st.url.clone(),
+                url: url_of(e),
                 ready: is_condition_true(&st.conditions, READY),
             }
         })
@@ -499,7 +524,10 @@ fn events(project: &Project, before: &ProjectStatus, after: &ProjectStatus) -> V
         &after.conditions,
         &[READY, DOMAIN_ALLOCATED, SOURCE_REACHABLE, IMPLEMENTED],
     );
-    if before.latest_commit != after.latest_commit
+    // The first commit seen is not a new one: the production
+    // Environment's BuildStarted announces it.
+    if before.latest_commit.is_some()
+        && before.latest_commit != after.latest_commit
         && let Some(commit) = &after.latest_commit
     {
         events.push(PlannedEvent::normal(

@@ -276,6 +276,8 @@ cases! {
         namespace_foreign => "namespace-foreign",
         namespace_reserved => "namespace-reserved",
         poll_branch_missing => "poll-branch-missing",
+        first_poll_makes_production => "first-poll-makes-production",
+        first_poll_before_first_status => "first-poll-before-first-status",
         poll_never => "poll-never",
         poll_never_keeps_status => "poll-never-keeps-status",
         poll_reachable_new_commit => "poll-reachable-new-commit",
