@@ -263,6 +263,8 @@ pub struct Context {
     /// Whether registries with `insecure: true` off loopback are used
     /// (`--allow-insecure-registries`).
     pub allow_insecure_registries: bool,
+    /// The longest wait between two reconciles of an object at rest.
+    pub resync_period: std::time::Duration,
     /// Consecutive failed reconciles per object, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
     /// What the registry reconcilers concluded of each credentials Secret
@@ -304,6 +306,7 @@ impl Context {
             build_pods: Default::default(),
             pod_security_default: Default::default(),
             allow_insecure_registries: false,
+            resync_period: crate::controllers::RESYNC,
         }
     }
 

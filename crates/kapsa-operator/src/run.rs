@@ -70,6 +70,10 @@ pub struct OperatorConfig {
     /// (refused by default: push credentials would cross the network
     /// without TLS verification).
     pub allow_insecure_registries: bool,
+    /// The longest a Project, Environment or DomainPool goes without a
+    /// reconcile when nothing changes (each reconcile of an object at rest
+    /// reads caches only and writes nothing).
+    pub resync_period: std::time::Duration,
 }
 
 impl Default for OperatorConfig {
@@ -84,6 +88,7 @@ impl Default for OperatorConfig {
             max_poll_interval: None,
             build_pods: Default::default(),
             allow_insecure_registries: false,
+            resync_period: controllers::RESYNC,
         }
     }
 }
@@ -1110,6 +1115,7 @@ async fn run_once(
     ctx.pod_security_default = config.pod_security;
     ctx.build_pods = config.build_pods.clone();
     ctx.allow_insecure_registries = config.allow_insecure_registries;
+    ctx.resync_period = config.resync_period;
     let ctx = Arc::new(ctx);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 

@@ -3,26 +3,37 @@
 //!
 //! `cargo bench -p kapsa --bench scale -- [--projects N] [--runs R]
 //! [--idle-seconds S] [--timeout-seconds T] [--concurrency C]
-//! [--previews K] [--operator-binary PATH] [--keep-logs]`
+//! [--previews K] [--operator-binary PATH] [--keep-logs]
+//! [--resync-seconds S] [--no-sequenced] [--no-restart]`
 //!
-//! Each run has two phases, each on a fresh control plane (etcd,
+//! Each run has three phases, each on a fresh control plane (etcd,
 //! kube-apiserver with its audit log on, controller-manager, scheduler,
 //! kwok, plus the in-process kpack and cert-manager simulators):
 //!
 //! - operator: the `kapsa` binary (this build's, or `--operator-binary`)
-//!   runs as a child process, as its own user `kapsa-operator`; N Projects
+//!   runs as a child process, as its own user `kapsa-operator`, with
+//!   `--resync-period` shorter than the idle window; N Projects
 //!   are applied at once; measured: the time from the first apply until every
 //!   `production` Environment has `status.phase: Ready`, the operator's peak
 //!   RSS (VmHWM and sampled VmRSS) by then, and, from the API server's audit
 //!   log, the requests user `kapsa-operator` made until every Project was
 //!   Ready and during an idle window afterwards (writes by kind, GETs by
-//!   resource). The operator's own count (`kapsa_api_writes_total`) is
-//!   printed next to it;
+//!   resource; CPU of every process over the window). The operator's own
+//!   count (`kapsa_api_writes_total`) is printed next to it. Then the
+//!   operator is restarted: the time until its caches are listed and until
+//!   it has reconciled every Project and Environment, and the writes the
+//!   audit log shows meanwhile (and 5 s more);
 //! - raw: no operator; the bench itself (user `kapsa-bench-raw`)
 //!   server-side applies the objects the operator would make (the Kapsa
 //!   builders make them) as fast as it can and waits until every Deployment
 //!   is Available, every kpack Image built and every Certificate ready: the
-//!   API server's (and simulators') limit.
+//!   API server's (and simulators') limit;
+//! - sequenced raw: the same objects, applied (user
+//!   `kapsa-bench-sequenced`) along the operator's dependency chain, each
+//!   Project on its own: Project → `git ls-remote` → namespaces and the
+//!   rest → kpack Image → the build → Deployment, Service and Ingress with
+//!   the built image → Deployment Available and Certificate Ready. Waits
+//!   read shared watches, as the operator's caches do.
 //!
 //! With `--previews K` every Project also has `previewEnvironments:
 //! {enabled: true, replicas: 1}`, and the one repository they share gets K
@@ -42,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use clap::Parser;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kapsa_api::naming::readable_branch_slug;
@@ -55,7 +66,9 @@ use kapsa_operator::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use kapsa_testenv::audit::{self, AuditEvent, AuditLog, AuditMark};
 use kapsa_testenv::simulators::kpack::simulated_digest;
 use kapsa_testenv::{ControlPlane, find_assets};
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -103,6 +116,18 @@ struct Args {
     /// all N × (1 + K) Environments. 0 (the default): no previews.
     #[arg(long, default_value_t = 0)]
     previews: usize,
+    /// The operator's `--resync-period`, in seconds: shorter than the idle
+    /// window, so that the window sees every object at rest reconciled
+    /// (an older build without the flag resyncs every 600 s).
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// Skip the sequenced raw phase (the operator's dependency chain,
+    /// applied by the bench).
+    #[arg(long)]
+    no_sequenced: bool,
+    /// Skip restarting the operator after the idle window.
+    #[arg(long)]
+    no_restart: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -399,9 +424,39 @@ struct OperatorFigures {
     idle_events: BTreeMap<String, usize>,
     idle_status_changes: BTreeMap<String, usize>,
     idle: Duration,
+    /// CPU seconds by process during the idle window.
+    idle_cpu: BTreeMap<String, f64>,
+    /// Reconciles during the idle window, by controller (the operator's
+    /// own count: shows the resync ran).
+    idle_reconciles: BTreeMap<String, u64>,
+    /// The operator's process name, its key in the CPU figures.
+    operator_comm: String,
+    restart: Option<RestartFigures>,
+}
+
+/// The operator restarted after the idle window.
+struct RestartFigures {
+    /// From the restart until `/readyz` answered 200 (caches listed).
+    synced: Duration,
+    /// Until the new process had reconciled at least as many Projects and
+    /// Environments as exist (its own count; every status compared with
+    /// its plan).
+    confirmed: Duration,
+    /// The operator user's requests from the restart until 5 s after
+    /// `confirmed`, from the audit log.
+    audit: AuditFigures,
+    /// The new process's peak RSS until then.
+    peak_rss_kib: u64,
+    /// CPU seconds by process over the same window.
+    cpu: BTreeMap<String, f64>,
 }
 
 impl OperatorFigures {
+    /// Operator CPU per idle minute, in CPU-seconds.
+    fn idle_cpu_per_minute(&self, process: &str) -> f64 {
+        self.idle_cpu.get(process).copied().unwrap_or(0.0) * 60.0 / self.idle.as_secs_f64()
+    }
+
     /// Audit log: the operator user's writes per minute in the idle window.
     fn idle_writes_per_minute(&self) -> f64 {
         per_minute(self.idle_audit.total_writes(), self.idle)
@@ -431,9 +486,18 @@ async fn operator_phase(
         "kapsa-bench-scale-operator-{}-run{run}.log",
         std::process::id()
     ));
+    let restart_log = log.with_extension("restart.log");
     let kubeconfig = platform.plane.kubeconfig_as(OPERATOR_USER, MASTERS)?;
     let started_mark = platform.audit.mark().await;
-    let mut operator = OperatorProcess::start(binary, &kubeconfig, log.clone())?;
+    let extra = if binary.resync_period {
+        vec![
+            "--resync-period".to_string(),
+            format!("{}s", args.resync_seconds),
+        ]
+    } else {
+        Vec::new()
+    };
+    let mut operator = OperatorProcess::start_with(binary, &kubeconfig, log.clone(), &extra)?;
     operator.wait_for_metrics(Duration::from_secs(30)).await?;
     eprintln!(
         "  operator pid {} (log {}), applying {} Projects",
@@ -574,6 +638,8 @@ async fn operator_phase(
     let statuses_before = statuses(&client).await?;
     let idle_since = k8s_openapi::jiff::Timestamp::now();
     let before = operator.writes().await?;
+    let reconciles_before = operator.reconciles().await?;
+    let idle_cpu_before = cpu_by_process(&platform.plane, Some(operator.pid()));
     let polls_before = operator.git_polls().await?;
     let idle_mark = platform.audit.mark().await;
     let idle_started = Instant::now();
@@ -584,6 +650,11 @@ async fn operator_phase(
         operator.sample_peak()?;
     }
     let idle = idle_started.elapsed();
+    let idle_cpu = cpu_delta(
+        &cpu_by_process(&platform.plane, Some(operator.pid())),
+        &idle_cpu_before,
+    );
+    let idle_reconciles = delta(&operator.reconciles().await?, &reconciles_before);
     let idle_audit = AuditFigures::since(&platform.audit, idle_mark, OPERATOR_USER).await;
     let after = operator.writes().await?;
     let idle_polls = operator.git_polls().await? - polls_before;
@@ -601,6 +672,17 @@ async fn operator_phase(
             }
             (kapsa_events_since(&client, idle_since).await?, changes)
         };
+    let peak_rss_after_idle_kib = operator.sample_peak()?;
+    let rss_after_idle_kib = operator.memory_kib("VmRSS")?;
+    let restart = if args.no_restart {
+        None
+    } else {
+        operator.stop();
+        drop(operator);
+        let restarted = restart(&platform, args, binary, &kubeconfig, &restart_log, &extra).await?;
+        operator = restarted.0;
+        Some(restarted.1)
+    };
     let figures = OperatorFigures {
         ready,
         environments: environments_at_ready,
@@ -609,8 +691,8 @@ async fn operator_phase(
         cpu,
         projects_ready,
         peak_rss_kib,
-        peak_rss_after_idle_kib: operator.sample_peak()?,
-        rss_after_idle_kib: operator.memory_kib("VmRSS")?,
+        peak_rss_after_idle_kib,
+        rss_after_idle_kib,
         rollout_audit,
         idle_audit,
         rollout_writes,
@@ -620,14 +702,84 @@ async fn operator_phase(
         idle_events,
         idle_status_changes,
         idle,
+        idle_cpu,
+        idle_reconciles,
+        operator_comm: binary.comm(),
+        restart,
     };
     operator.stop();
     drop(operator);
     drop(platform);
     if !args.keep_logs {
         let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&restart_log);
     }
     Ok(figures)
+}
+
+/// Starts the operator again (the old one is gone) and measures until its
+/// caches are listed and it has reconciled every Project and Environment,
+/// then 5 s more for late writes.
+async fn restart(
+    platform: &common::Platform,
+    args: &Args,
+    binary: &OperatorBinary,
+    kubeconfig: &Path,
+    log: &Path,
+    extra: &[String],
+) -> anyhow::Result<(OperatorProcess, RestartFigures)> {
+    let timeout = Duration::from_secs(args.timeout_seconds);
+    let environments = Api::<Environment>::all(platform.client.clone())
+        .list(&cached_list())
+        .await?
+        .items
+        .len() as u64;
+    let mark = platform.audit.mark().await;
+    let cpu_before = cpu_by_process(&platform.plane, None);
+    let started = Instant::now();
+    let mut operator = OperatorProcess::start_with(binary, kubeconfig, log.to_path_buf(), extra)?;
+    let mut synced = None;
+    let confirmed = loop {
+        operator.ensure_running()?;
+        operator.sample_peak()?;
+        if synced.is_none() && operator.ready().await.unwrap_or(false) {
+            synced = Some(started.elapsed());
+        }
+        if synced.is_some() {
+            let reconciles = operator.reconciles().await?;
+            let done = |controller: &str, wanted: u64| {
+                reconciles.get(controller).copied().unwrap_or(0) >= wanted
+            };
+            if done("project", args.projects as u64) && done("environment", environments) {
+                break started.elapsed();
+            }
+        }
+        ensure!(
+            started.elapsed() < timeout,
+            "restart: timed out after {timeout:?} (operator log {})",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(5) {
+        operator.ensure_running()?;
+        operator.sample_peak()?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let cpu = cpu_delta(
+        &cpu_by_process(&platform.plane, Some(operator.pid())),
+        &cpu_before,
+    );
+    let audit = AuditFigures::since(&platform.audit, mark, OPERATOR_USER).await;
+    let figures = RestartFigures {
+        synced: synced.unwrap_or(confirmed),
+        confirmed,
+        audit,
+        peak_rss_kib: operator.sample_peak()?,
+        cpu,
+    };
+    Ok((operator, figures))
 }
 
 /// The status of every Project and Environment, by `Kind/namespace/name`.
@@ -969,15 +1121,303 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
 }
 
 // ---------------------------------------------------------------------------
+// Phase 3: the same objects, applied in the operator's order.
+
+/// The user of the sequenced phase's requests.
+const SEQUENCED_USER: &str = "kapsa-bench-sequenced";
+const SEQUENCED_MANAGER: &str = "bench-sequenced";
+/// How often a chain looks at the watched objects it waits for.
+const CHAIN_POLL: Duration = Duration::from_millis(50);
+
+/// The kpack Images, Deployments and Certificates of the cluster, watched
+/// once (a reflector each) for every Project's chain to wait on.
+struct Watched {
+    images: reflector::Store<DynamicObject>,
+    deployments: reflector::Store<Deployment>,
+    certificates: reflector::Store<DynamicObject>,
+    _tasks: Vec<common::AbortOnDrop>,
+}
+
+impl Watched {
+    async fn start(client: &Client) -> anyhow::Result<Self> {
+        let mut tasks = Vec::new();
+        let mut dynamic = |resource: ApiResource| {
+            let writer = reflector::store::Writer::new(resource.clone());
+            let store = writer.as_reader();
+            let stream = watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &resource),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .reflect(writer);
+            tasks.push(common::AbortOnDrop(tokio::spawn(async move {
+                stream.for_each(|_| async {}).await;
+            })));
+            store
+        };
+        let images = dynamic(external::kpack_image());
+        let certificates = dynamic(external::cert_manager_certificate());
+        let (deployments, writer) = reflector::store();
+        let stream = watcher(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer);
+        tasks.push(common::AbortOnDrop(tokio::spawn(async move {
+            stream.for_each(|_| async {}).await;
+        })));
+        for ready in [
+            images.wait_until_ready().boxed(),
+            certificates.wait_until_ready().boxed(),
+            deployments.wait_until_ready().boxed(),
+        ] {
+            ready.await?;
+        }
+        Ok(Self {
+            images,
+            deployments,
+            certificates,
+            _tasks: tasks,
+        })
+    }
+}
+
+/// Waits (looking at a watched store every [`CHAIN_POLL`]) until `found`
+/// returns something.
+async fn wait_for<T>(mut found: impl FnMut() -> Option<T>) -> T {
+    loop {
+        if let Some(value) = found() {
+            return value;
+        }
+        tokio::time::sleep(CHAIN_POLL).await;
+    }
+}
+
+/// The head of `branch` as `git ls-remote` reads it from `url`: the
+/// operator's poll, done the plain way.
+async fn ls_remote(url: &str, branch: &str) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new("git")
+        .args(["ls-remote", url, &format!("refs/heads/{branch}")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running git ls-remote")?;
+    ensure!(
+        output.status.success(),
+        "git ls-remote {url} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .with_context(|| format!("{url} has no branch {branch}"))
+}
+
+/// One Project's chain, each step waiting for the one before, as the
+/// operator's must: Project → poll → namespaces, credentials copy,
+/// ServiceAccounts, Role, RoleBinding and Environment → kpack Image → the
+/// build → Deployment, Service and Ingress (with the built image) → the
+/// Deployment Available and the Certificate Ready.
+async fn sequenced_project(
+    client: &Client,
+    watched: &Watched,
+    manifest: Value,
+    pool: &DomainPool,
+    registry_source: &Secret,
+    registry_spec: &kapsa_api::RegistrySpec,
+) -> anyhow::Result<()> {
+    const MANAGER: &str = SEQUENCED_MANAGER;
+    let project: Project = serde_json::from_value(manifest)?;
+    let project = apply(client, MANAGER, &project).await?;
+    let git = &project.spec.source.git;
+    let commit = ls_remote(&git.url, &git.branch).await?;
+    let name = project.name_any();
+    let (namespace, build_namespace) = (
+        children::namespace(&project),
+        children::build_namespace(&project, Default::default()),
+    );
+    tokio::try_join!(
+        apply(client, MANAGER, &namespace),
+        apply(client, MANAGER, &build_namespace),
+    )?;
+    let host = format!("{name}.{BASE_DOMAIN}");
+    let production = children::production_environment(&project, Some(&commit), Some(&host));
+    let secret = children::push_secret(&project, registry_source);
+    let builder = children::builder_service_account(&project, true, false);
+    let runtime = children::runtime_service_account(&project, false);
+    let role = children::builder_role(&project, true, false);
+    let binding = children::builder_role_binding(&project);
+    let (environment, ..) = tokio::try_join!(
+        apply(client, MANAGER, &production),
+        apply(client, MANAGER, &secret),
+        apply(client, MANAGER, &builder),
+        apply(client, MANAGER, &runtime),
+        apply(client, MANAGER, &role),
+        apply(client, MANAGER, &binding),
+    )?;
+    let inputs = EnvironmentInputs {
+        project: &project,
+        environment: &environment,
+        pool: Some(pool),
+        base_domain: Some(BASE_DOMAIN),
+    };
+    let image = kpack_image(&inputs, &image_repository(registry_spec, &name), &commit);
+    apply_dynamic(client, MANAGER, &external::kpack_image(), &image).await?;
+    let image_ref =
+        ObjectRef::<DynamicObject>::new_with(&image.name_any(), external::kpack_image())
+            .within(&image.namespace().unwrap_or_default());
+    let built = wait_for(|| {
+        let image = watched.images.get(&image_ref)?;
+        if !condition_true(&image, "Ready") {
+            return None;
+        }
+        image.data["status"]["latestImage"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .await;
+    let ingress = ingress(&inputs).context("the builders made no Ingress")?;
+    let deployment = deployment(&inputs, &built);
+    let service = service(&inputs);
+    tokio::try_join!(
+        apply(client, MANAGER, &deployment),
+        apply(client, MANAGER, &service),
+        apply(client, MANAGER, &ingress),
+    )?;
+    let namespace = deployment.namespace().unwrap_or_default();
+    let deployment_ref = ObjectRef::<Deployment>::new(&deployment.name_any()).within(&namespace);
+    let certificate = ingress
+        .spec
+        .as_ref()
+        .and_then(|s| s.tls.as_ref())
+        .and_then(|tls| tls.first())
+        .and_then(|tls| tls.secret_name.clone())
+        .context("the Ingress names no TLS Secret")?;
+    let certificate_ref =
+        ObjectRef::<DynamicObject>::new_with(&certificate, external::cert_manager_certificate())
+            .within(&ingress.namespace().unwrap_or_default());
+    wait_for(|| {
+        let available = watched
+            .deployments
+            .get(&deployment_ref)
+            .is_some_and(|d| available(&d));
+        let issued = watched
+            .certificates
+            .get(&certificate_ref)
+            .is_some_and(|c| condition_true(&c, "Ready"));
+        (available && issued).then_some(())
+    })
+    .await;
+    Ok(())
+}
+
+struct SequencedFigures {
+    /// First apply until every Project's chain ended.
+    done: Duration,
+    cpu: BTreeMap<String, f64>,
+    /// The sequenced user's requests, from the audit log.
+    audit: AuditFigures,
+}
+
+async fn sequenced_phase(assets: &Path, args: &Args) -> anyhow::Result<SequencedFigures> {
+    let platform = platform(assets).await?;
+    let client = platform.client.clone();
+    let pool: DomainPool = serde_json::from_value(pool_manifest())?;
+    let registry_source = Api::<Secret>::namespaced(client.clone(), PLATFORM_NAMESPACE)
+        .get(REGISTRY_SECRET)
+        .await?;
+    let registry_spec = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
+        .get(REGISTRY)
+        .await?
+        .spec;
+    let sequenced_client = platform.plane.client_as(SEQUENCED_USER, MASTERS).await?;
+    // The watches are the bench's own (the admin's), like the operator's
+    // caches: started before the clock.
+    let watched = Watched::start(&client).await?;
+    eprintln!(
+        "  running {} Projects' chains, {} at once",
+        args.projects, args.concurrency
+    );
+    let timeout = Duration::from_secs(args.timeout_seconds);
+    let cpu_before = cpu_by_process(&platform.plane, None);
+    let mark = platform.audit.mark().await;
+    let started = Instant::now();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let chains = futures::stream::iter(0..args.projects)
+        .map(|i| {
+            let manifest = project_manifest(&project_name(i), &platform.repo_url, 0);
+            let (client, watched, pool, done) = (&sequenced_client, &watched, &pool, &done);
+            let (registry_source, registry_spec) = (&registry_source, &registry_spec);
+            async move {
+                sequenced_project(
+                    client,
+                    watched,
+                    manifest,
+                    pool,
+                    registry_source,
+                    registry_spec,
+                )
+                .await?;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .try_collect::<Vec<()>>();
+    let progress = async {
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            eprintln!(
+                "  {:>6.1}s: {} of {} chains done",
+                started.elapsed().as_secs_f64(),
+                done.load(std::sync::atomic::Ordering::Relaxed),
+                args.projects
+            );
+        }
+    };
+    tokio::select! {
+        result = tokio::time::timeout(timeout, chains) => {
+            result.with_context(|| format!(
+                "timed out after {timeout:?}: {} of {} chains done",
+                done.load(std::sync::atomic::Ordering::Relaxed),
+                args.projects
+            ))??;
+        }
+        () = progress => unreachable!(),
+    }
+    let done = started.elapsed();
+    eprintln!("  every chain done after {:.2}s", done.as_secs_f64());
+    let cpu = cpu_delta(&cpu_by_process(&platform.plane, None), &cpu_before);
+    let audit = AuditFigures::since(&platform.audit, mark, SEQUENCED_USER).await;
+    Ok(SequencedFigures { done, cpu, audit })
+}
+
+// ---------------------------------------------------------------------------
 
 struct RunFigures {
     operator: OperatorFigures,
     raw: RawFigures,
+    sequenced: Option<SequencedFigures>,
 }
 
 impl RunFigures {
     fn ratio(&self) -> f64 {
         self.operator.ready.as_secs_f64() / self.raw.done.as_secs_f64()
+    }
+
+    /// Operator time over the sequenced raw apply's (NaN without it).
+    fn sequenced_ratio(&self) -> f64 {
+        self.sequenced.as_ref().map_or(f64::NAN, |s| {
+            self.operator.ready.as_secs_f64() / s.done.as_secs_f64()
+        })
+    }
+
+    fn sequenced_seconds(&self) -> f64 {
+        self.sequenced
+            .as_ref()
+            .map_or(f64::NAN, |s| s.done.as_secs_f64())
     }
 }
 
@@ -1074,6 +1514,40 @@ fn print_run(run: usize, args: &Args, f: &RunFigures) {
         format_cpu(&f.raw.cpu),
         f.raw.applied.as_secs_f64()
     );
+    if let Some(q) = &f.sequenced {
+        println!(
+            "  sequenced raw apply (user {SEQUENCED_USER}): {:.2}s, ratio {:.2}; {} writes ({:.1}/Project) {}; CPU {}",
+            q.done.as_secs_f64(),
+            f.sequenced_ratio(),
+            q.audit.total_writes(),
+            q.audit.total_writes() as f64 / n,
+            format_counts(&q.audit.writes),
+            format_cpu(&q.cpu)
+        );
+    }
+    println!(
+        "  idle {:.0}s with --resync-period {}s: reconciles {}; CPU per idle minute: operator {:.2} CPU-s ({:.2} % of a core), kube-apiserver {:.2} CPU-s; all {}",
+        o.idle.as_secs_f64(),
+        args.resync_seconds,
+        format_counts(&o.idle_reconciles),
+        o.idle_cpu_per_minute(&o.operator_comm),
+        o.idle_cpu_per_minute(&o.operator_comm) * 100.0 / 60.0,
+        o.idle_cpu_per_minute("kube-apiserver"),
+        format_cpu(&o.idle_cpu)
+    );
+    if let Some(r) = &o.restart {
+        println!(
+            "  restart: caches listed after {:.2}s, every Project and Environment reconciled after {:.2}s; audit log until 5 s later: {} writes ({}), {} GETs ({}); peak RSS {:.1} MiB; CPU {}",
+            r.synced.as_secs_f64(),
+            r.confirmed.as_secs_f64(),
+            r.audit.total_writes(),
+            format_counts(&r.audit.writes),
+            r.audit.total_gets(),
+            format_counts(&r.audit.gets),
+            mib(r.peak_rss_kib),
+            format_cpu(&r.cpu)
+        );
+    }
     if args.previews > 0 {
         println!(
             "  Environments: {} when all {} were Ready ({} production + {} previews wanted); peak RSS until then {:.1} MiB",
@@ -1122,6 +1596,36 @@ fn print_summary(args: &Args, runs: &[RunFigures]) {
         pick(&own),
         pick(&|r| r.operator.own_idle_writes_per_minute()),
     );
+    let idle_core =
+        |r: &RunFigures| r.operator.idle_cpu_per_minute(&r.operator.operator_comm) * 100.0 / 60.0;
+    let restart_confirmed = |r: &RunFigures| {
+        r.operator
+            .restart
+            .as_ref()
+            .map_or(f64::NAN, |x| x.confirmed.as_secs_f64())
+    };
+    let restart_writes = |r: &RunFigures| {
+        r.operator
+            .restart
+            .as_ref()
+            .map_or(f64::NAN, |x| x.audit.total_writes() as f64)
+    };
+    let restart_rss = |r: &RunFigures| {
+        r.operator
+            .restart
+            .as_ref()
+            .map_or(f64::NAN, |x| mib(x.peak_rss_kib))
+    };
+    println!(
+        "median: sequenced raw {:.2}s, ratio to it {:.2} (target ≤ 1.15); idle operator {:.2} % of a core (target ≤ 1), kube-apiserver {:.2} CPU-s per idle minute; restart: every status confirmed after {:.2}s (target ≤ 10), {:.0} writes (target 0), peak RSS {:.1} MiB",
+        pick(&|r| r.sequenced_seconds()),
+        pick(&|r| r.sequenced_ratio()),
+        pick(&idle_core),
+        pick(&|r| r.operator.idle_cpu_per_minute("kube-apiserver")),
+        pick(&restart_confirmed),
+        pick(&restart_writes),
+        pick(&restart_rss),
+    );
     if args.previews > 0 {
         println!(
             "with {} previews per Project: {} Environments ({} production, {} previews); median peak RSS {:.1} MiB",
@@ -1134,22 +1638,27 @@ fn print_summary(args: &Args, runs: &[RunFigures]) {
     }
     println!();
     println!(
-        "| run | operator | raw apply | ratio | peak RSS | writes/Project (audit) | Lease writes | GETs/Project (audit) | idle writes/min (audit) | idle GETs/min (audit) | writes/Project (own count) |"
+        "| run | operator | raw apply | ratio | sequenced raw | ratio (sequenced) | peak RSS | writes/Project (audit) | Lease writes | GETs/Project (audit) | idle writes/min (audit) | idle GETs/min (audit) | idle operator CPU (% of a core) | restart: confirmed | restart: writes | writes/Project (own count) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // A row: `value` gives one figure of it (one run's, or the median).
     let row = |label: String, f: &dyn Fn(Figure) -> f64| {
         println!(
-            "| {label} | {:.2} s | {:.2} s | {:.2} | {:.1} MiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {label} | {:.2} s | {:.2} s | {:.2} | {:.2} s | {:.2} | {:.1} MiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} s | {:.0} | {:.1} |",
             f(&|r| r.operator.ready.as_secs_f64()),
             f(&|r| r.raw.done.as_secs_f64()),
             f(&|r| r.ratio()),
+            f(&|r| r.sequenced_seconds()),
+            f(&|r| r.sequenced_ratio()),
             f(&|r| mib(r.operator.peak_rss_kib)),
             f(&writes),
             f(&leases),
             f(&gets),
             f(&|r| r.operator.idle_writes_per_minute()),
             f(&|r| r.operator.idle_gets_per_minute()),
+            f(&idle_core),
+            f(&restart_confirmed),
+            f(&restart_writes),
             f(&own),
         );
     };
@@ -1166,20 +1675,39 @@ async fn one_run(
     binary: &OperatorBinary,
     run: usize,
 ) -> anyhow::Result<RunFigures> {
-    // Alternate which phase goes first, so that neither always runs on a
-    // warmer (or more tired) machine.
+    let sequenced = async {
+        // The chain has no previews: with --previews there is no
+        // sequenced phase.
+        if args.no_sequenced || args.previews > 0 {
+            return anyhow::Ok(None);
+        }
+        eprintln!("run {run}: sequenced raw-apply phase");
+        Ok(Some(sequenced_phase(assets, args).await?))
+    };
+    // Alternate the order (operator, raw, sequenced, then the reverse), so
+    // that no phase always runs on a warmer (or more tired) machine.
     if run % 2 == 1 {
         eprintln!("run {run}: operator phase");
         let operator = operator_phase(assets, args, binary, run).await?;
         eprintln!("run {run}: raw-apply phase");
         let raw = raw_phase(assets, args).await?;
-        Ok(RunFigures { operator, raw })
+        let sequenced = sequenced.await?;
+        Ok(RunFigures {
+            operator,
+            raw,
+            sequenced,
+        })
     } else {
+        let sequenced = sequenced.await?;
         eprintln!("run {run}: raw-apply phase");
         let raw = raw_phase(assets, args).await?;
         eprintln!("run {run}: operator phase");
         let operator = operator_phase(assets, args, binary, run).await?;
-        Ok(RunFigures { operator, raw })
+        Ok(RunFigures {
+            operator,
+            raw,
+            sequenced,
+        })
     }
 }
 
@@ -1190,6 +1718,10 @@ fn main() -> anyhow::Result<()> {
         "--projects, --runs and --concurrency must be positive"
     );
     ensure!(args.idle_seconds > 0, "--idle-seconds must be positive");
+    ensure!(
+        args.resync_seconds >= 10,
+        "--resync-seconds is at least 10 (the operator's minimum)"
+    );
     ensure!(
         args.previews <= 100,
         "--previews is at most 100 (a Project's maxEnvironments)"

@@ -72,6 +72,11 @@ pub struct OperatorArgs {
     /// development and tests; unset honours each Project's interval.
     #[arg(long, env = "KAPSA_MAX_POLL_INTERVAL", value_parser = parse_interval)]
     max_poll_interval: Option<Duration>,
+    /// The longest a Project, Environment or DomainPool at rest goes
+    /// without a reconcile (a safety net: changes are watched; a reconcile
+    /// at rest reads caches only and writes nothing), e.g. `10m`.
+    #[arg(long, env = "KAPSA_RESYNC_PERIOD", default_value = "10m", value_parser = parse_resync_period)]
+    resync_period: Duration,
     /// The image of Dockerfile build Jobs: rootless BuildKit, run with
     /// `buildctl-daemonless.sh` (a mirror of the upstream image, or a
     /// pinned digest, in production).
@@ -149,6 +154,16 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a duration such as 2s, 500ms or 1m"))
 }
 
+/// A resync period: 10 s or more (shorter would make a fleet at rest cost
+/// real CPU).
+fn parse_resync_period(text: &str) -> Result<Duration, String> {
+    let period = parse_interval(text)?;
+    if period < Duration::from_secs(10) {
+        return Err(format!("{text:?} is shorter than 10s"));
+    }
+    Ok(period)
+}
+
 pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let host_owners_namespace = (!args.no_host_owners).then(|| {
         args.host_owners_namespace
@@ -188,6 +203,7 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         pod_security: args.pod_security,
         host_owners_namespace,
         max_poll_interval: args.max_poll_interval,
+        resync_period: args.resync_period,
         build_pods: BuildPods {
             image: args.buildkit_image,
             node_selector: args.build_node_selector.into_iter().collect(),
@@ -272,5 +288,14 @@ mod tests {
         assert_eq!((t.operator.as_deref(), t.effect), (Some("Equal"), None));
         assert!(parse_toleration("dedicated=builds:Sometimes").is_err());
         assert!(parse_toleration(":NoSchedule").is_err());
+    }
+
+    #[test]
+    fn resync_period_is_ten_seconds_or_more() {
+        assert_eq!(parse_resync_period("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_resync_period("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_resync_period("5s").is_err());
+        assert!(parse_resync_period("0s").is_err());
+        assert!(parse_resync_period("soon").is_err());
     }
 }

@@ -29,6 +29,10 @@ use kapsa_api::{Condition, ConditionStatus};
 use kube::runtime::controller::Action;
 
 use crate::children::{Child, ChildKey, Deletion, Observed};
+
+/// The safety-net resync of an object at rest (`--resync-period`): a
+/// reconcile that reads caches only and writes nothing when nothing changed.
+pub const RESYNC: Duration = Duration::from_secs(600);
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::status::PlannedEvent;

@@ -54,6 +54,8 @@ pub struct OperatorBinary {
     /// `--allow-internal-git-hosts`: the bench's git server is on loopback,
     /// which a build with this flag refuses unless it is allowed.
     pub allow_internal_git_hosts: bool,
+    /// `--resync-period`: an older build resyncs every 10 minutes.
+    pub resync_period: bool,
 }
 
 impl OperatorBinary {
@@ -95,6 +97,7 @@ impl OperatorBinary {
             no_leader_election: has("--no-leader-election"),
             text_logs: has("--text-logs"),
             allow_internal_git_hosts: has("--allow-internal-git-hosts"),
+            resync_period: has("--resync-period"),
             path,
             other,
         })
@@ -263,6 +266,11 @@ impl OperatorProcess {
         }
     }
 
+    /// Whether `/readyz` answers 200 (every cache had its first listing).
+    pub async fn ready(&self) -> anyhow::Result<bool> {
+        Ok(http_get(&self.metrics_addr, "/readyz").await?.0 == 200)
+    }
+
     pub async fn writes(&self) -> anyhow::Result<BTreeMap<String, u64>> {
         Ok(counters(
             &scrape(&self.metrics_addr).await?,
@@ -315,11 +323,21 @@ pub use kapsa_testenv::process::{log_tail as tail, setpriv_available};
 
 /// GET /metrics over plain HTTP/1.1.
 pub async fn scrape(addr: &str) -> anyhow::Result<String> {
+    let (code, body) = http_get(addr, "/metrics").await?;
+    ensure!(code == 200, "/metrics: HTTP {code}");
+    Ok(body)
+}
+
+/// GET `path` of `addr` over plain HTTP/1.1: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
@@ -327,12 +345,16 @@ pub async fn scrape(addr: &str) -> anyhow::Result<String> {
     };
     let response = tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
-        .context("/metrics timed out")??;
+        .with_context(|| format!("{path} timed out"))??;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("a malformed HTTP response")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "/metrics: {head}");
-    Ok(body.to_string())
+    let code = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("{path}: {head}"))?;
+    Ok((code, body.to_string()))
 }
 
 /// `name{label="x",...} value` lines summed by `label`.
@@ -366,7 +388,7 @@ pub fn counters(text: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
 // A fresh platform: control plane, CRDs, simulators, platform objects, git.
 
 /// Aborts the task on drop.
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -87,5 +87,5 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
             .record_build_transition(&before.conditions, &status.conditions);
     }
     let requeue = super::after_refusals(ctx, &key(env.as_ref()), &refused, plan.requeue);
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(requeue.min(ctx.resync_period)))
 }

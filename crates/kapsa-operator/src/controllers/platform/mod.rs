@@ -24,8 +24,7 @@ use crate::error::{Error, Result};
 use crate::references::Problem;
 use plan::{CredentialsField, PoolWorld};
 
-/// The safety-net resync of a platform object.
-pub const RESYNC: Duration = Duration::from_secs(600);
+pub use crate::controllers::RESYNC;
 
 fn key(kind: &str, namespace: Option<&str>, name: &str) -> String {
     match namespace {
@@ -55,7 +54,7 @@ async fn measured<K: Resource<DynamicType = ()>>(
         .record_reconcile(controller, result.is_ok(), started.elapsed());
     result?;
     super::on_success(ctx, &key);
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(ctx.resync_period))
 }
 
 pub async fn reconcile_pool(pool: Arc<DomainPool>, ctx: Arc<Context>) -> Result<Action> {

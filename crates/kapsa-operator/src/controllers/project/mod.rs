@@ -73,5 +73,5 @@ async fn reconcile_project(project: Arc<Project>, ctx: &Context) -> Result<Actio
     );
     crate::status::update(ctx, project.as_ref(), &before, &status, &events).await?;
     let requeue = super::after_refusals(ctx, &key(project.as_ref()), &refused, plan.requeue);
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(requeue.min(ctx.resync_period)))
 }
