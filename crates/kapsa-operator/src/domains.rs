@@ -152,17 +152,23 @@ pub struct Landscape {
 impl Landscape {
     /// A base domain that is `host` or lies under it, if any.
     pub fn base_at_or_under(&self, host: &str) -> Option<&str> {
-        let suffix = format!(".{host}");
         self.bases
             .iter()
-            .find(|b| *b == host || b.ends_with(&suffix))
+            .find(|b| at_or_under(b, host))
             .map(String::as_str)
     }
 }
 
+/// Whether `name` is `domain` or lies under it (`<label>.<domain>`).
+/// Allocates nothing: host allocation runs it over every Project.
+fn at_or_under(name: &str, domain: &str) -> bool {
+    name.strip_suffix(domain)
+        .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+}
+
 /// Whether two claimed domains overlap: equal, or one under the other.
 pub fn claims_overlap(a: &str, b: &str) -> bool {
-    a == b || a.ends_with(&format!(".{b}")) || b.ends_with(&format!(".{a}"))
+    at_or_under(a, b) || at_or_under(b, a)
 }
 
 /// Allocates `<project>.<base>` for `project`, refusing it if another
@@ -196,40 +202,37 @@ pub fn allocate_host(
         && let Some((_, by)) = landscape
             .foreign_hosts
             .iter()
-            .find(|(h, _)| h == &host || h.ends_with(&format!(".{host}")))
+            .find(|(h, _)| at_or_under(h, &host))
     {
         return Err(AllocationError::HostInUse {
             host,
             by: by.clone(),
         });
     }
+    // Over every other Project, for every reconcile: nothing is copied
+    // until a claim overlaps.
+    let name = project.metadata.name.as_deref();
     for other in others {
-        if other.name_any() == project.name_any() {
+        if other.metadata.name.as_deref() == name {
             continue;
         }
-        let other_host = other
-            .status
-            .as_ref()
-            .and_then(|s| s.host.clone())
-            .or_else(|| {
-                other
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.base_domain.as_deref())
-                    .map(|b| production_host(&other.name_any(), b))
-            });
-        let Some(other_host) = other_host else {
-            continue;
+        let status = other.status.as_ref();
+        let recorded = status.and_then(|s| s.host.as_deref());
+        let other_host: std::borrow::Cow<'_, str> = match recorded {
+            Some(host) => host.into(),
+            None => match status.and_then(|s| s.base_domain.as_deref()) {
+                Some(b) => production_host(&other.name_any(), b).into(),
+                None => continue,
+            },
         };
+        if !claims_overlap(&host, &other_host) {
+            continue;
+        }
         // A claim on a base (or above one) is void: it holds nothing.
         if landscape.base_at_or_under(&other_host).is_some() {
             continue;
         }
-        if !claims_overlap(&host, &other_host) {
-            continue;
-        }
-        let other_recorded =
-            other.status.as_ref().and_then(|s| s.host.as_deref()) == Some(other_host.as_str());
+        let other_recorded = recorded.is_some();
         let other_first = match (mine_recorded, other_recorded) {
             (true, false) => false,
             (false, true) => true,

@@ -252,10 +252,7 @@ pub(super) fn scratch_repository() -> Result<(tempfile::TempDir, gix::Repository
         dir.path(),
         gix::create::Kind::Bare,
         gix::create::Options::default(),
-        gix::open::Options::isolated().config_overrides([
-            "protocol.version=2".to_owned(),
-            format!("gitoxide.userAgent=kapsa/{}", env!("CARGO_PKG_VERSION")),
-        ]),
+        scratch_open_options(),
     )
     .map_err(|e| {
         GitError::Internal(format!(
@@ -265,6 +262,14 @@ pub(super) fn scratch_repository() -> Result<(tempfile::TempDir, gix::Repository
     })?
     .to_thread_local();
     Ok((dir, repo))
+}
+
+/// How scratch repositories are opened: with only their own configuration.
+fn scratch_open_options() -> gix::open::Options {
+    gix::open::Options::isolated().config_overrides([
+        "protocol.version=2".to_owned(),
+        format!("gitoxide.userAgent=kapsa/{}", env!("CARGO_PKG_VERSION")),
+    ])
 }
 
 /// A transport to the remote's `git-upload-pack`, connected (ssh: the
@@ -363,10 +368,32 @@ pub(super) fn finish<T>(
     }
 }
 
+/// The scratch repository listings hang their remote on: made once per
+/// process, because a listing reads nothing from it and writes nothing to it
+/// (every poll making and removing one of its own was most of an idle
+/// operator's CPU, in the kernel's file system code). A merge check, which
+/// fetches into its repository, still gets one of its own. The folder stays
+/// until the process ends.
+fn listing_repository() -> Result<gix::Repository, GitError> {
+    static SHARED: std::sync::Mutex<Option<tempfile::TempDir>> = std::sync::Mutex::new(None);
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(dir) = shared.as_ref()
+        && let Ok(repo) = gix::open_opts(dir.path(), scratch_open_options())
+    {
+        return Ok(repo);
+    }
+    // First use, or something removed the folder (a /tmp cleaner): make it.
+    let (dir, repo) = scratch_repository()?;
+    *shared = Some(dir);
+    Ok(repo)
+}
+
 fn list_blocking(session: &Session) -> Result<RemoteHeads, GitError> {
     let remote = &session.remote;
     let options = &session.options;
-    let (_dir, repo) = scratch_repository()?;
+    let repo = listing_repository()?;
     let gremote = repo
         .remote_at_without_url_rewrite(remote.url.clone())
         .and_then(|r| r.with_refspecs([BRANCHES_REFSPEC], Direction::Fetch))

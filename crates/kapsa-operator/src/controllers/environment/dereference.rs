@@ -405,7 +405,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         build_jobs: match (&build_ns, env.uid()) {
             (Some(bns), Some(uid)) => build_jobs(
                 stores.jobs.state().into_iter().filter(|j| {
-                    j.namespace().as_deref() == Some(bns.as_str())
+                    j.metadata.namespace.as_deref() == Some(bns.as_str())
                         && j.labels().get(ENVIRONMENT_UID_LABEL) == Some(&uid)
                 }),
                 |job| {
@@ -414,7 +414,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
                         .state()
                         .into_iter()
                         .filter(|p| {
-                            p.namespace().as_deref() == Some(bns.as_str())
+                            p.metadata.namespace.as_deref() == Some(bns.as_str())
                                 && p.labels()
                                     .get("batch.kubernetes.io/job-name")
                                     .map(String::as_str)

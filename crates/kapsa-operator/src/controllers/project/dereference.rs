@@ -174,7 +174,7 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
         .projects
         .state()
         .into_iter()
-        .filter(|p| p.name_any() != name)
+        .filter(|p| p.metadata.name.as_deref() != Some(name.as_str()))
         .collect();
     let both = [bns, ns];
     let mut world = ProjectWorld {
@@ -241,7 +241,7 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             .environments
             .state()
             .into_iter()
-            .filter(|e| e.namespace().as_deref() == ns && e.spec.project == name)
+            .filter(|e| e.metadata.namespace.as_deref() == ns && e.spec.project == name)
             .collect(),
         poll: ctx.git.get(&name),
         pod_security_default: ctx.pod_security_default,

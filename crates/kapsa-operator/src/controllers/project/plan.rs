@@ -616,9 +616,17 @@ pub fn refused_namespace<'a>(
         ));
     }
     // Another Project that names the same namespace and came first keeps it.
+    // Compared in place: this runs over every Project, for every reconcile
+    // and every poll.
+    let name = project.metadata.name.as_deref();
     let rival = others.find(|other| {
-        other.name_any() != project.name_any()
-            && build::namespace_name(other) == namespace
+        other.metadata.name.as_deref() != name
+            && other
+                .spec
+                .namespace
+                .as_deref()
+                .or(other.metadata.name.as_deref())
+                == Some(namespace)
             && (other.creation_timestamp(), other.name_any())
                 < (project.creation_timestamp(), project.name_any())
     });
