@@ -882,6 +882,60 @@ async fn kapsa_events_since(
 
 const RAW_MANAGER: &str = "bench-raw";
 
+/// The platform objects both raw phases build from: the DomainPool, the
+/// registry's credentials Secret and the ClusterRegistry's spec.
+async fn raw_inputs(
+    client: &Client,
+) -> anyhow::Result<(DomainPool, Secret, kapsa_api::RegistrySpec)> {
+    let pool: DomainPool = serde_json::from_value(pool_manifest())?;
+    let registry_source = Api::<Secret>::namespaced(client.clone(), PLATFORM_NAMESPACE)
+        .get(REGISTRY_SECRET)
+        .await?;
+    let registry_spec = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
+        .get(REGISTRY)
+        .await?
+        .spec;
+    Ok((pool, registry_source, registry_spec))
+}
+
+/// A Project's two Namespaces, at once.
+async fn apply_namespaces(client: &Client, manager: &str, project: &Project) -> anyhow::Result<()> {
+    let (namespace, build_namespace) = (
+        children::namespace(project),
+        children::build_namespace(project, Default::default()),
+    );
+    tokio::try_join!(
+        apply(client, manager, &namespace),
+        apply(client, manager, &build_namespace),
+    )?;
+    Ok(())
+}
+
+/// What goes into a Project's Namespaces besides its Environments, at
+/// once: the push credentials' copy (in the build namespace; the registry
+/// names no pull-only credentials), the ServiceAccounts, Role and
+/// RoleBinding.
+async fn apply_access(
+    client: &Client,
+    manager: &str,
+    project: &Project,
+    registry_source: &Secret,
+) -> anyhow::Result<()> {
+    let secret = children::push_secret(project, registry_source);
+    let builder = children::builder_service_account(project, true, false);
+    let runtime = children::runtime_service_account(project, false);
+    let role = children::builder_role(project, true, false);
+    let binding = children::builder_role_binding(project);
+    tokio::try_join!(
+        apply(client, manager, &secret),
+        apply(client, manager, &builder),
+        apply(client, manager, &runtime),
+        apply(client, manager, &role),
+        apply(client, manager, &binding),
+    )?;
+    Ok(())
+}
+
 /// Applies what the operator makes for one Project, dependencies first:
 /// Project → Namespace → (registry Secret, ServiceAccounts, Role,
 /// RoleBinding, Environment, the preview Environments) → (kpack Image,
@@ -898,14 +952,7 @@ async fn raw_project(
 ) -> anyhow::Result<()> {
     const MANAGER: &str = RAW_MANAGER;
     let name = project.name_any();
-    let (namespace, build_namespace) = (
-        children::namespace(project),
-        children::build_namespace(project, Default::default()),
-    );
-    tokio::try_join!(
-        apply(client, MANAGER, &namespace),
-        apply(client, MANAGER, &build_namespace),
-    )?;
+    apply_namespaces(client, MANAGER, project).await?;
     let host = format!("{name}.{BASE_DOMAIN}");
     let production = children::production_environment(project, Some(commit), Some(&host));
     let seen = k8s_openapi::jiff::Timestamp::now();
@@ -927,21 +974,10 @@ async fn raw_project(
             anyhow::Ok((env, head.as_str()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // The push credentials go to the build namespace; the registry names
-    // no pull-only credentials.
-    let secret = children::push_secret(project, registry_source);
-    let builder = children::builder_service_account(project, true, false);
-    let runtime = children::runtime_service_account(project, false);
-    let role = children::builder_role(project, true, false);
-    let binding = children::builder_role_binding(project);
-    let (environment, preview_environments, ..) = tokio::try_join!(
+    let (environment, preview_environments, ()) = tokio::try_join!(
         apply(client, MANAGER, &production),
         futures::future::try_join_all(previews.iter().map(|(e, _)| apply(client, MANAGER, e))),
-        apply(client, MANAGER, &secret),
-        apply(client, MANAGER, &builder),
-        apply(client, MANAGER, &runtime),
-        apply(client, MANAGER, &role),
-        apply(client, MANAGER, &binding),
+        apply_access(client, MANAGER, project, registry_source),
     )?;
     tokio::try_join!(
         raw_environment(client, project, pool, registry_spec, &environment, commit),
@@ -1023,14 +1059,7 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
     let mut platform = platform(assets).await?;
     let previews = preview_branches(&platform, args.previews)?;
     let client = platform.client.clone();
-    let pool: DomainPool = serde_json::from_value(pool_manifest())?;
-    let registry_source = Api::<Secret>::namespaced(client.clone(), PLATFORM_NAMESPACE)
-        .get(REGISTRY_SECRET)
-        .await?;
-    let registry_spec = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
-        .get(REGISTRY)
-        .await?
-        .spec;
+    let (pool, registry_source, registry_spec) = raw_inputs(&client).await?;
     let commit = platform.commit.clone();
     // The applies go as a user of their own, so that the audit log counts them.
     let raw_client = platform.plane.client_as(RAW_USER, MASTERS).await?;
@@ -1234,28 +1263,12 @@ async fn sequenced_project(
     let git = &project.spec.source.git;
     let commit = ls_remote(&git.url, &git.branch).await?;
     let name = project.name_any();
-    let (namespace, build_namespace) = (
-        children::namespace(&project),
-        children::build_namespace(&project, Default::default()),
-    );
-    tokio::try_join!(
-        apply(client, MANAGER, &namespace),
-        apply(client, MANAGER, &build_namespace),
-    )?;
+    apply_namespaces(client, MANAGER, &project).await?;
     let host = format!("{name}.{BASE_DOMAIN}");
     let production = children::production_environment(&project, Some(&commit), Some(&host));
-    let secret = children::push_secret(&project, registry_source);
-    let builder = children::builder_service_account(&project, true, false);
-    let runtime = children::runtime_service_account(&project, false);
-    let role = children::builder_role(&project, true, false);
-    let binding = children::builder_role_binding(&project);
-    let (environment, ..) = tokio::try_join!(
+    let (environment, ()) = tokio::try_join!(
         apply(client, MANAGER, &production),
-        apply(client, MANAGER, &secret),
-        apply(client, MANAGER, &builder),
-        apply(client, MANAGER, &runtime),
-        apply(client, MANAGER, &role),
-        apply(client, MANAGER, &binding),
+        apply_access(client, MANAGER, &project, registry_source),
     )?;
     let inputs = EnvironmentInputs {
         project: &project,
@@ -1324,14 +1337,7 @@ struct SequencedFigures {
 async fn sequenced_phase(assets: &Path, args: &Args) -> anyhow::Result<SequencedFigures> {
     let platform = platform(assets).await?;
     let client = platform.client.clone();
-    let pool: DomainPool = serde_json::from_value(pool_manifest())?;
-    let registry_source = Api::<Secret>::namespaced(client.clone(), PLATFORM_NAMESPACE)
-        .get(REGISTRY_SECRET)
-        .await?;
-    let registry_spec = Api::<kapsa_api::ClusterRegistry>::all(client.clone())
-        .get(REGISTRY)
-        .await?
-        .spec;
+    let (pool, registry_source, registry_spec) = raw_inputs(&client).await?;
     let sequenced_client = platform.plane.client_as(SEQUENCED_USER, MASTERS).await?;
     // The watches are the bench's own (the admin's), like the operator's
     // caches: started before the clock.
