@@ -1171,14 +1171,7 @@ impl Watched {
     async fn start(client: &Client) -> anyhow::Result<Self> {
         let mut tasks = Vec::new();
         let mut dynamic = |resource: ApiResource| {
-            let writer = reflector::store::Writer::new(resource.clone());
-            let store = writer.as_reader();
-            let stream = watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &resource),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .reflect(writer);
+            let (store, stream) = kapsa_testenv::simulators::reflect_dynamic(client, &resource);
             tasks.push(common::AbortOnDrop(tokio::spawn(async move {
                 stream.for_each(|_| async {}).await;
             })));

@@ -29,13 +29,14 @@ use kapsa_api::{Condition, ConditionStatus};
 use kube::runtime::controller::Action;
 
 use crate::children::{Child, ChildKey, Deletion, Observed};
-
-/// The safety-net resync of an object at rest (`--resync-period`): a
-/// reconcile that reads caches only and writes nothing when nothing changed.
-pub const RESYNC: Duration = Duration::from_secs(600);
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::status::PlannedEvent;
+
+/// The safety-net resync of an object at rest (the default of
+/// `--resync-period`): a reconcile that reads caches only and writes
+/// nothing when nothing changed.
+pub const RESYNC: Duration = Duration::from_secs(600);
 
 pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()

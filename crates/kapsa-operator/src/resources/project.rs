@@ -39,11 +39,17 @@ pub const OWNER_ANNOTATION: &str = "kapsa.dev/owner-project";
 
 /// The namespace a Project uses: `spec.namespace`, else its name.
 pub fn namespace_name(project: &Project) -> String {
+    namespace_of(project).to_string()
+}
+
+/// [`namespace_name`] without a copy, for scans over every Project.
+pub fn namespace_of(project: &Project) -> &str {
     project
         .spec
         .namespace
-        .clone()
-        .unwrap_or_else(|| project.name_any())
+        .as_deref()
+        .or(project.metadata.name.as_deref())
+        .unwrap_or_default()
 }
 
 fn meta(project: &Project, name: &str, namespace: Option<&str>) -> ObjectMeta {

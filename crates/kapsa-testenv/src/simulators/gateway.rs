@@ -1239,18 +1239,7 @@ pub async fn run(client: Client) {
         "Gateway API simulator: the Gateway API is served; simulating its controller"
     );
     let changed = Arc::new(Notify::new());
-    let dynamic = |resource: ApiResource| {
-        let writer = reflector::store::Writer::new(resource.clone());
-        let store = writer.as_reader();
-        let stream = watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &resource),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear())
-        .reflect(writer);
-        (store, stream)
-    };
+    let dynamic = |resource: ApiResource| super::reflect_dynamic(&client, &resource);
     let (gateway_classes, gateway_class_events) = dynamic(gateway_class_resource());
     let (gateways, gateway_events) = dynamic(gateway_resource());
     let (listener_sets, listener_set_events) = dynamic(listener_set_resource());

@@ -45,6 +45,35 @@ pub async fn run(client: Client) {
 }
 
 /// The current time in the RFC 3339 form Kubernetes uses.
+/// A cache of every object of `resource` (managed fields dropped), and
+/// the watch stream that fills it: it fills only while the stream is
+/// polled.
+pub fn reflect_dynamic(
+    client: &Client,
+    resource: &kube::api::ApiResource,
+) -> (
+    kube::runtime::reflector::Store<kube::api::DynamicObject>,
+    impl futures::Stream<
+        Item = kube::runtime::watcher::Result<
+            kube::runtime::watcher::Event<kube::api::DynamicObject>,
+        >,
+    > + Send
+    + use<>,
+) {
+    use kube::ResourceExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let writer = reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let stream = watcher(
+        kube::Api::<kube::api::DynamicObject>::all_with(client.clone(), resource),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|o: &mut kube::api::DynamicObject| o.managed_fields_mut().clear())
+    .reflect(writer);
+    (store, stream)
+}
+
 pub(crate) fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

@@ -35,7 +35,7 @@ use crate::status::PlannedEvent;
 
 /// How many releases `status.history` keeps (the CRD allows at most 10).
 pub const HISTORY_LIMIT: usize = 10;
-pub use crate::controllers::RESYNC;
+use crate::controllers::RESYNC;
 /// How long the Ingress keeps serving after a switch to Gateway routing once
 /// the gateway has accepted the HTTPRoute (`Routed` turned True): gateway
 /// controllers write `Accepted` before their data plane routes (Traefik

@@ -24,8 +24,6 @@ use crate::error::{Error, Result};
 use crate::references::Problem;
 use plan::{CredentialsField, PoolWorld};
 
-pub use crate::controllers::RESYNC;
-
 fn key(kind: &str, namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(namespace) => format!("{kind}/{namespace}/{name}"),

@@ -15,8 +15,6 @@ use kube::{Resource, ResourceExt};
 use crate::context::Context;
 use crate::error::{Error, Result};
 
-pub use plan::RESYNC;
-
 fn key(project: &Project) -> String {
     format!("project/{}", project.name_any())
 }

@@ -28,7 +28,7 @@ use crate::resources::environment::{
 use crate::resources::project as build;
 use crate::status::PlannedEvent;
 
-pub use crate::controllers::RESYNC;
+use crate::controllers::RESYNC;
 
 /// How soon a Project waiting for its old build namespace to go looks again.
 pub const BUILD_NAMESPACE_RECHECK: Duration = Duration::from_secs(5);
@@ -621,12 +621,7 @@ pub fn refused_namespace<'a>(
     let name = project.metadata.name.as_deref();
     let rival = others.find(|other| {
         other.metadata.name.as_deref() != name
-            && other
-                .spec
-                .namespace
-                .as_deref()
-                .or(other.metadata.name.as_deref())
-                == Some(namespace)
+            && build::namespace_of(other) == namespace
             && (other.creation_timestamp(), other.name_any())
                 < (project.creation_timestamp(), project.name_any())
     });
