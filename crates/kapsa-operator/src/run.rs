@@ -335,6 +335,7 @@ where
         None => events.boxed(),
         Some(owners) => owners.admit(events),
     };
+    let events = crate::fault::delayed(&resource.plural, events);
     let kind = resource.kind.clone();
     let stream = with_relist_deletes(events, reader.clone())
         .inspect(move |event| match event {
@@ -485,6 +486,8 @@ where
         senders.push(deleted);
         streams.push(futures::stream::select(subscriber, deletes).boxed());
     }
+    let events =
+        crate::fault::delayed(&ApiResource::erase::<K>(&Default::default()).plural, events);
     let driver = with_relist_deletes(events, store.clone())
         .modify(move |o: &mut K| {
             o.managed_fields_mut().clear();

@@ -175,6 +175,8 @@ pub struct ControlPlane {
     processes: Vec<ManagedProcess>,
     /// kube-apiserver's flags, to start it again ([`Self::restart_api_server`]).
     api_server_args: Vec<String>,
+    /// etcd's flags, to start it again ([`Self::restart_etcd`]).
+    etcd_args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -226,6 +228,7 @@ impl ControlPlane {
             assets_dir,
             processes: Vec::new(),
             api_server_args: Vec::new(),
+            etcd_args: Vec::new(),
         };
         let started = Instant::now();
         plane.launch(api_port).await?;
@@ -352,22 +355,19 @@ impl ControlPlane {
 
         let etcd_port = free_port()?;
         let etcd_peer_port = free_port()?;
-        self.spawn(
-            "etcd",
-            vec![
-                format!("--data-dir={}", path(&self.dir.join("etcd"))),
-                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
-                format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"),
-                // A throwaway store: durability buys nothing and fsync costs seconds.
-                "--unsafe-no-fsync=true".into(),
-                "--quota-backend-bytes=4294967296".into(),
-                "--log-level=warn".into(),
-            ],
-            &logs,
-        )?;
+        self.etcd_args = vec![
+            format!("--data-dir={}", path(&self.dir.join("etcd"))),
+            format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"),
+            // A throwaway store: durability buys nothing and fsync costs seconds.
+            "--unsafe-no-fsync=true".into(),
+            "--quota-backend-bytes=4294967296".into(),
+            "--log-level=warn".into(),
+        ];
+        self.spawn("etcd", self.etcd_args.clone(), &logs)?;
 
         let mut audit_args = Vec::new();
         if let Some(log) = &self.audit_log {
@@ -520,6 +520,7 @@ impl ControlPlane {
             .iter()
             .position(|p| p.name() == "kube-apiserver")
             .ok_or_else(|| Error::ProcessExited("no kube-apiserver to restart".into()))?;
+        self.processes[index].terminate();
         self.processes[index].wait_or_kill(Duration::from_secs(10));
         tokio::time::sleep(down).await;
         let logs = self.dir.join("logs");
@@ -529,6 +530,31 @@ impl ControlPlane {
             "kube-apiserver",
             &self.assets_dir.join("kube-apiserver"),
             &self.api_server_args,
+            &logs,
+        )?;
+        self.wait_for_api_server().await
+    }
+
+    /// Stops etcd (SIGTERM, SIGKILL after 10 s) and starts it again with the
+    /// same flags and data: kube-apiserver stays up but can read and write
+    /// nothing meanwhile, and its watches of etcd break. `down` is how long
+    /// etcd stays stopped. Returns once the API server is ready again.
+    pub async fn restart_etcd(&mut self, down: Duration) -> Result<()> {
+        let index = self
+            .processes
+            .iter()
+            .position(|p| p.name() == "etcd")
+            .ok_or_else(|| Error::ProcessExited("no etcd to restart".into()))?;
+        self.processes[index].terminate();
+        self.processes[index].wait_or_kill(Duration::from_secs(10));
+        tokio::time::sleep(down).await;
+        let logs = self.dir.join("logs");
+        let log = logs.join("etcd.log");
+        let _ = std::fs::rename(&log, logs.join("etcd.before-restart.log"));
+        self.processes[index] = ManagedProcess::spawn(
+            "etcd",
+            &self.assets_dir.join("etcd"),
+            &self.etcd_args,
             &logs,
         )?;
         self.wait_for_api_server().await

@@ -66,6 +66,8 @@ struct State {
     requests: Mutex<Vec<String>>,
     /// Response body bytes sent so far.
     bytes_served: AtomicU64,
+    /// While set, every request gets `503 Service Unavailable`.
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl GitServer {
@@ -97,6 +99,7 @@ impl GitServer {
             basic_auth,
             requests: Mutex::new(Vec::new()),
             bytes_served: AtomicU64::new(0),
+            down: Default::default(),
         });
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -164,6 +167,13 @@ impl GitServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Takes the server down (every request, recorded in [`Self::requests`],
+    /// gets `503 Service Unavailable`, as from a git host in an outage) or
+    /// brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
     }
 
     /// The bytes of every response body served so far (the git data a
@@ -685,6 +695,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             if query.is_empty() { "" } else { "?" }
         ));
 
+    if state.down.load(Ordering::SeqCst) {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "down for maintenance\n");
+    }
     let remote_user = match &state.basic_auth {
         None => None,
         Some(expected) => match authorized(&req, expected) {
@@ -882,6 +895,11 @@ mod tests {
         );
         let wrong = repo.url().replace("http://", "http://alice:wrong@");
         assert!(git(&home, server.root(), &["ls-remote", &wrong]).is_err());
+        // Down: nothing is served; back: served again.
+        server.set_down(true);
+        assert!(git(&home, server.root(), &["ls-remote", "--heads", &url]).is_err());
+        server.set_down(false);
+        assert!(git(&home, server.root(), &["ls-remote", "--heads", &url]).is_ok());
 
         repo.delete_branch("feature/x").unwrap();
         assert_eq!(repo.head("feature/x").unwrap(), None);

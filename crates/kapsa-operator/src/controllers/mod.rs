@@ -38,8 +38,11 @@ use crate::status::PlannedEvent;
 /// nothing when nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(600);
 
+/// The reconcilers' clock (a preview's TTL, condition times). With the
+/// test-only feature `fault-injection`, `KAPSA_CLOCK_OFFSET` moves it
+/// ([`crate::fault::clock_offset`]).
 pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::now()
+    k8s_openapi::jiff::Timestamp::now() + crate::fault::clock_offset()
 }
 
 /// Transitions announced with a Normal Event: the milestones a person

@@ -1,4 +1,6 @@
-//! The perturbation suite, part 1: restart the operator at every write point.
+//! The perturbation suite: restart the operator at every write point, make
+//! its caches lag, and (in [`chaos`]) kill it at random moments while the
+//! API server, etcd, the git server and a registry Secret fail around it.
 //!
 //! The `kapsa` binary built with the cargo feature `fault-injection` exits
 //! right after its k-th API write when `KAPSA_EXIT_AFTER_WRITES=k` is set
@@ -12,7 +14,12 @@
 //! 2. for each chosen k in 1..=W: replays the scenario with
 //!    `KAPSA_EXIT_AFTER_WRITES=k`, waits for the operator to exit (status
 //!    `fault::EXIT_CODE`), starts it again without the variable, and checks
-//!    the oracle against the unperturbed end state.
+//!    the oracle against the unperturbed end state;
+//! 3. stale reads: replays the scenario with one of the operator's caches
+//!    three seconds behind its watch (`KAPSA_CACHE_DELAY=<plural>=3`, same
+//!    feature): it reconciles from old state, and must end where the
+//!    unperturbed run ended, without a second build or rollout and without
+//!    going back (below).
 //!
 //! Scenarios (each on its own Project, deleted between runs with the
 //! namespace waited out, so every run starts from the same state and
@@ -38,7 +45,18 @@
 //! - `project-deleted`: a live Project is deleted; its namespaces go with
 //!   everything in them (the garbage collector and the namespace
 //!   controller, waited for) and its host leaves the host-ownership table
-//!   (Kapsa's part).
+//!   (Kapsa's part);
+//! - `preview-expired`: a live preview's one-minute TTL runs out (the run's
+//!   operators' clock is two minutes ahead: `KAPSA_CLOCK_OFFSET=120`, same
+//!   feature); the preview goes as for a deleted branch and is not made
+//!   again (the idle window would see it);
+//! - `host-conflict`: next to a live Project, a tenant's namespace gets an
+//!   Ingress Kapsa did not make, routing the host of a Project created at
+//!   the same time, and an Environment naming a host under the live
+//!   Project's; the new Project is `DomainAllocated=False` `HostInUse`, the
+//!   Environment `Ready=False` `WrongNamespace`, no Kapsa Ingress routes
+//!   either host, the host-ownership table gives the late host to nobody,
+//!   and the live Project is untouched.
 //!
 //! The oracle, read from the API server (objects and the audit log), never
 //! from the operator's metrics:
@@ -69,6 +87,11 @@
 //!   its branch, with the Image's revision and the simulator's digest, and
 //!   its Deployment runs that image, all replicas ready; the Project's
 //!   status lists exactly its Environments, with their commits;
+//! - nothing goes back: from before the trigger, watches record every
+//!   value each Environment's `status.commit` and `status.image`, each
+//!   Deployment's image and the Project's `status.latestCommit` take; a
+//!   value that comes back after another replaced it is a regression (a
+//!   stale read acted on);
 //! - no writes at rest: once the end state appears, an idle window (3 s
 //!   quick, 6 s long: more than one poll interval, `--max-poll-interval
 //!   2s`) must pass with zero writes by the operator, its Lease renewals
@@ -78,13 +101,16 @@
 //! Quick form (`make test`, `hack/test.sh`): per scenario the unperturbed
 //! run and a few k spread evenly over the positions of the operator's own
 //! writes among 1..=W (a restart right after a Lease renewal interrupts
-//! nothing new; 4 for new-project, 2 for build-failed, 3 for the others,
-//! whose every run first brings a Project live): about six and a half
-//! minutes on two cores. Long form: every k of every scenario, e.g.
-//! `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa --features fault-injection
-//! --test perturbation -- --nocapture` (W is 30 to 50 per scenario, about
-//! 15 to 30 s per perturbation: expect 30 to 60 minutes).
-//! To replay chosen points: `KAPSA_PERTURBATION_K=4,17` (every scenario) and
+//! nothing new; 4 for new-project, 2 for build-failed, preview-expired and
+//! host-conflict, 3 for the others, whose every run first brings a Project
+//! live), and one stale run per scenario (the cache its trigger makes the
+//! operator read). Long form: every k of every scenario and every cache of
+//! [`STALE_KINDS`], e.g. `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa
+//! --features fault-injection --test perturbation -- --nocapture` (W is 5
+//! to 50 per scenario, about 15 to 30 s per perturbation: expect one to two
+//! hours). Timings are in docs/perturbation.md.
+//! To replay chosen points: `KAPSA_PERTURBATION_K=4,17` (every scenario),
+//! `KAPSA_PERTURBATION_STALE=deployments` and
 //! `KAPSA_PERTURBATION_SCENARIOS=new-commit` (comma-separated).
 //!
 //! Every operator process runs with `--identity kapsa-perturbation` (a Pod
@@ -122,12 +148,26 @@ const HOST_OWNERS: &str = "kapsa-host-owners";
 /// holds its owner's uid, which differs from run to run.
 const APPLIED_HASH: &str = "kapsa.dev/applied-hash";
 const PREVIEW_BRANCH: &str = "feature-login";
+/// host-conflict: the tenant's own namespace, and the Project created late
+/// whose host an Ingress there already routes.
+const SQUAT_NAMESPACE: &str = "pert-squat";
+const LATE_PROJECT: &str = "pert-host-late";
+
+fn late_host() -> String {
+    format!("{LATE_PROJECT}.{BASE}")
+}
 /// Users the operator processes run as (audit log attribution): the one
 /// under test (unperturbed, or exiting at k), the restarted one, and the one
 /// that sets scenarios up and cleans them away.
 const USER_RUN: &str = "kapsa-pert-run";
 const USER_RESTARTED: &str = "kapsa-pert-restarted";
 const USER_SETUP: &str = "kapsa-pert-setup";
+
+/// The suite's tests run one at a time: each needs the two cores, and
+/// each runs `kapsa operator` processes with one identity.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+mod chaos;
 
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the operator exiting at k may take to reach its k-th write
@@ -152,10 +192,18 @@ enum Scenario {
     /// (the garbage collector), and its host leaves the host-ownership
     /// table (Kapsa).
     ProjectDeleted,
+    /// A live preview's TTL runs out (the operator's clock runs ahead,
+    /// `KAPSA_CLOCK_OFFSET`): the preview goes and stays gone.
+    PreviewExpired,
+    /// Next to a live Project, a tenant claims hosts it may not have: an
+    /// Environment in a namespace of its own names a host under the live
+    /// Project's, and a new Project's host is already routed by an Ingress
+    /// Kapsa did not make. Both are refused; the live Project is untouched.
+    HostConflict,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 9] = [
         Scenario::NewProject,
         Scenario::NewCommit,
         Scenario::PreviewCreated,
@@ -163,6 +211,8 @@ impl Scenario {
         Scenario::BuildFailed,
         Scenario::ChildrenDeleted,
         Scenario::ProjectDeleted,
+        Scenario::PreviewExpired,
+        Scenario::HostConflict,
     ];
 
     fn name(self) -> &'static str {
@@ -174,6 +224,8 @@ impl Scenario {
             Scenario::BuildFailed => "build-failed",
             Scenario::ChildrenDeleted => "children-deleted",
             Scenario::ProjectDeleted => "project-deleted",
+            Scenario::PreviewExpired => "preview-expired",
+            Scenario::HostConflict => "host-conflict",
         }
     }
 
@@ -185,7 +237,7 @@ impl Scenario {
     fn quick_sample(self) -> u64 {
         match self {
             Scenario::NewProject => 4,
-            Scenario::BuildFailed => 2,
+            Scenario::BuildFailed | Scenario::PreviewExpired | Scenario::HostConflict => 2,
             Scenario::NewCommit
             | Scenario::PreviewCreated
             | Scenario::PreviewDeleted
@@ -196,17 +248,231 @@ impl Scenario {
 
     /// Whether the Project has preview environments enabled.
     fn previews(self) -> bool {
-        matches!(self, Scenario::PreviewCreated | Scenario::PreviewDeleted)
+        matches!(
+            self,
+            Scenario::PreviewCreated | Scenario::PreviewDeleted | Scenario::PreviewExpired
+        )
     }
 
     /// Whether the preview is live before the trigger (and goes with it).
     fn starts_with_preview(self) -> bool {
-        self == Scenario::PreviewDeleted
+        matches!(self, Scenario::PreviewDeleted | Scenario::PreviewExpired)
+    }
+
+    /// How far ahead the run's operators' clock is (seconds): past the
+    /// preview's one-minute TTL for preview-expired.
+    fn clock_offset(self) -> Option<i64> {
+        (self == Scenario::PreviewExpired).then_some(120)
     }
 
     /// Whether the preview is part of the end state.
     fn ends_with_preview(self) -> bool {
         self == Scenario::PreviewCreated
+    }
+}
+
+/// How a run is perturbed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Perturbation {
+    /// The operator exits right after its k-th API write
+    /// (`KAPSA_EXIT_AFTER_WRITES`) and is started again.
+    Restart(u64),
+    /// The cache of this kind (its plural) lags [`STALE_DELAY`] behind its
+    /// watch (`KAPSA_CACHE_DELAY`): the operator reconciles from old state.
+    StaleCache(&'static str),
+}
+
+impl Perturbation {
+    fn tag(self) -> String {
+        match self {
+            Perturbation::Restart(k) => format!("k{k}"),
+            Perturbation::StaleCache(plural) => format!("stale-{plural}"),
+        }
+    }
+}
+
+/// How far a stale cache lags: more than a poll interval (2 s).
+const STALE_DELAY: Duration = Duration::from_secs(3);
+
+/// The caches a stale run may delay: the ones whose state the operator acts
+/// on (its own kinds, the children it compares with what it wants, and the
+/// namespaces it waits for).
+const STALE_KINDS: [&str; 7] = [
+    "projects",
+    "environments",
+    "deployments",
+    "services",
+    "ingresses",
+    "images",
+    "namespaces",
+];
+
+impl Scenario {
+    /// The caches delayed in the quick form: one per scenario, the one its
+    /// trigger makes the operator read (the long form delays each of
+    /// [`STALE_KINDS`] in turn; `KAPSA_PERTURBATION_STALE` lists them).
+    fn quick_stale(self) -> &'static str {
+        match self {
+            Scenario::NewProject => "projects",
+            Scenario::NewCommit | Scenario::ChildrenDeleted => "deployments",
+            Scenario::PreviewCreated | Scenario::PreviewDeleted | Scenario::PreviewExpired => {
+                "environments"
+            }
+            Scenario::HostConflict => "ingresses",
+            Scenario::BuildFailed => "images",
+            Scenario::ProjectDeleted => "namespaces",
+        }
+    }
+
+    fn stale_kinds(self, long: bool) -> Vec<&'static str> {
+        if let Ok(list) = std::env::var("KAPSA_PERTURBATION_STALE") {
+            return STALE_KINDS
+                .into_iter()
+                .filter(|k| list.split(',').any(|l| l.trim() == *k))
+                .collect();
+        }
+        if long {
+            STALE_KINDS.to_vec()
+        } else {
+            vec![self.quick_stale()]
+        }
+    }
+}
+
+/// What a run's Project showed over time, from watches started before its
+/// trigger: each Environment's commit and image, its Deployment's image and
+/// the Project's latest commit, every value it took in order. A value that
+/// comes back after another replaced it is a regression (the operator acted
+/// on old state).
+struct History {
+    values: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl History {
+    async fn watch(client: &Client, project: &str) -> Self {
+        use futures::StreamExt;
+        use k8s_openapi::api::apps::v1::Deployment;
+        use kube::runtime::watcher;
+        let values: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>> =
+            Default::default();
+        let record = {
+            let values = values.clone();
+            move |key: String, value: Option<&str>| {
+                let Some(value) = value else { return };
+                let mut values = values.lock().unwrap();
+                let seen = values.entry(key).or_default();
+                if seen.last().map(String::as_str) != Some(value) {
+                    seen.push(value.to_string());
+                }
+            }
+        };
+        let mut tasks = Vec::new();
+        let (ready, mut listed) = tokio::sync::mpsc::channel::<()>(3);
+        {
+            let record = record.clone();
+            let ready = ready.clone();
+            let api = Api::<Environment>::namespaced(client.clone(), project);
+            tasks.push(tokio::spawn(async move {
+                let mut events = watcher(api, watcher::Config::default()).boxed();
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(watcher::Event::InitDone) => {
+                            let _ = ready.try_send(());
+                        }
+                        Ok(watcher::Event::Apply(e) | watcher::Event::InitApply(e)) => {
+                            let status = e.status.clone().unwrap_or_default();
+                            let name = e.name_any();
+                            record(
+                                format!("Environment {name} status.commit"),
+                                status.commit.as_deref(),
+                            );
+                            record(
+                                format!("Environment {name} status.image"),
+                                status.image.as_deref(),
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        {
+            let record = record.clone();
+            let ready = ready.clone();
+            let api = Api::<Deployment>::namespaced(client.clone(), project);
+            tasks.push(tokio::spawn(async move {
+                let mut events = watcher(api, watcher::Config::default()).boxed();
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(watcher::Event::InitDone) => {
+                            let _ = ready.try_send(());
+                        }
+                        Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
+                            let image = d
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.template.spec.as_ref())
+                                .and_then(|s| s.containers.first())
+                                .and_then(|c| c.image.clone());
+                            record(
+                                format!("Deployment {} image", d.name_any()),
+                                image.as_deref(),
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        {
+            let api = Api::<Project>::all(client.clone());
+            let config = watcher::Config::default().fields(&format!("metadata.name={project}"));
+            tasks.push(tokio::spawn(async move {
+                let mut events = watcher(api, config).boxed();
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(watcher::Event::InitDone) => {
+                            let _ = ready.try_send(());
+                        }
+                        Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                            record(
+                                "Project status.latestCommit".into(),
+                                p.status.as_ref().and_then(|s| s.latest_commit.as_deref()),
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        // Every watch has listed before the trigger.
+        for _ in 0..3 {
+            let _ = tokio::time::timeout(Duration::from_secs(10), listed.recv()).await;
+        }
+        Self { values, tasks }
+    }
+
+    /// Every value that came back after another had replaced it.
+    fn regressions(&self) -> Vec<String> {
+        let values = self.values.lock().unwrap();
+        values
+            .iter()
+            .filter(|(_, seen)| {
+                seen.iter()
+                    .enumerate()
+                    .any(|(i, v)| seen[i + 1..].contains(v))
+            })
+            .map(|(key, seen)| format!("regression: {key} went {}", seen.join(" → ")))
+            .collect()
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -219,7 +485,12 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(kubeconfig: &Path, log: PathBuf, exit_after: Option<u64>) -> Self {
+    fn start(
+        kubeconfig: &Path,
+        log: PathBuf,
+        perturbation: Option<Perturbation>,
+        clock_offset: Option<i64>,
+    ) -> Self {
         let file = std::fs::File::create(&log).expect("operator log file");
         let binary = env!("CARGO_BIN_EXE_kapsa");
         // setpriv makes the kernel kill the operator if the test dies.
@@ -252,6 +523,8 @@ impl Operator {
                     .unwrap_or_else(|_| "info,kube=warn".into()),
             )
             .env_remove(fault::ENV_VAR)
+            .env_remove(fault::CACHE_DELAY_VAR)
+            .env_remove(fault::CLOCK_OFFSET_VAR)
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
             .env_remove("KAPSA_METRICS_ADDR")
@@ -259,8 +532,20 @@ impl Operator {
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
-        if let Some(k) = exit_after {
-            command.env(fault::ENV_VAR, k.to_string());
+        match perturbation {
+            Some(Perturbation::Restart(k)) => {
+                command.env(fault::ENV_VAR, k.to_string());
+            }
+            Some(Perturbation::StaleCache(plural)) => {
+                command.env(
+                    fault::CACHE_DELAY_VAR,
+                    format!("{plural}={}", STALE_DELAY.as_secs_f64()),
+                );
+            }
+            None => {}
+        }
+        if let Some(seconds) = clock_offset {
+            command.env(fault::CLOCK_OFFSET_VAR, seconds.to_string());
         }
         let child = command.spawn().expect("starting kapsa operator");
         Self { child, log }
@@ -284,6 +569,12 @@ impl Operator {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL, as a crash or an evicted Pod: no shutdown at all.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM (the operator releases its Lease), then SIGKILL after 10 s.
     async fn stop(&mut self) {
         if self.running() {
@@ -302,12 +593,20 @@ impl Operator {
         kapsa_testenv::process::log_tail(&self.log, lines)
     }
 
+    /// Whether the process exited because it could not renew its Lease
+    /// in time (the API server away): leader election's step-down.
+    fn stepped_down(&mut self) -> bool {
+        !self.running()
+            && std::fs::read_to_string(&self.log)
+                .is_ok_and(|log| log.contains("could not renew the lease in time; stepping down"))
+    }
+
     /// The fault-injection line: which write the process exited after.
     fn exit_note(&self) -> Option<String> {
         std::fs::read_to_string(&self.log)
             .ok()?
             .lines()
-            .find(|l| l.starts_with("fault injection:"))
+            .find(|l| l.starts_with("fault injection: exiting right after API write "))
             .map(|l| {
                 l.trim_start_matches("fault injection: exiting right after API write ")
                     .to_string()
@@ -423,10 +722,10 @@ async fn install_platform(client: &Client) {
     .await;
 }
 
-fn project_manifest(scenario: Scenario, url: &str) -> Value {
+fn project_manifest(name: &str, url: &str, previews: bool) -> Value {
     let mut manifest = json!({
         "apiVersion": "kapsa.dev/v1alpha1", "kind": "Project",
-        "metadata": {"name": scenario.project()},
+        "metadata": {"name": name},
         "spec": {
             "source": {"git": {"url": url, "branch": "main"}, "pollInterval": "10s"},
             "registryRef": {"kind": "ClusterRegistry", "name": REGISTRY},
@@ -434,7 +733,7 @@ fn project_manifest(scenario: Scenario, url: &str) -> Value {
             "runtime": {"port": 8080, "replicas": 1, "healthCheck": {"path": "/healthz"}}
         }
     });
-    if scenario.previews() {
+    if previews {
         manifest["spec"]["previewEnvironments"] = json!({"enabled": true});
     }
     manifest
@@ -458,14 +757,17 @@ impl ScenarioRepo {
         let repo = git.create_repo(scenario.name()).expect("repository");
         let first = repo.commit("main", "app.txt", "v1", "first").unwrap();
         let second = match scenario {
-            Scenario::NewProject | Scenario::ChildrenDeleted | Scenario::ProjectDeleted => None,
+            Scenario::NewProject
+            | Scenario::ChildrenDeleted
+            | Scenario::ProjectDeleted
+            | Scenario::HostConflict => None,
             Scenario::NewCommit => Some(repo.commit("main", "app.txt", "v2", "second").unwrap()),
             // Not new-commit's content: that commit's id must not fail.
             Scenario::BuildFailed => Some(
                 repo.commit("main", "app.txt", "v2 does not build", "broken")
                     .unwrap(),
             ),
-            Scenario::PreviewCreated | Scenario::PreviewDeleted => Some(
+            Scenario::PreviewCreated | Scenario::PreviewDeleted | Scenario::PreviewExpired => Some(
                 repo.commit(PREVIEW_BRANCH, "login.txt", "login", "login page")
                     .unwrap(),
             ),
@@ -761,43 +1063,23 @@ impl Suite {
         self.env.kubeconfig_as(user, &["system:masters"])
     }
 
-    fn start_operator(&mut self, user: &str, tag: &str, exit_after: Option<u64>) -> Operator {
+    fn start_operator(
+        &mut self,
+        user: &str,
+        tag: &str,
+        perturbation: Option<Perturbation>,
+        clock_offset: Option<i64>,
+    ) -> Operator {
         self.runs += 1;
         let log = self
             .logs
             .path()
             .join(format!("{:04}-{tag}-{user}.log", self.runs));
-        Operator::start(&self.kubeconfig(user), log, exit_after)
+        Operator::start(&self.kubeconfig(user), log, perturbation, clock_offset)
     }
 
-    fn dynamic(&self, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
-        match namespace {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, resource),
-            None => Api::all_with(self.client.clone(), resource),
-        }
-    }
-
-    /// Every object of every listable kind, as JSON.
     async fn all_objects(&self) -> Vec<(ApiResource, ApiCapabilities, Value)> {
-        let mut out = Vec::new();
-        for (resource, caps) in &self.resources {
-            let list = match self
-                .dynamic(resource, None)
-                .list(&ListParams::default())
-                .await
-            {
-                Ok(list) => list,
-                // A kind gone or forbidden: nothing of Kapsa's there.
-                Err(_) => continue,
-            };
-            for item in list.items {
-                let mut value = serde_json::to_value(&item).unwrap();
-                value["apiVersion"] = json!(resource.api_version);
-                value["kind"] = json!(resource.kind);
-                out.push((resource.clone(), caps.clone(), value));
-            }
-        }
-        out
+        all_objects(&self.client, &self.resources).await
     }
 
     async fn end_state(&self) -> (EndState, Vec<(ApiResource, ApiCapabilities, Value)>) {
@@ -858,70 +1140,7 @@ impl Suite {
     ) -> Vec<String> {
         let mut failures = Vec::new();
         let project_name = scenario.project();
-        // Orphans: every Kapsa object has a live owner (same uid).
-        let uids: BTreeMap<(String, String, String), String> = all
-            .iter()
-            .map(|(r, caps, v)| {
-                let ns = match caps.scope {
-                    Scope::Namespaced => v["metadata"]["namespace"].as_str().unwrap_or_default(),
-                    Scope::Cluster => "",
-                };
-                (
-                    (
-                        r.kind.clone(),
-                        ns.to_string(),
-                        v["metadata"]["name"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string(),
-                    ),
-                    v["metadata"]["uid"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                )
-            })
-            .collect();
-        let cluster_scoped: BTreeSet<String> = all
-            .iter()
-            .filter(|(_, caps, _)| caps.scope == Scope::Cluster)
-            .map(|(r, _, _)| r.kind.clone())
-            .collect();
-        for (resource, _, value) in all {
-            if left_out(resource) || !kapsa_made(value) {
-                continue;
-            }
-            let ns = value["metadata"]["namespace"].as_str().unwrap_or_default();
-            let name = value["metadata"]["name"].as_str().unwrap_or_default();
-            if resource.kind == "ConfigMap" && name == HOST_OWNERS && ns == PLATFORM_NAMESPACE {
-                continue;
-            }
-            let owners = value["metadata"]["ownerReferences"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let live = owners.iter().any(|o| {
-                let kind = o["kind"].as_str().unwrap_or_default().to_string();
-                let owner_ns = if cluster_scoped.contains(&kind) {
-                    ""
-                } else {
-                    ns
-                };
-                uids.get(&(
-                    kind,
-                    owner_ns.to_string(),
-                    o["name"].as_str().unwrap_or_default().to_string(),
-                ))
-                .is_some_and(|uid| o["uid"].as_str() == Some(uid.as_str()))
-            });
-            if !live {
-                failures.push(format!(
-                    "orphan: {} {ns}/{name} has no live owner (ownerReferences {})",
-                    resource.kind,
-                    json!(owners)
-                ));
-            }
-        }
+        failures.extend(orphans(all));
 
         if scenario == Scenario::ProjectDeleted {
             if !self.project_gone(&project_name).await {
@@ -930,6 +1149,10 @@ impl Suite {
                 ));
             }
             return failures;
+        }
+
+        if scenario == Scenario::HostConflict {
+            failures.extend(self.claims_refused().await);
         }
 
         // The Project, its Environments and their children.
@@ -1007,7 +1230,11 @@ impl Suite {
                     (repo.second.clone().unwrap(), 1),
                 );
             }
-            Scenario::PreviewDeleted | Scenario::ChildrenDeleted | Scenario::ProjectDeleted => {
+            Scenario::PreviewDeleted
+            | Scenario::PreviewExpired
+            | Scenario::ChildrenDeleted
+            | Scenario::ProjectDeleted
+            | Scenario::HostConflict => {
                 expected_envs.insert("production".into(), (repo.first.clone(), 1));
             }
             // The first commit serves; the second was built once and failed.
@@ -1204,6 +1431,9 @@ impl Suite {
         if scenario == Scenario::ProjectDeleted {
             return self.project_gone(&project).await;
         }
+        if scenario == Scenario::HostConflict && !self.claims_refused().await.is_empty() {
+            return false;
+        }
         if scenario == Scenario::ChildrenDeleted {
             for (resource, namespace, name) in deleted_children(scenario) {
                 let api = Api::<DynamicObject>::namespaced_with(
@@ -1361,7 +1591,32 @@ impl Suite {
     /// Deletes the scenario's Project and waits for its namespace to go and
     /// the host-ownership table to forget it, with an operator running.
     async fn clean(&mut self, scenario: Scenario) {
-        let project = scenario.project();
+        self.clean_project(scenario, &scenario.project()).await;
+        if scenario == Scenario::HostConflict {
+            self.clean_project(scenario, LATE_PROJECT).await;
+            let namespaces = Api::<Namespace>::all(self.client.clone());
+            let _ = namespaces
+                .delete(SQUAT_NAMESPACE, &DeleteParams::default())
+                .await;
+            kapsa_testenv::wait::eventually(
+                Duration::from_secs(120),
+                &format!("namespace {SQUAT_NAMESPACE} to go"),
+                || {
+                    let namespaces = namespaces.clone();
+                    async move {
+                        matches!(namespaces.get_opt(SQUAT_NAMESPACE).await, Ok(None)).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Deletes a Project (of the scenario) and waits for its namespaces to
+    /// go and the host-ownership table to forget it, with an operator
+    /// running.
+    async fn clean_project(&mut self, scenario: Scenario, project: &str) {
+        let project = project.to_string();
         let projects = Api::<Project>::all(self.client.clone());
         let exists = projects.get_opt(&project).await.unwrap().is_some();
         let namespaces = Api::<Namespace>::all(self.client.clone());
@@ -1374,8 +1629,12 @@ impl Suite {
         if !exists && !namespace_exists {
             return;
         }
-        let mut operator =
-            self.start_operator(USER_SETUP, &format!("{}-clean", scenario.name()), None);
+        let mut operator = self.start_operator(
+            USER_SETUP,
+            &format!("{}-clean", scenario.name()),
+            None,
+            None,
+        );
         let _ = projects.delete(&project, &DeleteParams::default()).await;
         // The garbage collector would delete the namespace (its owner is the
         // Project), but it learns new kinds only every 30 s: deleting the
@@ -1419,6 +1678,81 @@ impl Suite {
         operator.stop().await;
     }
 
+    /// host-conflict: what is wrong with the refusals (nothing: empty). The
+    /// foreign Environment is `Ready=False` `WrongNamespace` and the late
+    /// Project `DomainAllocated=False` `HostInUse`; no Ingress but the
+    /// squatter's routes the late host, none is in the tenant's namespace
+    /// but the squatter, and the host-ownership table gives the late host to
+    /// nobody.
+    async fn claims_refused(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let condition = |conditions: &[kapsa_api::Condition], type_: &str| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+        };
+        let hijack = Api::<Environment>::namespaced(self.client.clone(), SQUAT_NAMESPACE)
+            .get_opt("hijack")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|e| e.status)
+            .and_then(|s| condition(&s.conditions, "Ready"));
+        if hijack != Some(("False".into(), "WrongNamespace".into())) {
+            problems.push(format!(
+                "the foreign Environment's Ready is {hijack:?}, not False WrongNamespace"
+            ));
+        }
+        let late = Api::<Project>::all(self.client.clone())
+            .get_opt(LATE_PROJECT)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|p| p.status)
+            .and_then(|s| condition(&s.conditions, kapsa_api::conditions::DOMAIN_ALLOCATED));
+        if late != Some(("False".into(), "HostInUse".into())) {
+            problems.push(format!(
+                "{LATE_PROJECT}'s DomainAllocated is {late:?}, not False HostInUse"
+            ));
+        }
+        let ingresses = Api::<k8s_openapi::api::networking::v1::Ingress>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        for ingress in ingresses {
+            let ns = ingress.namespace().unwrap_or_default();
+            let name = ingress.name_any();
+            if ns == SQUAT_NAMESPACE && name == "squatter" {
+                continue;
+            }
+            let hosts: Vec<String> = ingress
+                .spec
+                .iter()
+                .flat_map(|s| s.rules.iter().flatten())
+                .filter_map(|r| r.host.clone())
+                .collect();
+            if ns == SQUAT_NAMESPACE || hosts.contains(&late_host()) {
+                problems.push(format!("Ingress {ns}/{name} routes {hosts:?}"));
+            }
+        }
+        let table = Api::<ConfigMap>::namespaced(self.client.clone(), PLATFORM_NAMESPACE)
+            .get_opt(HOST_OWNERS)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.data)
+            .unwrap_or_default();
+        if let Some(holder) = table.get(&late_host()) {
+            problems.push(format!(
+                "the host-ownership table gives {} to {holder}",
+                late_host()
+            ));
+        }
+        problems
+    }
+
     /// Whether a Project, both its namespaces and its host's entry in the
     /// host-ownership table are gone.
     async fn project_gone(&self, project: &str) -> bool {
@@ -1459,8 +1793,12 @@ impl Suite {
             return Ok(());
         }
         self.create_project(scenario, repo).await;
-        let mut operator =
-            self.start_operator(USER_SETUP, &format!("{}-setup", scenario.name()), None);
+        let mut operator = self.start_operator(
+            USER_SETUP,
+            &format!("{}-setup", scenario.name()),
+            None,
+            None,
+        );
         let project = scenario.project();
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
         let preview = kapsa_api::naming::preview_environment_name(PREVIEW_BRANCH);
@@ -1495,11 +1833,16 @@ impl Suite {
     }
 
     async fn create_project(&self, scenario: Scenario, repo: &ScenarioRepo) {
+        let mut manifest =
+            project_manifest(&scenario.project(), repo.repo.url(), scenario.previews());
+        if scenario == Scenario::PreviewExpired {
+            manifest["spec"]["previewEnvironments"]["ttl"] = json!("1m");
+        }
         apply_json(
             &self.client,
             &ApiResource::erase::<Project>(&()),
             None,
-            project_manifest(scenario, repo.repo.url()),
+            manifest,
         )
         .await;
     }
@@ -1513,6 +1856,50 @@ impl Suite {
             }
             Scenario::PreviewCreated => repo.set_ref(PREVIEW_BRANCH, repo.second.as_deref()),
             Scenario::PreviewDeleted => repo.set_ref(PREVIEW_BRANCH, None),
+            // Time passes: the run's operators' clock is ahead.
+            Scenario::PreviewExpired => {}
+            Scenario::HostConflict => {
+                let squat = ApiResource::erase::<Namespace>(&());
+                apply_json(
+                    &self.client,
+                    &squat,
+                    None,
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SQUAT_NAMESPACE}}),
+                )
+                .await;
+                // An Ingress Kapsa did not make, routing the late Project's host.
+                apply_json(
+                    &self.client,
+                    &ApiResource::erase::<k8s_openapi::api::networking::v1::Ingress>(&()),
+                    Some(SQUAT_NAMESPACE),
+                    json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                        "metadata": {"name": "squatter", "namespace": SQUAT_NAMESPACE},
+                        "spec": {"ingressClassName": "nginx", "rules": [{"host": late_host(),
+                            "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                                "backend": {"service": {"name": "squatter", "port": {"number": 80}}}}]}}]}}),
+                )
+                .await;
+                // An Environment outside the Project's namespace, naming a
+                // host under the live Project's.
+                apply_json(
+                    &self.client,
+                    &ApiResource::erase::<Environment>(&()),
+                    Some(SQUAT_NAMESPACE),
+                    json!({"apiVersion": "kapsa.dev/v1alpha1", "kind": "Environment",
+                        "metadata": {"name": "hijack", "namespace": SQUAT_NAMESPACE},
+                        "spec": {"project": scenario.project(), "type": "Preview",
+                            "image": "evil.example/app:1",
+                            "host": format!("hijack.{}.{BASE}", scenario.project())}}),
+                )
+                .await;
+                apply_json(
+                    &self.client,
+                    &ApiResource::erase::<Project>(&()),
+                    None,
+                    project_manifest(LATE_PROJECT, repo.repo.url(), false),
+                )
+                .await;
+            }
             Scenario::ProjectDeleted => {
                 Api::<Project>::all(self.client.clone())
                     .delete(&scenario.project(), &DeleteParams::default())
@@ -1536,27 +1923,46 @@ impl Suite {
         }
     }
 
-    /// One run: unperturbed (`k` = None) or exiting after write k and
-    /// restarted.
-    async fn run(&mut self, scenario: Scenario, repo: &ScenarioRepo, k: Option<u64>) -> RunOutcome {
+    /// One run: unperturbed (`perturbation` = None), exiting after write k
+    /// and restarted, or with a lagging cache.
+    async fn run(
+        &mut self,
+        scenario: Scenario,
+        repo: &ScenarioRepo,
+        perturbation: Option<Perturbation>,
+    ) -> RunOutcome {
         let mut failures = Vec::new();
         let t0 = Instant::now();
         if let Err(e) = self.prepare(scenario, repo).await {
             panic!("{}: preparing the run failed: {e}", scenario.name());
         }
         let t_prepared = Instant::now();
+        let history = History::watch(&self.client, &scenario.project()).await;
         self.trigger(scenario, repo).await;
         let tag = format!(
             "{}-{}",
             scenario.name(),
-            k.map_or("baseline".to_string(), |k| format!("k{k}"))
+            perturbation.map_or("baseline".to_string(), |p| p.tag())
         );
         let start = self.audit.mark().await;
-        let mut operator = self.start_operator(USER_RUN, &tag, k);
+        let mut operator =
+            self.start_operator(USER_RUN, &tag, perturbation, scenario.clock_offset());
         let mut exit_note = None;
-        let (user, since, mut converging) = match k {
-            None => (USER_RUN, start, operator),
-            Some(k) => {
+        if let Some(Perturbation::StaleCache(plural)) = perturbation {
+            // The hook is on: the operator says so when it starts the cache.
+            let said = format!("fault injection: the {plural} cache lags");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !std::fs::read_to_string(&operator.log).is_ok_and(|l| l.contains(&said)) {
+                if Instant::now() > deadline {
+                    failures.push(format!("the operator never said {said:?}"));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let (user, since, mut converging) = match perturbation {
+            None | Some(Perturbation::StaleCache(_)) => (USER_RUN, start, operator),
+            Some(Perturbation::Restart(k)) => {
                 match operator.wait_exit(EXIT_TIMEOUT).await {
                     Some(status) if status.code() == Some(fault::EXIT_CODE) => {
                         exit_note = operator.exit_note();
@@ -1573,7 +1979,8 @@ impl Suite {
                     }
                 }
                 let restart = self.audit.mark().await;
-                let restarted = self.start_operator(USER_RESTARTED, &tag, None);
+                let restarted =
+                    self.start_operator(USER_RESTARTED, &tag, None, scenario.clock_offset());
                 (USER_RESTARTED, restart, restarted)
             }
         };
@@ -1588,6 +1995,7 @@ impl Suite {
                 None
             }
         };
+        failures.extend(history.regressions());
         let all_writes = writes(&self.audit, start, USER_RUN, true).await;
         let (end, objects) = self.end_state().await;
         if at_rest.is_some() {
@@ -1647,6 +2055,117 @@ impl Suite {
             failures,
         }
     }
+}
+
+/// Every object of every listable kind, as JSON.
+async fn all_objects(
+    client: &Client,
+    resources: &[(ApiResource, ApiCapabilities)],
+) -> Vec<(ApiResource, ApiCapabilities, Value)> {
+    let mut out = Vec::new();
+    for (resource, caps) in resources {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+        let list = match api.list(&ListParams::default()).await {
+            Ok(list) => list,
+            // A kind gone or forbidden: nothing of Kapsa's there.
+            Err(_) => continue,
+        };
+        for item in list.items {
+            let mut value = serde_json::to_value(&item).unwrap();
+            value["apiVersion"] = json!(resource.api_version);
+            value["kind"] = json!(resource.kind);
+            out.push((resource.clone(), caps.clone(), value));
+        }
+    }
+    out
+}
+
+/// Every listable kind the API server serves.
+async fn listable_resources(client: &Client) -> Vec<(ApiResource, ApiCapabilities)> {
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let mut resources = Vec::new();
+    for group in discovery.groups() {
+        for (resource, caps) in group.recommended_resources() {
+            if caps.supports_operation(verbs::LIST) {
+                resources.push((resource, caps));
+            }
+        }
+    }
+    resources
+}
+
+/// Orphans: every object Kapsa made (the host-ownership table aside) must
+/// have an ownerReference to a live object with the same uid.
+fn orphans(all: &[(ApiResource, ApiCapabilities, Value)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    // Orphans: every Kapsa object has a live owner (same uid).
+    let uids: BTreeMap<(String, String, String), String> = all
+        .iter()
+        .map(|(r, caps, v)| {
+            let ns = match caps.scope {
+                Scope::Namespaced => v["metadata"]["namespace"].as_str().unwrap_or_default(),
+                Scope::Cluster => "",
+            };
+            (
+                (
+                    r.kind.clone(),
+                    ns.to_string(),
+                    v["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                v["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let cluster_scoped: BTreeSet<String> = all
+        .iter()
+        .filter(|(_, caps, _)| caps.scope == Scope::Cluster)
+        .map(|(r, _, _)| r.kind.clone())
+        .collect();
+    for (resource, _, value) in all {
+        if left_out(resource) || !kapsa_made(value) {
+            continue;
+        }
+        let ns = value["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = value["metadata"]["name"].as_str().unwrap_or_default();
+        if resource.kind == "ConfigMap" && name == HOST_OWNERS && ns == PLATFORM_NAMESPACE {
+            continue;
+        }
+        let owners = value["metadata"]["ownerReferences"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let live = owners.iter().any(|o| {
+            let kind = o["kind"].as_str().unwrap_or_default().to_string();
+            let owner_ns = if cluster_scoped.contains(&kind) {
+                ""
+            } else {
+                ns
+            };
+            uids.get(&(
+                kind,
+                owner_ns.to_string(),
+                o["name"].as_str().unwrap_or_default().to_string(),
+            ))
+            .is_some_and(|uid| o["uid"].as_str() == Some(uid.as_str()))
+        });
+        if !live {
+            failures.push(format!(
+                "orphan: {} {ns}/{name} has no live owner (ownerReferences {})",
+                resource.kind,
+                json!(owners)
+            ));
+        }
+    }
+    failures
 }
 
 /// A live Project: production Ready at `commit`, and the Project's status
@@ -1793,6 +2312,7 @@ fn sample(w: u64, work: &[u64], long: bool, quick: u64) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_at_every_write_point() {
+    let _serial = SERIAL.lock().await;
     let started = Instant::now();
     let long = std::env::var("KAPSA_PERTURBATION_LONG").is_ok_and(|v| !v.is_empty() && v != "0");
     let only: Option<BTreeSet<String>> = std::env::var("KAPSA_PERTURBATION_SCENARIOS")
@@ -1801,18 +2321,7 @@ async fn restart_at_every_write_point() {
     let env = kapsa_testenv::shared().await;
     let client = env.client().await;
     install_platform(&client).await;
-    let discovery = Discovery::new(client.clone())
-        .run()
-        .await
-        .expect("discovery");
-    let mut resources = Vec::new();
-    for group in discovery.groups() {
-        for (resource, caps) in group.recommended_resources() {
-            if caps.supports_operation(verbs::LIST) {
-                resources.push((resource, caps));
-            }
-        }
-    }
+    let resources = listable_resources(&client).await;
     assert!(
         resources
             .iter()
@@ -1885,7 +2394,9 @@ async fn restart_at_every_write_point() {
         let mut exits = Vec::new();
         for &k in &ks {
             let t = Instant::now();
-            let outcome = suite.run(scenario, &repo, Some(k)).await;
+            let outcome = suite
+                .run(scenario, &repo, Some(Perturbation::Restart(k)))
+                .await;
             let mut problems = outcome.failures.clone();
             problems.extend(diff(&baseline.end, &outcome.end));
             eprintln!(
@@ -1908,11 +2419,36 @@ async fn restart_at_every_write_point() {
                 ));
             }
         }
+        // Stale reads: one run per delayed cache.
+        let stale = scenario.stale_kinds(suite.long);
+        for &plural in &stale {
+            let t = Instant::now();
+            let outcome = suite
+                .run(scenario, &repo, Some(Perturbation::StaleCache(plural)))
+                .await;
+            let mut problems = outcome.failures.clone();
+            problems.extend(diff(&baseline.end, &outcome.end));
+            eprintln!(
+                "{} with the {plural} cache {STALE_DELAY:?} behind: {} ({:.1}s)",
+                scenario.name(),
+                if problems.is_empty() { "ok" } else { "FAILED" },
+                t.elapsed().as_secs_f64()
+            );
+            if !problems.is_empty() {
+                failures.push(format!(
+                    "{} with the {plural} cache {STALE_DELAY:?} behind:\n{}",
+                    scenario.name(),
+                    problems.join("\n")
+                ));
+            }
+        }
         suite.clean(scenario).await;
         report.push(format!(
-            "{}: W = {w}, {} perturbations (k = {ks:?}) in {:.0}s",
+            "{}: W = {w}, {} restarts (k = {ks:?}), {} stale caches ({}) in {:.0}s",
             scenario.name(),
             ks.len(),
+            stale.len(),
+            stale.join(", "),
             scenario_started.elapsed().as_secs_f64()
         ));
     }
