@@ -33,5 +33,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (unit and integration, against the real control plane)"
 cargo test --workspace --locked --no-fail-fast
 
-step "perturbation suite, quick form: restart the operator at its write points (kapsa built with the test-only feature fault-injection; KAPSA_PERTURBATION_LONG=1 for every write point)"
+step "perturbation suite, quick form: restarts at write points, stale caches, chaos (kapsa built with the test-only feature fault-injection; KAPSA_PERTURBATION_LONG=1 for the long form, docs/perturbation.md)"
 cargo test -p kapsa --locked --features fault-injection --test perturbation

@@ -101,10 +101,9 @@
 //! Quick form (`make test`, `hack/test.sh`): per scenario the unperturbed
 //! run and a few k spread evenly over the positions of the operator's own
 //! writes among 1..=W (a restart right after a Lease renewal interrupts
-//! nothing new; 4 for new-project, 2 for build-failed, preview-expired and
-//! host-conflict, 3 for the others, whose every run first brings a Project
-//! live), and one stale run per scenario (the cache its trigger makes the
-//! operator read). Long form: every k of every scenario and every cache of
+//! nothing new; 3 for new-project, 2 for the others, whose every run first
+//! brings a Project live), and one stale run for five scenarios (the cache
+//! their trigger makes the operator read). Long form: every k of every scenario and every cache of
 //! [`STALE_KINDS`], e.g. `KAPSA_PERTURBATION_LONG=1 cargo test -p kapsa
 //! --features fault-injection --test perturbation -- --nocapture` (W is 5
 //! to 50 per scenario, about 15 to 30 s per perturbation: expect one to two
@@ -236,13 +235,15 @@ impl Scenario {
     /// Perturbations in the quick form (budget: a few minutes in all).
     fn quick_sample(self) -> u64 {
         match self {
-            Scenario::NewProject => 4,
-            Scenario::BuildFailed | Scenario::PreviewExpired | Scenario::HostConflict => 2,
+            Scenario::NewProject => 3,
             Scenario::NewCommit
             | Scenario::PreviewCreated
             | Scenario::PreviewDeleted
+            | Scenario::BuildFailed
             | Scenario::ChildrenDeleted
-            | Scenario::ProjectDeleted => 3,
+            | Scenario::ProjectDeleted
+            | Scenario::PreviewExpired
+            | Scenario::HostConflict => 2,
         }
     }
 
@@ -308,19 +309,21 @@ const STALE_KINDS: [&str; 7] = [
 ];
 
 impl Scenario {
-    /// The caches delayed in the quick form: one per scenario, the one its
-    /// trigger makes the operator read (the long form delays each of
-    /// [`STALE_KINDS`] in turn; `KAPSA_PERTURBATION_STALE` lists them).
-    fn quick_stale(self) -> &'static str {
+    /// The cache delayed in the quick form, for the scenarios whose trigger
+    /// the operator reads from one (the long form delays each of
+    /// [`STALE_KINDS`] in every scenario; `KAPSA_PERTURBATION_STALE` lists
+    /// them).
+    fn quick_stale(self) -> Option<&'static str> {
         match self {
-            Scenario::NewProject => "projects",
-            Scenario::NewCommit | Scenario::ChildrenDeleted => "deployments",
-            Scenario::PreviewCreated | Scenario::PreviewDeleted | Scenario::PreviewExpired => {
-                "environments"
-            }
-            Scenario::HostConflict => "ingresses",
-            Scenario::BuildFailed => "images",
-            Scenario::ProjectDeleted => "namespaces",
+            Scenario::NewProject => Some("projects"),
+            Scenario::NewCommit => Some("deployments"),
+            Scenario::PreviewCreated => Some("environments"),
+            Scenario::BuildFailed => Some("images"),
+            Scenario::HostConflict => Some("ingresses"),
+            Scenario::PreviewDeleted
+            | Scenario::PreviewExpired
+            | Scenario::ChildrenDeleted
+            | Scenario::ProjectDeleted => None,
         }
     }
 
@@ -334,7 +337,7 @@ impl Scenario {
         if long {
             STALE_KINDS.to_vec()
         } else {
-            vec![self.quick_stale()]
+            self.quick_stale().into_iter().collect()
         }
     }
 }
@@ -1055,6 +1058,9 @@ struct RunOutcome {
     write_summary: String,
     /// For a perturbed run: which write it exited after, as it logged it.
     exit_note: Option<String>,
+    /// From the start of the operator that converged (after a restart: the
+    /// restarted one) until the end state was there.
+    converged_in: Option<Duration>,
     failures: Vec<String>,
 }
 
@@ -1541,8 +1547,9 @@ impl Suite {
         user: &str,
         since: AuditMark,
         operator: &mut Operator,
-    ) -> Result<AuditMark, String> {
-        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    ) -> Result<(AuditMark, Duration), String> {
+        let started = Instant::now();
+        let deadline = started + CONVERGE_TIMEOUT;
         while !self.reached(scenario, repo).await {
             if !operator.running() {
                 return Err(format!(
@@ -1571,13 +1578,14 @@ impl Suite {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let reached_in = started.elapsed();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mark = self.audit.mark().await;
             tokio::time::sleep(self.idle).await;
             let recent = writes(&self.audit, mark, user, false).await;
             if recent.is_empty() {
-                return Ok(mark);
+                return Ok((mark, reached_in));
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -1985,11 +1993,15 @@ impl Suite {
             }
         };
         let t1 = Instant::now();
+        let mut converged_in = None;
         let at_rest = match self
             .converge(scenario, repo, user, since, &mut converging)
             .await
         {
-            Ok(mark) => Some(mark),
+            Ok((mark, took)) => {
+                converged_in = Some(took);
+                Some(mark)
+            }
             Err(e) => {
                 failures.push(e);
                 None
@@ -2052,6 +2064,7 @@ impl Suite {
             write_counts,
             write_summary: summary(&all_writes),
             exit_note,
+            converged_in,
             failures,
         }
     }
@@ -2346,6 +2359,16 @@ async fn restart_at_every_write_point() {
         runs: 0,
     };
     let mut report = Vec::new();
+    // The slowest convergence after a perturbation, and which.
+    let mut slowest: Option<(Duration, String)> = None;
+    let mut perturbations = 0;
+    let mut note_convergence = |outcome: &RunOutcome, what: String| {
+        if let Some(took) = outcome.converged_in
+            && slowest.as_ref().is_none_or(|(s, _)| took > *s)
+        {
+            slowest = Some((took, what));
+        }
+    };
     let mut failures = Vec::new();
     for scenario in Scenario::ALL {
         if only.as_ref().is_some_and(|o| !o.contains(scenario.name())) {
@@ -2397,6 +2420,8 @@ async fn restart_at_every_write_point() {
             let outcome = suite
                 .run(scenario, &repo, Some(Perturbation::Restart(k)))
                 .await;
+            note_convergence(&outcome, format!("{} k={k}", scenario.name()));
+            perturbations += 1;
             let mut problems = outcome.failures.clone();
             problems.extend(diff(&baseline.end, &outcome.end));
             eprintln!(
@@ -2426,6 +2451,8 @@ async fn restart_at_every_write_point() {
             let outcome = suite
                 .run(scenario, &repo, Some(Perturbation::StaleCache(plural)))
                 .await;
+            note_convergence(&outcome, format!("{} with {plural} stale", scenario.name()));
+            perturbations += 1;
             let mut problems = outcome.failures.clone();
             problems.extend(diff(&baseline.end, &outcome.end));
             eprintln!(
@@ -2452,8 +2479,11 @@ async fn restart_at_every_write_point() {
             scenario_started.elapsed().as_secs_f64()
         ));
     }
+    let slowest = slowest.map_or("none".to_string(), |(took, what)| {
+        format!("{:.1}s ({what})", took.as_secs_f64())
+    });
     eprintln!(
-        "perturbation suite ({} form) in {:.0}s:\n{}\noperator logs: {}",
+        "perturbation suite ({} form): {perturbations} perturbations in {:.0}s; the slowest convergence after one: {slowest}\n{}\noperator logs: {}",
         if long { "long" } else { "quick" },
         started.elapsed().as_secs_f64(),
         report.join("\n"),
