@@ -223,15 +223,7 @@ async fn chaos() {
         });
     }
     let late = projects - projects / 4;
-    for p in &chaos_projects[..late] {
-        apply_json(
-            &client,
-            &ApiResource::erase::<Project>(&()),
-            None,
-            project_manifest(&p.name, p.repo.url(), p.previews),
-        )
-        .await;
-    }
+    create_projects(&client, &chaos_projects[..late]).await;
 
     let logs = tempfile::Builder::new()
         .prefix("kapsa-chaos-")
@@ -286,17 +278,7 @@ async fn chaos() {
         }
         for d in after {
             match d {
-                Disruption::LateProjects => {
-                    for p in &chaos_projects[late..] {
-                        apply_json(
-                            &client,
-                            &ApiResource::erase::<Project>(&()),
-                            None,
-                            project_manifest(&p.name, p.repo.url(), p.previews),
-                        )
-                        .await;
-                    }
-                }
+                Disruption::LateProjects => create_projects(&client, &chaos_projects[late..]).await,
                 Disruption::SecondCommits => {
                     for p in chaos_projects.iter_mut().filter(|p| p.second_commit) {
                         let second = p
@@ -420,6 +402,18 @@ async fn chaos() {
             kept.display(),
             failures.join("\n")
         );
+    }
+}
+
+async fn create_projects(client: &Client, projects: &[ChaosProject]) {
+    for p in projects {
+        apply_json(
+            client,
+            &ApiResource::erase::<Project>(&()),
+            None,
+            project_manifest(&p.name, p.repo.url(), p.previews),
+        )
+        .await;
     }
 }
 

@@ -2414,59 +2414,38 @@ async fn restart_at_every_write_point() {
             suite.long,
             scenario.quick_sample(),
         );
-        let mut exits = Vec::new();
-        for &k in &ks {
-            let t = Instant::now();
-            let outcome = suite
-                .run(scenario, &repo, Some(Perturbation::Restart(k)))
-                .await;
-            note_convergence(&outcome, format!("{} k={k}", scenario.name()));
-            perturbations += 1;
-            let mut problems = outcome.failures.clone();
-            problems.extend(diff(&baseline.end, &outcome.end));
-            eprintln!(
-                "{} k={k}: exited after {} — {} ({:.1}s)",
-                scenario.name(),
-                outcome.exit_note.as_deref().unwrap_or("?"),
-                if problems.is_empty() { "ok" } else { "FAILED" },
-                t.elapsed().as_secs_f64()
-            );
-            exits.push(format!(
-                "{k}: {}",
-                outcome.exit_note.as_deref().unwrap_or("?")
-            ));
-            if !problems.is_empty() {
-                failures.push(format!(
-                    "{} k={k} (exited after {}):\n{}",
-                    scenario.name(),
-                    outcome.exit_note.as_deref().unwrap_or("?"),
-                    problems.join("\n")
-                ));
-            }
-        }
-        // Stale reads: one run per delayed cache.
+        // Restarts at the chosen write points, then stale reads: one run per
+        // delayed cache.
         let stale = scenario.stale_kinds(suite.long);
-        for &plural in &stale {
+        let runs = ks
+            .iter()
+            .map(|&k| Perturbation::Restart(k))
+            .chain(stale.iter().map(|&plural| Perturbation::StaleCache(plural)));
+        for perturbation in runs {
             let t = Instant::now();
-            let outcome = suite
-                .run(scenario, &repo, Some(Perturbation::StaleCache(plural)))
-                .await;
-            note_convergence(&outcome, format!("{} with {plural} stale", scenario.name()));
+            let outcome = suite.run(scenario, &repo, Some(perturbation)).await;
+            let what = match perturbation {
+                Perturbation::Restart(k) => format!(
+                    "{} k={k} (exited after {})",
+                    scenario.name(),
+                    outcome.exit_note.as_deref().unwrap_or("?")
+                ),
+                Perturbation::StaleCache(plural) => format!(
+                    "{} with the {plural} cache {STALE_DELAY:?} behind",
+                    scenario.name()
+                ),
+            };
+            note_convergence(&outcome, what.clone());
             perturbations += 1;
             let mut problems = outcome.failures.clone();
             problems.extend(diff(&baseline.end, &outcome.end));
             eprintln!(
-                "{} with the {plural} cache {STALE_DELAY:?} behind: {} ({:.1}s)",
-                scenario.name(),
+                "{what}: {} ({:.1}s)",
                 if problems.is_empty() { "ok" } else { "FAILED" },
                 t.elapsed().as_secs_f64()
             );
             if !problems.is_empty() {
-                failures.push(format!(
-                    "{} with the {plural} cache {STALE_DELAY:?} behind:\n{}",
-                    scenario.name(),
-                    problems.join("\n")
-                ));
+                failures.push(format!("{what}:\n{}", problems.join("\n")));
             }
         }
         suite.clean(scenario).await;
