@@ -515,24 +515,8 @@ impl ControlPlane {
     /// list again. `down` is how long it stays stopped. Returns once it is
     /// ready; its log goes on in `kube-apiserver.log`.
     pub async fn restart_api_server(&mut self, down: Duration) -> Result<()> {
-        let index = self
-            .processes
-            .iter()
-            .position(|p| p.name() == "kube-apiserver")
-            .ok_or_else(|| Error::ProcessExited("no kube-apiserver to restart".into()))?;
-        self.processes[index].terminate();
-        self.processes[index].wait_or_kill(Duration::from_secs(10));
-        tokio::time::sleep(down).await;
-        let logs = self.dir.join("logs");
-        let log = logs.join("kube-apiserver.log");
-        let _ = std::fs::rename(&log, logs.join("kube-apiserver.before-restart.log"));
-        self.processes[index] = ManagedProcess::spawn(
-            "kube-apiserver",
-            &self.assets_dir.join("kube-apiserver"),
-            &self.api_server_args,
-            &logs,
-        )?;
-        self.wait_for_api_server().await
+        let args = self.api_server_args.clone();
+        self.restart("kube-apiserver", &args, down).await
     }
 
     /// Stops etcd (SIGTERM, SIGKILL after 10 s) and starts it again with the
@@ -540,23 +524,29 @@ impl ControlPlane {
     /// nothing meanwhile, and its watches of etcd break. `down` is how long
     /// etcd stays stopped. Returns once the API server is ready again.
     pub async fn restart_etcd(&mut self, down: Duration) -> Result<()> {
+        let args = self.etcd_args.clone();
+        self.restart("etcd", &args, down).await
+    }
+
+    /// Stops the process `name` (SIGTERM, SIGKILL after 10 s), waits
+    /// `down`, starts it again with `args` (its old log kept as
+    /// `<name>.before-restart.log`) and waits for the API server to be ready.
+    async fn restart(&mut self, name: &str, args: &[String], down: Duration) -> Result<()> {
         let index = self
             .processes
             .iter()
-            .position(|p| p.name() == "etcd")
-            .ok_or_else(|| Error::ProcessExited("no etcd to restart".into()))?;
+            .position(|p| p.name() == name)
+            .ok_or_else(|| Error::ProcessExited(format!("no {name} to restart")))?;
         self.processes[index].terminate();
         self.processes[index].wait_or_kill(Duration::from_secs(10));
         tokio::time::sleep(down).await;
         let logs = self.dir.join("logs");
-        let log = logs.join("etcd.log");
-        let _ = std::fs::rename(&log, logs.join("etcd.before-restart.log"));
-        self.processes[index] = ManagedProcess::spawn(
-            "etcd",
-            &self.assets_dir.join("etcd"),
-            &self.etcd_args,
-            &logs,
-        )?;
+        let _ = std::fs::rename(
+            logs.join(format!("{name}.log")),
+            logs.join(format!("{name}.before-restart.log")),
+        );
+        self.processes[index] =
+            ManagedProcess::spawn(name, &self.assets_dir.join(name), args, &logs)?;
         self.wait_for_api_server().await
     }
 

@@ -348,112 +348,104 @@ impl Scenario {
 /// comes back after another replaced it is a regression (the operator acted
 /// on old state).
 struct History {
-    values: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>>,
+    values: Seen,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Shared by [`History`]'s watches: every value seen under each key, in order.
+type Seen = std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>>;
+
 impl History {
     async fn watch(client: &Client, project: &str) -> Self {
-        use futures::StreamExt;
         use k8s_openapi::api::apps::v1::Deployment;
         use kube::runtime::watcher;
-        let values: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>> =
-            Default::default();
-        let record = {
-            let values = values.clone();
-            move |key: String, value: Option<&str>| {
-                let Some(value) = value else { return };
-                let mut values = values.lock().unwrap();
-                let seen = values.entry(key).or_default();
-                if seen.last().map(String::as_str) != Some(value) {
-                    seen.push(value.to_string());
-                }
-            }
-        };
-        let mut tasks = Vec::new();
+        let values = Seen::default();
         let (ready, mut listed) = tokio::sync::mpsc::channel::<()>(3);
-        {
-            let record = record.clone();
-            let ready = ready.clone();
-            let api = Api::<Environment>::namespaced(client.clone(), project);
-            tasks.push(tokio::spawn(async move {
-                let mut events = watcher(api, watcher::Config::default()).boxed();
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(watcher::Event::InitDone) => {
-                            let _ = ready.try_send(());
-                        }
-                        Ok(watcher::Event::Apply(e) | watcher::Event::InitApply(e)) => {
-                            let status = e.status.clone().unwrap_or_default();
-                            let name = e.name_any();
-                            record(
-                                format!("Environment {name} status.commit"),
-                                status.commit.as_deref(),
-                            );
-                            record(
-                                format!("Environment {name} status.image"),
-                                status.image.as_deref(),
-                            );
-                        }
-                        _ => {}
-                    }
-                }
-            }));
-        }
-        {
-            let record = record.clone();
-            let ready = ready.clone();
-            let api = Api::<Deployment>::namespaced(client.clone(), project);
-            tasks.push(tokio::spawn(async move {
-                let mut events = watcher(api, watcher::Config::default()).boxed();
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(watcher::Event::InitDone) => {
-                            let _ = ready.try_send(());
-                        }
-                        Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
-                            let image = d
-                                .spec
-                                .as_ref()
-                                .and_then(|s| s.template.spec.as_ref())
-                                .and_then(|s| s.containers.first())
-                                .and_then(|c| c.image.clone());
-                            record(
-                                format!("Deployment {} image", d.name_any()),
-                                image.as_deref(),
-                            );
-                        }
-                        _ => {}
-                    }
-                }
-            }));
-        }
-        {
-            let api = Api::<Project>::all(client.clone());
-            let config = watcher::Config::default().fields(&format!("metadata.name={project}"));
-            tasks.push(tokio::spawn(async move {
-                let mut events = watcher(api, config).boxed();
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(watcher::Event::InitDone) => {
-                            let _ = ready.try_send(());
-                        }
-                        Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                            record(
-                                "Project status.latestCommit".into(),
-                                p.status.as_ref().and_then(|s| s.latest_commit.as_deref()),
-                            );
-                        }
-                        _ => {}
-                    }
-                }
-            }));
-        }
+        let tasks = vec![
+            Self::follow(
+                Api::<Environment>::namespaced(client.clone(), project),
+                watcher::Config::default(),
+                &values,
+                &ready,
+                |e: &Environment| {
+                    let status = e.status.clone().unwrap_or_default();
+                    let name = e.name_any();
+                    vec![
+                        (format!("Environment {name} status.commit"), status.commit),
+                        (format!("Environment {name} status.image"), status.image),
+                    ]
+                },
+            ),
+            Self::follow(
+                Api::<Deployment>::namespaced(client.clone(), project),
+                watcher::Config::default(),
+                &values,
+                &ready,
+                |d: &Deployment| {
+                    let image = d
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.template.spec.as_ref())
+                        .and_then(|s| s.containers.first())
+                        .and_then(|c| c.image.clone());
+                    vec![(format!("Deployment {} image", d.name_any()), image)]
+                },
+            ),
+            Self::follow(
+                Api::<Project>::all(client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={project}")),
+                &values,
+                &ready,
+                |p: &Project| {
+                    let latest = p.status.as_ref().and_then(|s| s.latest_commit.clone());
+                    vec![("Project status.latestCommit".to_string(), latest)]
+                },
+            ),
+        ];
         // Every watch has listed before the trigger.
-        for _ in 0..3 {
+        for _ in 0..tasks.len() {
             let _ = tokio::time::timeout(Duration::from_secs(10), listed.recv()).await;
         }
         Self { values, tasks }
+    }
+
+    /// A task watching `api`: each object's values (`read`: key and value,
+    /// none while unset) are appended to `values` when they change; `ready`
+    /// hears when the first listing is done.
+    fn follow<K>(
+        api: Api<K>,
+        config: kube::runtime::watcher::Config,
+        values: &Seen,
+        ready: &tokio::sync::mpsc::Sender<()>,
+        read: impl Fn(&K) -> Vec<(String, Option<String>)> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let (values, ready) = (values.clone(), ready.clone());
+        tokio::spawn(async move {
+            let mut events = watcher(api, config).boxed();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        let _ = ready.try_send(());
+                    }
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        let mut values = values.lock().unwrap();
+                        for (key, value) in read(&o) {
+                            let Some(value) = value else { continue };
+                            let seen = values.entry(key).or_default();
+                            if seen.last() != Some(&value) {
+                                seen.push(value);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
     }
 
     /// Every value that came back after another had replaced it.
