@@ -823,7 +823,8 @@ pub struct EnvironmentSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
 
-    /// Commit currently deployed, if any.
+    /// The commit the environment served when it was last Ready (set
+    /// once it is Ready; while a new commit rolls out, the one before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
 

@@ -310,37 +310,54 @@ impl Context {
         }
     }
 
-    /// Publishes a Kubernetes Event about `object`. Failing to publish is
-    /// logged, never fatal. Notes must never hold secret values.
-    pub async fn event<K: Resource<DynamicType = ()>>(
+    /// Publishes Kubernetes Events about `object`, in order, in a task of
+    /// their own: the reconcile that planned them does not wait for the API
+    /// server's answers. Failing to publish is logged, never fatal. Notes
+    /// must never hold secret values.
+    pub fn publish_events<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
-        warning: bool,
-        reason: &str,
-        note: String,
+        events: &[crate::status::PlannedEvent],
     ) {
-        // Events with the same action are one series whose note never
-        // changes; a digest of the note in the action keeps "built commit A"
-        // and "built commit B" apart while repeats still aggregate.
-        let digest = Sha256::digest(note.as_bytes());
-        let action = format!(
-            "{reason}-{:02x}{:02x}{:02x}{:02x}",
-            digest[0], digest[1], digest[2], digest[3]
-        );
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_string(),
-            note: Some(note),
-            action,
-            secondary: None,
-        };
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(%error, object = %object.name_any(), reason, "publishing an Event failed");
+        if events.is_empty() {
+            return;
         }
-        self.metrics.record_write("Event");
+        let recorder = self.recorder.clone();
+        let metrics = self.metrics.clone();
+        let reference = object.object_ref(&());
+        let name = object.name_any();
+        let events: Vec<Event> = events
+            .iter()
+            .map(|planned| {
+                // Events with the same action are one series whose note never
+                // changes; a digest of the note in the action keeps "built
+                // commit A" and "built commit B" apart while repeats still
+                // aggregate.
+                let digest = Sha256::digest(planned.note.as_bytes());
+                Event {
+                    type_: if planned.warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: planned.reason.clone(),
+                    note: Some(planned.note.clone()),
+                    action: format!(
+                        "{}-{:02x}{:02x}{:02x}{:02x}",
+                        planned.reason, digest[0], digest[1], digest[2], digest[3]
+                    ),
+                    secondary: None,
+                }
+            })
+            .collect();
+        tokio::spawn(async move {
+            for event in events {
+                if let Err(error) = recorder.publish(&event, &reference).await {
+                    tracing::warn!(%error, object = %name, reason = %event.reason, "publishing an Event failed");
+                }
+                metrics.record_write("Event");
+                crate::fault::after_write("event");
+            }
+        });
     }
 }

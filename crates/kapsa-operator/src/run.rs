@@ -5,6 +5,7 @@
 //! that a reconcile reads also triggers the reconciles that depend on it, so
 //! a change reaches them within seconds (not at the next resync).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -465,7 +466,7 @@ fn shared_cache<K>(
     dyntype: K::DynamicType,
     trim: fn(&mut K),
     applier: Arc<Applier>,
-    subscribers: usize,
+    subscribers: &[Changes],
 ) -> anyhow::Result<(Store<K>, BoxFuture, Vec<BoxStream<Arc<K>>>)>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -475,13 +476,17 @@ where
     let store = writer.as_reader();
     // Subscribers hear of applied objects only; deletes (a pool removed, a
     // production Environment deleted by hand) are sent alongside.
-    let mut senders = Vec::with_capacity(subscribers);
-    let mut streams = Vec::with_capacity(subscribers);
-    for _ in 0..subscribers {
+    let mut senders = Vec::with_capacity(subscribers.len());
+    let mut streams = Vec::with_capacity(subscribers.len());
+    for changes in subscribers {
         let (deleted, mut deletes) = tokio::sync::mpsc::unbounded_channel::<Arc<K>>();
         let subscriber = writer
             .subscribe()
             .ok_or_else(|| anyhow::anyhow!("subscribe"))?;
+        let subscriber = match changes {
+            Changes::All => subscriber.boxed(),
+            Changes::Spec => spec_changes(subscriber),
+        };
         let deletes = futures::stream::poll_fn(move |cx| deletes.poll_recv(cx));
         senders.push(deleted);
         streams.push(futures::stream::select(subscriber, deletes).boxed());
@@ -509,6 +514,40 @@ where
         .reflect_shared(writer)
         .for_each(|_| async {});
     Ok((store, Box::pin(driver), streams))
+}
+
+/// Which changes of a [`shared_cache`]'s objects one subscriber hears of
+/// (deletes always).
+#[derive(Clone, Copy, Debug)]
+enum Changes {
+    /// Every change.
+    All,
+    /// Changes of `metadata.generation` only: the spec, or a deletion
+    /// begun. For a controller that reads nothing else of these objects,
+    /// as the Projects and Environments of a DomainPool: the pool's status
+    /// (its allocation count) changes with every Project allocated, and
+    /// each change would otherwise reconcile every Project and Environment.
+    Spec,
+}
+
+/// `objects` without those whose `metadata.generation` did not change
+/// since the last one with the same uid that passed (an object made again
+/// under the same name is a new uid, and passes).
+fn spec_changes<K>(objects: impl Stream<Item = Arc<K>> + Send + 'static) -> BoxStream<Arc<K>>
+where
+    K: Resource + Send + Sync + 'static,
+{
+    let mut seen: HashMap<String, Option<i64>> = HashMap::new();
+    objects
+        .filter(move |object| {
+            let meta = object.meta();
+            let changed = match &meta.uid {
+                Some(uid) => seen.insert(uid.clone(), meta.generation) != Some(meta.generation),
+                None => true,
+            };
+            futures::future::ready(changed)
+        })
+        .boxed()
 }
 
 /// The subscriber streams of a [`shared_cache`], as an array.
@@ -806,7 +845,7 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        3,
+        &[Changes::All; 3],
     )?;
     let [
         projects_for_projects,
@@ -818,7 +857,7 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        2,
+        &[Changes::All; 2],
     )?;
     let [environments_for_environments, environments_for_projects] =
         subscribers(environment_subscribers)?;
@@ -827,7 +866,7 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        3,
+        &[Changes::Spec, Changes::Spec, Changes::All],
     )?;
     let [pools_for_projects, pools_for_environments, pools_for_pools] =
         subscribers(pool_subscribers)?;
@@ -836,7 +875,7 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        3,
+        &[Changes::All; 3],
     )?;
     let [cr_for_projects, cr_for_environments, cr_for_registries] = subscribers(cr_subscribers)?;
     let (registries, registry_driver, registry_subscribers) = shared_cache(
@@ -844,7 +883,7 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        3,
+        &[Changes::All; 3],
     )?;
     let [
         registries_for_projects,
@@ -860,7 +899,7 @@ async fn run_once(
         (),
         metadata_only,
         applier.clone(),
-        4,
+        &[Changes::All; 4],
     )?;
     let [
         secrets_for_projects,

@@ -1,5 +1,6 @@
 //! The last step of every reconcile: one status write, only on change, and
-//! the Events the plan asked for, only when that write happened (a reconcile
+//! the Events the plan asked for (published in the background, in order),
+//! only when that write happened (a reconcile
 //! on a cache that has not seen Kapsa's last status yet must not announce
 //! the same thing twice).
 
@@ -59,10 +60,6 @@ where
     {
         return Ok(false);
     }
-    for event in events {
-        ctx.event(object, event.warning, &event.reason, event.note.clone())
-            .await;
-        crate::fault::after_write("event");
-    }
+    ctx.publish_events(object, events);
     Ok(true)
 }

@@ -46,8 +46,11 @@ pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
 }
 
 /// Transitions announced with a Normal Event: the milestones a person
-/// follows. Every other transition to True is routine and only in the status.
-const MILESTONES: [&str; 4] = ["ProductionReady", "RolledOut", "Allocated", "Pinned"];
+/// follows. Every other transition to True is routine and only in the status
+/// (a host allocated, for one: `status.host` and `DomainAllocated` say so,
+/// and `ProductionReady` names the URL once it serves; failing to allocate
+/// is a Warning).
+const MILESTONES: [&str; 3] = ["ProductionReady", "RolledOut", "Pinned"];
 
 /// Reasons of conditions that are False on the way to True (a new object,
 /// a build or rollout under way): normal, and not worth an Event.
@@ -101,6 +104,11 @@ pub(crate) fn transitions(
 
 /// Step 3: applies what the plan wants (each object only if it changes
 /// something), then deletes what it no longer wants.
+///
+/// The applies go in waves ([`apply_wave`]), each wave's at once: the
+/// Namespaces, then what lives in them, then the RoleBindings (the API
+/// server checks a binding against its Role, which must exist by then).
+/// A reconcile thus waits for three round trips, not one per object.
 pub(crate) async fn apply_and_prune(
     ctx: &Context,
     apply: &[Child],
@@ -109,32 +117,77 @@ pub(crate) async fn apply_and_prune(
 ) -> Result<Vec<Refusal>> {
     // A child the API server refuses (a quota, an admission policy) does not
     // stop the others, nor the status that says so; anything else (the API
-    // server unreachable, a conflict) fails the reconcile, to be retried.
+    // server unreachable, a conflict) fails the reconcile, to be retried,
+    // once the wave it was in has been answered.
     let mut refused = Vec::new();
-    for child in apply {
-        let key = child.key();
-        let cached = observed.iter().find(|o| o.key == key);
-        match ctx.applier.apply(child, cached).await {
-            Ok(wrote) => {
-                tracing::trace!(object = %key, wrote, cached = cached.is_some(), "apply step")
+    let mut waves: Vec<u8> = apply.iter().map(apply_wave).collect();
+    waves.sort_unstable();
+    waves.dedup();
+    for wave in waves {
+        let applies =
+            apply
+                .iter()
+                .filter(|child| apply_wave(child) == wave)
+                .map(|child| async move {
+                    let key = child.key();
+                    let cached = observed.iter().find(|o| o.key == key);
+                    let answer = ctx.applier.apply(child, cached).await;
+                    (key, cached.is_some(), answer)
+                });
+        let answers = futures::future::join_all(applies).await;
+        let mut failed = None;
+        for (key, cached, answer) in answers {
+            match answer {
+                Ok(wrote) => tracing::trace!(object = %key, wrote, cached, "apply step"),
+                Err(error) => match refusal(&error) {
+                    Some(message) => {
+                        tracing::info!(object = %key, %message, "the API server refused it");
+                        refused.push(Refusal { key, message });
+                    }
+                    None => {
+                        failed.get_or_insert(error);
+                    }
+                },
             }
-            Err(error) => match refusal(&error) {
-                Some(message) => {
-                    tracing::info!(object = %key, %message, "the API server refused it");
-                    refused.push(Refusal { key, message });
-                }
-                None => return Err(error),
-            },
+        }
+        if let Some(error) = failed {
+            return Err(error);
         }
     }
     // Pruning deletes only what the plan no longer wants; a refused child is
     // wanted, so its current version (if any) stays.
-    for deletion in delete {
-        if ctx.applier.delete(deletion).await? {
-            tracing::info!(object = %deletion.key, "pruned: the plan no longer wants it");
+    let deleted = futures::future::join_all(
+        delete
+            .iter()
+            .map(|d| async move { (d, ctx.applier.delete(d).await) }),
+    )
+    .await;
+    let mut failed = None;
+    for (deletion, answer) in deleted {
+        match answer {
+            Ok(true) => {
+                tracing::info!(object = %deletion.key, "pruned: the plan no longer wants it")
+            }
+            Ok(false) => {}
+            Err(error) => {
+                failed.get_or_insert(error);
+            }
         }
     }
-    Ok(refused)
+    match failed {
+        Some(error) => Err(error),
+        None => Ok(refused),
+    }
+}
+
+/// Which wave of [`apply_and_prune`] applies `child`: Namespaces first,
+/// RoleBindings last, everything else in between.
+fn apply_wave(child: &Child) -> u8 {
+    match (child.resource.group.as_str(), child.resource.kind.as_str()) {
+        ("", "Namespace") => 0,
+        ("rbac.authorization.k8s.io", "RoleBinding" | "ClusterRoleBinding") => 2,
+        _ => 1,
+    }
 }
 
 /// A child the API server would not take.

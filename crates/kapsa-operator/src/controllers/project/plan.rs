@@ -439,20 +439,39 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
         .chain(made_now)
         .map(|e| {
             let st = e.status.clone().unwrap_or_default();
+            let name = e.name_any();
+            let ready = is_condition_true(&st.conditions, READY);
+            // The commit it serves as of when it was last Ready: a rollout
+            // on its way (deployed, its certificate not issued yet) is no
+            // status write of the Project's; its Ready is.
+            let commit = if ready {
+                st.commit.clone()
+            } else {
+                before
+                    .environments
+                    .iter()
+                    .find(|s| s.name == name)
+                    .and_then(|s| s.commit.clone())
+            };
             EnvironmentSummary {
-                name: e.name_any(),
+                name,
                 type_: Some(e.spec.type_),
                 branch: e.spec.branch.clone(),
-                commit: st.commit.clone(),
+                commit,
                 url: url_of(e),
-                ready: is_condition_true(&st.conditions, READY),
+                ready,
             }
         })
         .collect();
     environments.sort_by(|a, b| a.name.cmp(&b.name));
-    let production_ready = environments
+    let production = environments
         .iter()
-        .any(|e| e.name == PRODUCTION_ENVIRONMENT_NAME && e.ready);
+        .find(|e| e.name == PRODUCTION_ENVIRONMENT_NAME && e.ready);
+    let production_ready = production.is_some();
+    let serves = match production.and_then(|e| e.url.as_deref()) {
+        Some(url) => format!("the production environment serves at {url}"),
+        None => "the production environment serves".into(),
+    };
     status.environments = environments;
 
     let ready = match (&registry_problem, &allocation) {
@@ -468,12 +487,7 @@ fn plan_steps(world: &ProjectWorld) -> ProjectPlan {
             problem.reason(),
             problem.to_string(),
         ),
-        _ if production_ready => condition(
-            READY,
-            ConditionStatus::True,
-            "ProductionReady",
-            "the production environment serves".into(),
-        ),
+        _ if production_ready => condition(READY, ConditionStatus::True, "ProductionReady", serves),
         _ => condition(
             READY,
             ConditionStatus::False,
