@@ -82,7 +82,7 @@ impl Default for OperatorConfig {
         Self {
             metrics_addr: None,
             lease: None,
-            concurrency: 32,
+            concurrency: 16,
             allow_internal_git_hosts: crate::git::HostPolicy::none(),
             pod_security: kapsa_api::domain_pool::PodSecurityLevel::Restricted,
             host_owners_namespace: None,

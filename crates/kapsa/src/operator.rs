@@ -38,10 +38,8 @@ pub struct OperatorArgs {
     /// Leader election: seconds between two attempts to take or renew the lease.
     #[arg(long, default_value_t = 2)]
     retry_period_seconds: u64,
-    /// Reconciles running at once, per controller. Most of a reconcile is
-    /// waiting for the API server (a new Service waits for its cluster IP,
-    /// which the API server allocates one at a time).
-    #[arg(long, default_value_t = 32)]
+    /// Reconciles running at once, per controller.
+    #[arg(long, default_value_t = 16)]
     concurrency: u16,
     /// Internal addresses that Projects' git URLs may reach. By default none:
     /// a URL whose host is or resolves to a loopback (127.0.0.0/8, ::1),

@@ -319,26 +319,6 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         };
         status.url = environment_url(&inputs);
     } else {
-        // A first release on its way (nothing runs yet) gets its Service
-        // while the image builds: it does not depend on the image, and the
-        // API server allocates cluster IPs one at a time, so that a burst
-        // of new Environments would otherwise queue there after their builds.
-        let first_build = matches!(
-            build,
-            Build::Pending {
-                reason: "Building",
-                ..
-            }
-        );
-        if current.is_none() && first_build {
-            let inputs = EnvironmentInputs {
-                project,
-                environment: env,
-                pool,
-                base_domain: base_domain.as_deref(),
-            };
-            apply.push(Child::typed(&service(&inputs)));
-        }
         // Nothing to deploy yet: whatever runs stays.
         for kind in [
             "apps/Deployment",
