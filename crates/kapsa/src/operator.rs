@@ -291,6 +291,22 @@ mod tests {
     }
 
     #[test]
+    fn the_default_resync_period_is_the_operators() {
+        use clap::Args;
+        let command = OperatorArgs::augment_args(clap::Command::new("operator"));
+        let default = command
+            .get_arguments()
+            .find(|a| a.get_id() == "resync_period")
+            .and_then(|a| a.get_default_values().first())
+            .and_then(|v| v.to_str())
+            .expect("--resync-period has a default");
+        assert_eq!(
+            parse_resync_period(default),
+            Ok(kapsa_operator::controllers::RESYNC)
+        );
+    }
+
+    #[test]
     fn resync_period_is_ten_seconds_or_more() {
         assert_eq!(parse_resync_period("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_resync_period("30s"), Ok(Duration::from_secs(30)));
