@@ -1,8 +1,7 @@
 //! The last step of every reconcile: one status write, only on change, and
 //! the Events the plan asked for (published in the background, in order),
-//! only when that write happened (a reconcile
-//! on a cache that has not seen Kapsa's last status yet must not announce
-//! the same thing twice).
+//! only when that write happened (a reconcile on a cache that has not seen
+//! Kapsa's last status yet must not announce the same thing twice).
 
 use kube::Resource;
 use serde::Serialize;

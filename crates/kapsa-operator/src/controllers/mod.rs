@@ -120,10 +120,7 @@ pub(crate) async fn apply_and_prune(
     // server unreachable, a conflict) fails the reconcile, to be retried,
     // once the wave it was in has been answered.
     let mut refused = Vec::new();
-    let mut waves: Vec<u8> = apply.iter().map(apply_wave).collect();
-    waves.sort_unstable();
-    waves.dedup();
-    for wave in waves {
+    for wave in 0..APPLY_WAVES {
         let applies =
             apply
                 .iter()
@@ -179,6 +176,10 @@ pub(crate) async fn apply_and_prune(
         None => Ok(refused),
     }
 }
+
+/// How many waves [`apply_and_prune`] applies in (an empty one costs
+/// nothing).
+const APPLY_WAVES: u8 = 3;
 
 /// Which wave of [`apply_and_prune`] applies `child`: Namespaces first,
 /// RoleBindings last, everything else in between.
