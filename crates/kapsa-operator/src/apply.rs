@@ -86,7 +86,35 @@ pub struct Applier {
     client: Client,
     metrics: Arc<Metrics>,
     answered: Mutex<HashMap<String, Answer>>,
+    /// Creations sent from a task of their own, by object, until they end
+    /// well (then the cache's watch event wakes the owner) or until the
+    /// owner's next reconcile takes their error.
+    background: Mutex<HashMap<String, Background>>,
+    /// Bounds the background creations in flight at once.
+    creations: Arc<tokio::sync::Semaphore>,
 }
+
+/// A creation sent in the background.
+enum Background {
+    InFlight,
+    /// It failed; the owner's next reconcile reports the error.
+    Failed(Error),
+    /// It failed and was reported: applied in the reconcile from now on,
+    /// like any other child, until it is accepted (so a refusal stays
+    /// reported instead of coming and going with each background try).
+    Inline,
+}
+
+/// Wakes the reconciler of the object a background creation was for, when
+/// that creation failed (a success shows in the cache, which wakes it).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// Background creations in flight at once. kube-apiserver allocates a
+/// Service's cluster IP under one lock (its `IPAddress` object is created
+/// while the lock is held), so Services are made one at a time whatever
+/// the number of requests; a few in flight keep that lock busy, more would
+/// only take the API server's request slots from Kapsa's other writes.
+const BACKGROUND_CREATIONS: usize = 8;
 
 /// Entries kept at most; past that the memory is dropped (it only saves writes).
 const MAX_REMEMBERED: usize = 50_000;
@@ -110,7 +138,89 @@ impl Applier {
             client,
             metrics,
             answered: Mutex::new(HashMap::new()),
+            background: Mutex::new(HashMap::new()),
+            creations: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_CREATIONS)),
         }
+    }
+
+    /// Whether a `child` the cache does not hold yet is created by
+    /// [`Self::create_in_background`] rather than applied in the reconcile:
+    /// a Service, whose creation queues behind every other Service's at the
+    /// API server (seconds each when hundreds are made at once) and would
+    /// hold a reconcile, and with it the other Environments, that long.
+    pub fn creates_in_background(child: &Child) -> bool {
+        child.resource.group.is_empty() && child.resource.kind == "Service"
+    }
+
+    /// Creates `child`, which the cache does not hold, in a task of its own
+    /// (at most [`BACKGROUND_CREATIONS`] at once), and returns without
+    /// waiting for it: `Ok(true)` when it was sent now, `Ok(false)` when one
+    /// is already on its way or was just written. When a background creation
+    /// of it failed (`wake` announced it), the next call returns that error,
+    /// for the reconcile to report like any apply's, and from then on `child`
+    /// is applied here and now until the API server accepts it.
+    pub async fn create_in_background(self: &Arc<Self>, child: &Child, wake: Wake) -> Result<bool> {
+        let key = child.key().to_string();
+        let inline = {
+            let mut background = self
+                .background
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match background.remove(&key) {
+                Some(Background::InFlight) => {
+                    background.insert(key, Background::InFlight);
+                    return Ok(false);
+                }
+                Some(Background::Failed(error)) => {
+                    background.insert(key, Background::Inline);
+                    return Err(error);
+                }
+                Some(Background::Inline) => {
+                    background.insert(key.clone(), Background::Inline);
+                    true
+                }
+                None => {
+                    if self.unchanged(&key, &with_applied_hash(child.to_value()), None) {
+                        return Ok(false);
+                    }
+                    background.insert(key.clone(), Background::InFlight);
+                    false
+                }
+            }
+        };
+        if inline {
+            let answer = self.apply(child, None).await;
+            if answer.is_ok() {
+                self.background
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&key);
+            }
+            return answer;
+        }
+        let applier = self.clone();
+        let child = child.clone();
+        tokio::spawn(async move {
+            let permit = applier.creations.clone().acquire_owned().await;
+            let result = applier.apply(&child, None).await;
+            drop(permit);
+            let mut background = applier
+                .background
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match result {
+                Ok(_) => {
+                    background.remove(&key);
+                }
+                Err(error) => {
+                    tracing::debug!(object = %key, %error, "background creation failed");
+                    background.insert(key, Background::Failed(error));
+                    drop(background);
+                    wake();
+                }
+            }
+        });
+        Ok(true)
     }
 
     /// Forgets what Kapsa wrote to an object the caches saw deleted, so the

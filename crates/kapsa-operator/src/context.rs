@@ -272,6 +272,10 @@ pub struct Context {
     /// the resourceVersion read: read again only when that changes.
     /// Verdicts only, never Secret data.
     pub secret_verdicts: std::sync::Mutex<HashMap<(String, String), SecretVerdict>>,
+    /// Reconciles an Environment again (a background creation of one of its
+    /// children failed). Until the operator connects it to the Environment
+    /// controller, what is sent here goes nowhere.
+    pub wake_environments: tokio::sync::mpsc::UnboundedSender<ObjectRef<Environment>>,
     recorder: Recorder,
 }
 
@@ -307,6 +311,7 @@ impl Context {
             pod_security_default: Default::default(),
             allow_insecure_registries: false,
             resync_period: crate::controllers::RESYNC,
+            wake_environments: tokio::sync::mpsc::unbounded_channel().0,
         }
     }
 

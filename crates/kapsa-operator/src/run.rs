@@ -1158,6 +1158,8 @@ async fn run_once(
     ctx.build_pods = config.build_pods.clone();
     ctx.allow_insecure_registries = config.allow_insecure_registries;
     ctx.resync_period = config.resync_period;
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<Environment>>();
+    ctx.wake_environments = wake_tx;
     let ctx = Arc::new(ctx);
     let controller_config = controller::Config::default().concurrency(config.concurrency);
 
@@ -1185,6 +1187,12 @@ async fn run_once(
     let env_polled = futures::stream::unfold(env_poll_rx, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
+    // Environments whose Service failed to be created in the background.
+    let env_woken =
+        futures::stream::unfold(
+            wake_rx,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        );
 
     let mappers = Mappers {
         stores: stores.clone(),
@@ -1284,7 +1292,7 @@ async fn run_once(
                 mappers.clone().environments_of_builder(),
                 builder_resource,
             )
-            .reconcile_on(env_polled)
+            .reconcile_on(futures::stream::select(env_polled, env_woken))
             .graceful_shutdown_on(stop.clone())
             .run(
                 controllers::environment::reconcile,

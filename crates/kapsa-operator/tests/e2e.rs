@@ -547,3 +547,115 @@ async fn a_missing_registry_is_reported_then_picked_up() {
     assert_eq!(reason, "RegistryNotFound");
     rolled_out(&client, "noreg", &commit).await;
 }
+
+/// A new Service is created in the background (the API server makes
+/// Services one at a time); one the API server refuses is still named in
+/// the Environment's status, stays named (no coming and going while it is
+/// retried), keeps the Environment from saying it serves, and is made once
+/// the refusal goes.
+#[tokio::test]
+async fn a_refused_service_is_reported_then_made() {
+    let (_, client) = cluster().await;
+    shared_operator().await;
+    let ns = "svc-refused";
+    // An admission policy of the platform team that refuses Services in
+    // this namespace (as a quota on Services would).
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": "svc-refused"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["CREATE"], "resources": ["services"]}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}
+            },
+            "validations": [{"expression": "false",
+                "message": "the platform allows no Service here yet"}]
+        }
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "svc-refused"},
+        "spec": {"policyName": "svc-refused", "validationActions": ["Deny"]}
+    });
+    type Policy = k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+    type Binding = k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
+    create_ignoring_conflict(&Api::<Policy>::all(client.clone()), policy).await;
+    create_ignoring_conflict(&Api::<Binding>::all(client.clone()), binding).await;
+    let p = platform(&client, ns, "HTTP01", false).await;
+    let git = GitServer::start(None).await.unwrap();
+    let repo = git.create_repo("app").unwrap();
+    let commit = repo.commit("main", "a", "1", "one").unwrap();
+    create(
+        &Api::<Project>::all(client.clone()),
+        project_manifest(ns, repo.url(), &p, None),
+    )
+    .await;
+
+    let refused = || async {
+        environment_condition(&client, ns, "production", "Applied")
+            .await
+            .filter(|c| c.0 == "False")
+    };
+    let (_, reason, message) = eventually("Applied False naming the Service", refused).await;
+    assert_eq!(reason, "Refused");
+    assert!(message.contains("Service"), "{message}");
+    assert!(message.contains("allows no Service here yet"), "{message}");
+    // The build and the Deployment go on; the Environment does not say it
+    // serves without its Service, and the refusal stays reported while it is
+    // retried (one transition, not one per try).
+    let deployed = eventually("the Deployment to be available", || async {
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt("production")
+            .await
+            .ok()
+            .flatten()
+            .filter(|d| {
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0)
+                    > 0
+            })
+    })
+    .await;
+    assert!(deployed.metadata.name.is_some());
+    let first = production(&client, ns).await.unwrap();
+    let since = condition_time(&first, "Applied");
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let later = production(&client, ns).await.unwrap();
+    let status = later.status.clone().unwrap();
+    assert_eq!(
+        condition_of(&status.conditions, "Applied").map(|c| c.1),
+        Some("Refused".to_string())
+    );
+    assert_eq!(condition_time(&later, "Applied"), since, "Applied flapped");
+    assert_ne!(status.phase, Some(EnvironmentPhase::Ready));
+    assert_eq!(
+        condition_of(&status.conditions, "Ready").map(|c| c.0),
+        Some("False".to_string())
+    );
+
+    // The policy goes: the Service is made and the release serves.
+    Api::<Binding>::all(client.clone())
+        .delete("svc-refused", &Default::default())
+        .await
+        .unwrap();
+    rolled_out(&client, ns, &commit).await;
+    eventually("Applied True again", || async {
+        environment_condition(&client, ns, "production", "Applied")
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await;
+}
+
+fn condition_time(env: &Environment, type_: &str) -> Option<String> {
+    env.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| format!("{:?}", c.last_transition_time))
+}

@@ -56,6 +56,7 @@ use clap::Parser;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kapsa_api::naming::readable_branch_slug;
 use kapsa_api::{DomainPool, Environment, EnvironmentPhase, Project, external};
 use kapsa_operator::resources::environment::{
@@ -379,10 +380,6 @@ fn cached_list() -> ListParams {
     ListParams::default().match_any()
 }
 
-fn managed_list() -> ListParams {
-    cached_list().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
-}
-
 // ---------------------------------------------------------------------------
 // Phase 1: the operator.
 
@@ -507,12 +504,15 @@ async fn operator_phase(
     );
 
     let timeout = Duration::from_secs(args.timeout_seconds);
+    // Progress is read from a watch started before the clock, not from a
+    // list every 250 ms: at 1,000 Environments those lists cost the API
+    // server about as much as a controller would.
+    let (environments, _watch) = watched::<Environment>(&client).await?;
     let cpu_before = cpu_by_process(&platform.plane, Some(operator.pid()));
     let started = Instant::now();
     apply_projects(&client, "bench", args, &platform.repo_url).await?;
     let applied = started.elapsed();
 
-    let environments: Api<Environment> = Api::all(client.clone());
     // With --previews, every Environment (production and previews) counts.
     let wanted = args.environments();
     let what = if args.previews == 0 {
@@ -527,10 +527,10 @@ async fn operator_phase(
         operator.ensure_running()?;
         operator.sample_peak()?;
         platform.plane.ensure_running()?;
-        let list = environments.list(&cached_list()).await?;
-        let production: Vec<&Environment> = list
-            .items
+        let all = environments.state();
+        let production: Vec<&Environment> = all
             .iter()
+            .map(AsRef::as_ref)
             .filter(|e| args.previews > 0 || e.name_any() == "production")
             .collect();
         let mut phases: BTreeMap<String, usize> = BTreeMap::new();
@@ -557,7 +557,7 @@ async fn operator_phase(
             .filter(|e| e.status.as_ref().and_then(|s| s.phase) == Some(EnvironmentPhase::Ready))
             .count();
         if ready >= wanted {
-            break (started.elapsed(), list.items.len());
+            break (started.elapsed(), all.len());
         }
         if last_progress.elapsed() >= PROGRESS_EVERY {
             last_progress = Instant::now();
@@ -1026,6 +1026,37 @@ async fn raw_environment(
     Ok(())
 }
 
+/// Made by Kapsa (or by a phase that applies what Kapsa would).
+fn managed(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY_VALUE)
+}
+
+/// A reflector of every `K` in the cluster, listed before it returns; the
+/// task that feeds it stops when the guard is dropped.
+async fn watched<K>(client: &Client) -> anyhow::Result<(reflector::Store<K>, common::AbortOnDrop)>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    let task = common::AbortOnDrop(tokio::spawn(async move {
+        stream.for_each(|_| async {}).await;
+    }));
+    store.wait_until_ready().await?;
+    Ok((store, task))
+}
+
 fn condition_true(object: &DynamicObject, type_: &str) -> bool {
     object.data["status"]["conditions"]
         .as_array()
@@ -1066,6 +1097,8 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
     eprintln!("  applying the children of {} Projects", args.projects);
 
     let timeout = Duration::from_secs(args.timeout_seconds);
+    // As in the operator phase: watches started before the clock.
+    let watched = Watched::start(&client).await?;
     let cpu_before = cpu_by_process(&platform.plane, None);
     let mark = platform.audit.mark().await;
     let started = Instant::now();
@@ -1087,33 +1120,33 @@ async fn raw_phase(assets: &Path, args: &Args) -> anyhow::Result<RawFigures> {
         .await?;
     let applied = started.elapsed();
 
-    let deployments: Api<Deployment> = Api::all(client.clone());
-    let images: Api<DynamicObject> = Api::all_with(client.clone(), &external::kpack_image());
-    let certificates: Api<DynamicObject> =
-        Api::all_with(client.clone(), &external::cert_manager_certificate());
     let (mut deployments_done, mut images_done, mut certificates_done) = (0, 0, 0);
     // One of each per Environment (production and previews).
     let wanted = args.environments();
     let mut last_progress = Instant::now();
     loop {
         platform.plane.ensure_running()?;
-        // A kind that is done stays done: stop listing it.
+        // A kind that is done stays done: stop counting it.
         if deployments_done < wanted {
-            let list = deployments.list(&managed_list()).await?;
-            deployments_done = list.items.iter().filter(|d| available(d)).count();
+            deployments_done = watched
+                .deployments
+                .state()
+                .iter()
+                .filter(|d| managed(&d.metadata) && available(d))
+                .count();
         }
         if images_done < wanted {
-            let list = images.list(&managed_list()).await?;
-            images_done = list
-                .items
+            images_done = watched
+                .images
+                .state()
                 .iter()
-                .filter(|i| condition_true(i, "Ready"))
+                .filter(|i| managed(&i.metadata) && condition_true(i, "Ready"))
                 .count();
         }
         if certificates_done < wanted {
-            let list = certificates.list(&cached_list()).await?;
-            certificates_done = list
-                .items
+            certificates_done = watched
+                .certificates
+                .state()
                 .iter()
                 .filter(|c| condition_true(c, "Ready"))
                 .count();
@@ -1179,20 +1212,11 @@ impl Watched {
         };
         let images = dynamic(external::kpack_image());
         let certificates = dynamic(external::cert_manager_certificate());
-        let (deployments, writer) = reflector::store();
-        let stream = watcher(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(writer);
-        tasks.push(common::AbortOnDrop(tokio::spawn(async move {
-            stream.for_each(|_| async {}).await;
-        })));
+        let (deployments, task) = watched::<Deployment>(client).await?;
+        tasks.push(task);
         for ready in [
             images.wait_until_ready().boxed(),
             certificates.wait_until_ready().boxed(),
-            deployments.wait_until_ready().boxed(),
         ] {
             ready.await?;
         }
@@ -1239,9 +1263,10 @@ async fn ls_remote(url: &str, branch: &str) -> anyhow::Result<String> {
 
 /// One Project's chain, each step waiting for the one before, as the
 /// operator's must: Project → poll → namespaces, credentials copy,
-/// ServiceAccounts, Role, RoleBinding and Environment → kpack Image → the
-/// build → Deployment, Service and Ingress (with the built image) → the
-/// Deployment Available and the Certificate Ready.
+/// ServiceAccounts, Role, RoleBinding and Environment → kpack Image, and the
+/// Service while the image builds (as the operator makes a first release's
+/// Service) → the build → Deployment and Ingress (with the built image) →
+/// the Deployment Available and the Certificate Ready.
 async fn sequenced_project(
     client: &Client,
     watched: &Watched,
@@ -1274,22 +1299,24 @@ async fn sequenced_project(
     let image_ref =
         ObjectRef::<DynamicObject>::new_with(&image.name_any(), external::kpack_image())
             .within(&image.namespace().unwrap_or_default());
-    let built = wait_for(|| {
-        let image = watched.images.get(&image_ref)?;
-        if !condition_true(&image, "Ready") {
-            return None;
-        }
-        image.data["status"]["latestImage"]
-            .as_str()
-            .map(str::to_string)
-    })
-    .await;
+    let service = service(&inputs);
+    let (service, built) = tokio::join!(
+        apply(client, MANAGER, &service),
+        wait_for(|| {
+            let image = watched.images.get(&image_ref)?;
+            if !condition_true(&image, "Ready") {
+                return None;
+            }
+            image.data["status"]["latestImage"]
+                .as_str()
+                .map(str::to_string)
+        })
+    );
+    service?;
     let ingress = ingress(&inputs).context("the builders made no Ingress")?;
     let deployment = deployment(&inputs, &built);
-    let service = service(&inputs);
     tokio::try_join!(
         apply(client, MANAGER, &deployment),
-        apply(client, MANAGER, &service),
         apply(client, MANAGER, &ingress),
     )?;
     let namespace = deployment.namespace().unwrap_or_default();

@@ -28,6 +28,7 @@ use kapsa_api::conditions::APPLIED;
 use kapsa_api::{Condition, ConditionStatus};
 use kube::runtime::controller::Action;
 
+use crate::apply::{Applier, Wake};
 use crate::children::{Child, ChildKey, Deletion, Observed};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -109,11 +110,17 @@ pub(crate) fn transitions(
 /// Namespaces, then what lives in them, then the RoleBindings (the API
 /// server checks a binding against its Role, which must exist by then).
 /// A reconcile thus waits for three round trips, not one per object.
+///
+/// With `wake`, a child the cache does not hold and that
+/// [`Applier::creates_in_background`] names is created in a task of its own
+/// ([`Applier::create_in_background`]); `wake` reconciles the owner again if
+/// that creation fails.
 pub(crate) async fn apply_and_prune(
     ctx: &Context,
     apply: &[Child],
     observed: &[Observed],
     delete: &[Deletion],
+    wake: Option<&Wake>,
 ) -> Result<Vec<Refusal>> {
     // A child the API server refuses (a quota, an admission policy) does not
     // stop the others, nor the status that says so; anything else (the API
@@ -128,7 +135,12 @@ pub(crate) async fn apply_and_prune(
                 .map(|child| async move {
                     let key = child.key();
                     let cached = observed.iter().find(|o| o.key == key);
-                    let answer = ctx.applier.apply(child, cached).await;
+                    let answer = match wake {
+                        Some(wake) if cached.is_none() && Applier::creates_in_background(child) => {
+                            ctx.applier.create_in_background(child, wake.clone()).await
+                        }
+                        _ => ctx.applier.apply(child, cached).await,
+                    };
                     (key, cached.is_some(), answer)
                 });
         let answers = futures::future::join_all(applies).await;

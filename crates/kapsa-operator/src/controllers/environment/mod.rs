@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kapsa_api::Environment;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::context::Context;
@@ -68,8 +69,18 @@ async fn reconcile_environment(env: Arc<Environment>, ctx: &Context) -> Result<A
         commit = world.environment.spec.commit.as_deref().unwrap_or_default(),
         "planned"
     );
-    // 3. Apply and prune.
-    let refused = super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
+    // 3. Apply and prune. A new Service is created in the background (the
+    // API server makes Services one at a time); if that fails, this
+    // Environment is reconciled again to report it.
+    let wake: crate::apply::Wake = {
+        let environments = ctx.wake_environments.clone();
+        let this = ObjectRef::from_obj(env.as_ref());
+        Arc::new(move || {
+            let _ = environments.send(this.clone());
+        })
+    };
+    let refused =
+        super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete, Some(&wake)).await?;
     // 4. Status: one write, only on change.
     let before = env.status.clone().unwrap_or_default();
     let (mut status, mut events) = (plan.status, plan.events);

@@ -285,8 +285,11 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         {
             apply.push(Child::dynamic(service_monitor_api_resource(), monitor));
         }
+        // Without its Service (still being created, or deleted by hand and
+        // being made again) a release serves nothing yet.
+        let service_exists = world.service.is_some();
         deployed_condition = match current {
-            Some(d) if rollout_complete(d, image) => {
+            Some(d) if rollout_complete(d, image) && service_exists => {
                 rolled_out = Some((image.clone(), commit.clone()));
                 condition(
                     DEPLOYED,
@@ -319,6 +322,28 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
         };
         status.url = environment_url(&inputs);
     } else {
+        // A first release on its way (nothing runs yet) gets its Service
+        // while the image builds: it does not depend on the image, and
+        // kube-apiserver allocates cluster IPs one Service at a time, so a
+        // burst of new Environments would otherwise queue there after their
+        // builds. (Its creation does not hold this reconcile: see
+        // `Applier::create_in_background`.)
+        let first_build = matches!(
+            build,
+            Build::Pending {
+                reason: "Building",
+                ..
+            }
+        );
+        if current.is_none() && first_build {
+            let inputs = EnvironmentInputs {
+                project,
+                environment: env,
+                pool,
+                base_domain: base_domain.as_deref(),
+            };
+            apply.push(Child::typed(&service(&inputs)));
+        }
         // Nothing to deploy yet: whatever runs stays.
         for kind in [
             "apps/Deployment",
@@ -447,7 +472,8 @@ pub fn plan(world: &EnvironmentWorld) -> EnvironmentPlan {
     // Ready means "serves": during a rolling update the previous release
     // keeps serving (maxUnavailable 0), so Ready stays True while the phase
     // says Deploying.
-    let previous_serves = status.image.is_some() && current.is_some_and(available);
+    let previous_serves =
+        status.image.is_some() && current.is_some_and(available) && world.service.is_some();
     let ready = if tls_ok && (serving || previous_serves) {
         condition(
             READY,

@@ -58,7 +58,8 @@ async fn reconcile_project(project: Arc<Project>, ctx: &Context) -> Result<Actio
         "planned"
     );
     // 3. Apply and prune.
-    let refused = super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete).await?;
+    let refused =
+        super::apply_and_prune(ctx, &plan.apply, &plan.observed, &plan.delete, None).await?;
     // 4. Status: one write, only on change.
     let before = project.status.clone().unwrap_or_default();
     let (mut status, mut events) = (plan.status, plan.events);

@@ -222,6 +222,7 @@ cases! {
         preview_runtime_overrides => "preview-runtime-overrides",
         preview_dns01_uses_the_wildcard => "preview-dns01-uses-the-wildcard",
         build_done_rollout_complete => "build-done-rollout-complete",
+        rollout_complete_without_its_service => "rollout-complete-without-its-service",
         build_reports_no_image => "build-reports-no-image",
         build_namespace_missing => "build-namespace-missing",
         legacy_kpack_image_moves_to_build_namespace => "legacy-kpack-image-moves-to-build-namespace",
