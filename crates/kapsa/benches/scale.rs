@@ -505,8 +505,7 @@ async fn operator_phase(
 
     let timeout = Duration::from_secs(args.timeout_seconds);
     // Progress is read from a watch started before the clock, not from a
-    // list every 250 ms: at 1,000 Environments those lists cost the API
-    // server about as much as a controller would.
+    // list every 250 ms: such lists load the API server being measured.
     let (environments, _watch) = watched::<Environment>(&client).await?;
     let cpu_before = cpu_by_process(&platform.plane, Some(operator.pid()));
     let started = Instant::now();
