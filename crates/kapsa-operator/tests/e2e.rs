@@ -560,29 +560,17 @@ async fn a_refused_service_is_reported_then_made() {
     let ns = "svc-refused";
     // An admission policy of the platform team that refuses Services in
     // this namespace (as a quota on Services would).
-    let policy = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": "svc-refused"},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
-                    "operations": ["CREATE"], "resources": ["services"]}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}
-            },
-            "validations": [{"expression": "false",
-                "message": "the platform allows no Service here yet"}]
-        }
-    });
-    let binding = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": "svc-refused"},
-        "spec": {"policyName": "svc-refused", "validationActions": ["Deny"]}
-    });
-    type Policy = k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+    refusing_policy(
+        &client,
+        "svc-refused",
+        ns,
+        json!({"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+            "resources": ["services"]}),
+        "false",
+        "the platform allows no Service here yet",
+    )
+    .await;
     type Binding = k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
-    create_ignoring_conflict(&Api::<Policy>::all(client.clone()), policy).await;
-    create_ignoring_conflict(&Api::<Binding>::all(client.clone()), binding).await;
     let p = platform(&client, ns, "HTTP01", false).await;
     let git = GitServer::start(None).await.unwrap();
     let repo = git.create_repo("app").unwrap();

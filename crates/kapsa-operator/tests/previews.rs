@@ -691,37 +691,14 @@ async fn a_preview_the_api_server_refuses_is_named_and_stops_nothing_else() {
     let ns = "pv-refuse";
     // An admission policy of the platform team that refuses one Environment
     // name in this namespace (as a quota or a naming policy would).
-    let policy = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": "pv-refuse-beta"},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [{"apiGroups": ["kapsa.dev"], "apiVersions": ["*"],
-                    "operations": ["CREATE", "UPDATE"], "resources": ["environments"]}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}
-            },
-            "validations": [{"expression": "object.metadata.name != 'preview-beta'",
-                "message": "the platform does not allow preview-beta here"}]
-        }
-    });
-    let binding = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": "pv-refuse-beta"},
-        "spec": {"policyName": "pv-refuse-beta", "validationActions": ["Deny"]}
-    });
-    create_ignoring_conflict(
-        &Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(
-            client.clone(),
-        ),
-        policy,
-    )
-    .await;
-    create_ignoring_conflict(
-        &Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
-            client.clone(),
-        ),
-        binding,
+    refusing_policy(
+        &client,
+        "pv-refuse-beta",
+        ns,
+        json!({"apiGroups": ["kapsa.dev"], "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE"], "resources": ["environments"]}),
+        "object.metadata.name != 'preview-beta'",
+        "the platform does not allow preview-beta here",
     )
     .await;
     let p = platform(&client, ns, "HTTP01", false).await;

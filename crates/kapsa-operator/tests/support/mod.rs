@@ -136,6 +136,50 @@ where
     }
 }
 
+/// An admission policy of the platform team (a ValidatingAdmissionPolicy
+/// named `name` and its binding) that refuses, in `namespace`, the requests
+/// `rule` matches (one `resourceRules` entry) where `expression` is false,
+/// with `message`: what a quota or a naming policy would refuse.
+pub async fn refusing_policy(
+    client: &Client,
+    name: &str,
+    namespace: &str,
+    rule: Value,
+    expression: &str,
+    message: &str,
+) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [rule],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+            },
+            "validations": [{"expression": expression, "message": message}]
+        }
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]}
+    });
+    create_ignoring_conflict(
+        &Api::<ValidatingAdmissionPolicy>::all(client.clone()),
+        policy,
+    )
+    .await;
+    create_ignoring_conflict(
+        &Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()),
+        binding,
+    )
+    .await;
+}
+
 pub async fn create<K>(api: &Api<K>, value: Value) -> K
 where
     K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
