@@ -155,6 +155,22 @@ async fn basic_auth() {
         .await
         .unwrap_err();
     assert!(matches!(err, GitError::AuthenticationFailed(_)), "{err:?}");
+
+    // Listings of one server share an HTTP client (and its connections):
+    // the credentials of one are never carried into the next.
+    for _ in 0..2 {
+        list_branches(
+            repo.url(),
+            Some(&basic("ci-bot", PASSWORD)),
+            &loopback(TIMEOUT),
+        )
+        .await
+        .unwrap();
+        let err = list_branches(repo.url(), None, &loopback(TIMEOUT))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, GitError::AuthenticationFailed(_)), "{err:?}");
+    }
 }
 
 #[tokio::test]
