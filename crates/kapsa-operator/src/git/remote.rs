@@ -548,9 +548,10 @@ fn connect_ssh(session: &Session, connect_to: std::net::IpAddr) -> Result<Connec
 /// thread of its own, and hands headers and body from thread to thread one
 /// write at a time. Here the listing's own (blocking) thread waits for each
 /// step on the runtime: at 1,000 Projects polled every minute, an idle
-/// operator's CPU went from 6.27 to 3.95 % of a core (docs/benchmarks.md). Every response body is read through the listing's [`Budget`],
-/// every request must go to the URL's own origin, no redirect is followed,
-/// and a response that names another location is refused.
+/// operator's CPU went from 6.27 to 3.95 % of a core (docs/benchmarks.md).
+/// Every response body is read through the listing's [`Budget`], every
+/// request must go to the URL's own origin, no redirect is followed, and a
+/// response that names another location is refused.
 struct RuntimeHttp {
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
