@@ -20,13 +20,15 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use crate::compact::CompactStore;
 use crate::metrics::Metrics;
 
 /// Caches of everything the reconcilers read, filled by the controllers'
 /// watches (managed fields pruned). Reads come from here, not the API server.
 ///
 /// Whole objects are cached only for Kapsa's own kinds, the platform's
-/// registries and what Kapsa created (label-filtered). Of Namespaces,
+/// registries and what Kapsa created (label-filtered); what Kapsa created is
+/// held compact ([`crate::compact`]), as JSON decoded when read. Of Namespaces,
 /// Secrets, ConfigMaps and kpack builders only metadata is cached (with
 /// annotations dropped: `kubectl apply` keeps a Secret's whole content in
 /// one), enough to see that they exist and when they change.
@@ -43,22 +45,22 @@ pub struct Stores {
     /// kpack ClusterBuilders and Builders (metadata); empty without kpack.
     pub cluster_builders: Store<PartialObjectMeta<DynamicObject>>,
     pub builders: Store<PartialObjectMeta<DynamicObject>>,
-    pub service_accounts: Store<ServiceAccount>,
-    pub roles: Store<Role>,
-    pub role_bindings: Store<RoleBinding>,
+    pub service_accounts: CompactStore<ServiceAccount>,
+    pub roles: CompactStore<Role>,
+    pub role_bindings: CompactStore<RoleBinding>,
     /// Kapsa's copies of the registry credentials (`kapsa-registry`).
-    pub secrets: Store<Secret>,
+    pub secrets: CompactStore<Secret>,
     /// Kapsa's copies of git credentials (`kapsa-git`, build namespaces).
-    pub git_secrets: Store<Secret>,
-    pub quotas: Store<ResourceQuota>,
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub ingresses: Store<Ingress>,
+    pub git_secrets: CompactStore<Secret>,
+    pub quotas: CompactStore<ResourceQuota>,
+    pub deployments: CompactStore<Deployment>,
+    pub services: CompactStore<Service>,
+    pub ingresses: CompactStore<Ingress>,
     /// Every Ingress in the cluster, trimmed to its hosts and owners (for
     /// host allocation: a host another Ingress routes is not given out).
     pub ingress_hosts: Store<Ingress>,
-    pub images: Store<DynamicObject>,
-    pub certificates: Store<DynamicObject>,
+    pub images: CompactStore<DynamicObject>,
+    pub certificates: CompactStore<DynamicObject>,
     /// ClusterIssuers' metadata (where cert-manager is installed): a
     /// DomainPool is Ready when the one it names exists.
     pub cluster_issuers: Store<PartialObjectMeta<DynamicObject>>,
@@ -68,11 +70,11 @@ pub struct Stores {
     pub build_pods: Store<Pod>,
     /// The Environments' ServiceMonitors (where the Prometheus Operator's
     /// CRD is installed).
-    pub service_monitors: Store<DynamicObject>,
+    pub service_monitors: CompactStore<DynamicObject>,
     /// The Environments' HTTPRoutes and the Projects' ListenerSets (where
     /// Gateway API is installed).
-    pub http_routes: Store<DynamicObject>,
-    pub listener_sets: Store<DynamicObject>,
+    pub http_routes: CompactStore<DynamicObject>,
+    pub listener_sets: CompactStore<DynamicObject>,
     /// Which optional APIs the cluster serves (found at start-up).
     pub installed: Installed,
 }

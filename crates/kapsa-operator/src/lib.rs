@@ -14,6 +14,7 @@
 
 pub mod apply;
 pub mod children;
+pub mod compact;
 pub mod context;
 pub mod controllers;
 pub mod domains;

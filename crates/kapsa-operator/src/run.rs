@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 
 use crate::apply::Applier;
 use crate::children::ChildKey;
+use crate::compact::Compact;
 use crate::context::{Context, GitState, Installed, Stores};
 use crate::http::Health;
 use crate::leader::LeaseConfig;
@@ -633,7 +634,11 @@ fn namespace_metadata(object: &mut PartialObjectMeta<Namespace>) {
 /// so of those Kapsa does not manage only the name, owners and Ready
 /// condition are kept: memory stays flat however many other Certificates
 /// the cluster holds.
-fn trim_certificate(certificate: &mut DynamicObject) {
+fn trim_certificate(certificate: &mut Compact<DynamicObject>) {
+    certificate.modify(trim_certificate_object);
+}
+
+fn trim_certificate_object(certificate: &mut DynamicObject) {
     let managed = certificate
         .labels()
         .get(MANAGED_BY_LABEL)
@@ -931,10 +936,12 @@ async fn run_once(
         projects: projects.clone(),
         environments: environments.clone(),
     };
+    // Held compact (JSON, decoded when read): these are most of the cached
+    // objects, a few per Project.
     macro_rules! managed_cache {
         ($kind:ty, $config:expr) => {
             cache(
-                Api::<$kind>::all(client.clone()),
+                Api::<Compact<$kind>>::all(client.clone()),
                 $config,
                 ApiResource::erase::<$kind>(&()),
                 (),
@@ -972,13 +979,19 @@ async fn run_once(
     let (ingresses, ingress_stream) = managed_cache!(Ingress);
     // Dockerfile builds: their Jobs (controlled by the Project, in build
     // namespaces) and their Pods, trimmed to what the build reported.
-    let (jobs, job_stream) = managed_cache!(
-        Job,
+    // (Whole: their labels are read, and there are few.)
+    let (jobs, job_stream) = cache(
+        Api::<Job>::all(client.clone()),
         managed().labels(&format!(
             "{}={}",
             crate::resources::environment::BUILD_LABEL,
             crate::resources::environment::DOCKERFILE_BUILD
-        ))
+        )),
+        ApiResource::erase::<Job>(&()),
+        (),
+        keep_all,
+        applier.clone(),
+        Some(owners.clone()),
     );
     let (build_pods, build_pod_stream) = cache(
         Api::<Pod>::all(client.clone()),
@@ -1009,7 +1022,7 @@ async fn run_once(
         kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::ClusterBuilder);
     let builder_resource = kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::Builder);
     let (images, image_stream) = cache(
-        Api::<DynamicObject>::all_with(client.clone(), &image_resource),
+        Api::<Compact<DynamicObject>>::all_with(client.clone(), &image_resource),
         managed(),
         image_resource.clone(),
         image_resource.clone(),
@@ -1056,7 +1069,7 @@ async fn run_once(
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
     let (certificates, certificate_stream) = cache(
-        Api::<DynamicObject>::all_with(client.clone(), &certificate_resource),
+        Api::<Compact<DynamicObject>>::all_with(client.clone(), &certificate_resource),
         watcher::Config::default(),
         certificate_resource.clone(),
         certificate_resource.clone(),
@@ -1065,7 +1078,7 @@ async fn run_once(
         None,
     );
     let (service_monitors, service_monitor_stream) = cache(
-        Api::<DynamicObject>::all_with(client.clone(), &service_monitor_resource),
+        Api::<Compact<DynamicObject>>::all_with(client.clone(), &service_monitor_resource),
         managed(),
         service_monitor_resource.clone(),
         service_monitor_resource.clone(),
@@ -1076,7 +1089,7 @@ async fn run_once(
     // Gateway API: the Environments' HTTPRoutes and the Projects'
     // ListenerSets, watched only where installed.
     let (http_routes, http_route_stream) = cache(
-        Api::<DynamicObject>::all_with(client.clone(), &http_route_resource),
+        Api::<Compact<DynamicObject>>::all_with(client.clone(), &http_route_resource),
         managed(),
         http_route_resource.clone(),
         http_route_resource.clone(),
@@ -1085,7 +1098,7 @@ async fn run_once(
         Some(owners.clone()),
     );
     let (listener_sets, listener_set_stream) = cache(
-        Api::<DynamicObject>::all_with(client.clone(), &listener_set_resource),
+        Api::<Compact<DynamicObject>>::all_with(client.clone(), &listener_set_resource),
         managed(),
         listener_set_resource.clone(),
         listener_set_resource.clone(),
@@ -1093,13 +1106,16 @@ async fn run_once(
         applier.clone(),
         Some(owners.clone()),
     );
-    let only_if = |on: bool, stream: BoxStream<Result<DynamicObject, watcher::Error>>| {
+    fn only_if<K: Send + 'static>(
+        on: bool,
+        stream: BoxStream<Result<K, watcher::Error>>,
+    ) -> BoxStream<Result<K, watcher::Error>> {
         if on {
             stream
         } else {
             futures::stream::pending().boxed()
         }
-    };
+    }
     let image_stream = only_if(installed.kpack, image_stream);
     let certificate_stream = only_if(installed.cert_manager, certificate_stream);
     let service_monitor_stream = only_if(installed.prometheus_operator, service_monitor_stream);
@@ -1678,8 +1694,11 @@ impl Mappers {
     /// namespace (or, made by an older Kapsa, in the project namespace).
     fn environment_of_image(
         self,
-    ) -> impl Fn(DynamicObject) -> Vec<ObjectRef<Environment>> + Send + Sync {
+    ) -> impl Fn(Compact<DynamicObject>) -> Vec<ObjectRef<Environment>> + Send + Sync {
         move |image| {
+            let Ok(image) = image.decode() else {
+                return Vec::new();
+            };
             let Some(project) = image
                 .labels()
                 .get(crate::resources::PROJECT_LABEL)
@@ -1710,7 +1729,7 @@ impl Mappers {
 
     fn environments_of_certificate(
         self,
-    ) -> impl Fn(DynamicObject) -> Vec<ObjectRef<Environment>> + Send + Sync {
+    ) -> impl Fn(Compact<DynamicObject>) -> Vec<ObjectRef<Environment>> + Send + Sync {
         move |certificate| {
             let Some(namespace) = certificate.namespace() else {
                 return Vec::new();

@@ -16,7 +16,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::children::Observed;
-use crate::context::{Context, cached, cached_with};
+use crate::compact;
+use crate::context::{Context, cached};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
     ENVIRONMENT_UID_LABEL, certificate_api_resource, http_route_api_resource,
@@ -346,7 +347,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
     let mut certificates: Vec<_> = [format!("{name}-tls"), format!("{name}-gateway-tls")]
         .iter()
         .map(|cert| {
-            cached_with(
+            compact::get(
                 &stores.certificates,
                 cert,
                 Some(&namespace),
@@ -355,7 +356,7 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         })
         .collect();
     if let Some(p) = &project {
-        certificates.push(cached_with(
+        certificates.push(compact::get(
             &stores.certificates,
             &wildcard_certificate_name(&p.name_any()),
             Some(&namespace),
@@ -383,13 +384,13 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         pool,
         registry,
         builder,
-        deployment: cached(&stores.deployments, &name, Some(&namespace)),
-        service: cached(&stores.services, &name, Some(&namespace)),
-        ingress: cached(&stores.ingresses, &name, Some(&namespace)),
+        deployment: compact::get(&stores.deployments, &name, Some(&namespace), ()),
+        service: compact::get(&stores.services, &name, Some(&namespace), ()),
+        ingress: compact::get(&stores.ingresses, &name, Some(&namespace), ()),
         image: build_ns.as_ref().and_then(|bns| {
-            cached_with(&stores.images, &name, Some(bns), kpack_image_api_resource())
+            compact::get(&stores.images, &name, Some(bns), kpack_image_api_resource())
         }),
-        legacy_image: cached_with(
+        legacy_image: compact::get(
             &stores.images,
             &name,
             Some(&namespace),
@@ -429,13 +430,13 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         monitoring_installed: stores.installed.prometheus_operator,
         gateway_installed: stores.installed.gateway_api,
         cert_manager_installed: stores.installed.cert_manager,
-        http_route: cached_with(
+        http_route: compact::get(
             &stores.http_routes,
             &name,
             Some(&namespace),
             http_route_api_resource(),
         ),
-        service_monitor: cached_with(
+        service_monitor: compact::get(
             &stores.service_monitors,
             &name,
             Some(&namespace),

@@ -15,7 +15,8 @@ use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, PartialObjectMeta};
 
 use crate::children::Observed;
-use crate::context::{Context, PollResult, cached, cached_with};
+use crate::compact;
+use crate::context::{Context, PollResult, cached};
 use crate::error::{Error, Result};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
@@ -198,39 +199,34 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             (BUILDER_SERVICE_ACCOUNT, ns),
         ]
         .iter()
-        .filter_map(|(sa, ns)| cached(&stores.service_accounts, sa, *ns))
+        .filter_map(|(sa, ns)| compact::get(&stores.service_accounts, sa, *ns, ()))
         .collect(),
         roles: both
             .iter()
-            .filter_map(|ns| cached(&stores.roles, BUILDER_ROLE, *ns))
+            .filter_map(|ns| compact::get(&stores.roles, BUILDER_ROLE, *ns, ()))
             .collect(),
         role_bindings: both
             .iter()
-            .filter_map(|ns| cached(&stores.role_bindings, BUILDER_ROLE, *ns))
+            .filter_map(|ns| compact::get(&stores.role_bindings, BUILDER_ROLE, *ns, ()))
             .collect(),
-        push_secret: cached(&stores.secrets, REGISTRY_SECRET, bns),
-        registry_secret: cached(&stores.secrets, REGISTRY_SECRET, ns),
-        git_secret: cached(&stores.git_secrets, GIT_SECRET, bns),
-        quota: cached(&stores.quotas, RESOURCE_QUOTA, ns),
-        wildcard_certificate: cached_with(
+        push_secret: compact::get(&stores.secrets, REGISTRY_SECRET, bns, ()),
+        registry_secret: compact::get(&stores.secrets, REGISTRY_SECRET, ns, ()),
+        git_secret: compact::get(&stores.git_secrets, GIT_SECRET, bns, ()),
+        quota: compact::get(&stores.quotas, RESOURCE_QUOTA, ns, ()),
+        wildcard_certificate: compact::get(
             &stores.certificates,
             &wildcard_certificate_name(&name),
             ns,
             certificate_api_resource(),
         ),
         gateway_installed: stores.installed.gateway_api,
-        listener_set: cached_with(
+        listener_set: compact::get(
             &stores.listener_sets,
             &listener_set_name(&name),
             ns,
             listener_set_api_resource(),
         ),
-        build_images: stores
-            .images
-            .state()
-            .into_iter()
-            .filter(|i| i.metadata.namespace.as_deref() == bns)
-            .collect(),
+        build_images: compact::in_namespace(&stores.images, bns),
         build_jobs: stores
             .jobs
             .state()
