@@ -374,23 +374,49 @@ pub(super) fn finish<T>(
 /// The scratch repository listings hang their remote on: made once per
 /// process, because a listing reads nothing from it and writes nothing to it
 /// (every poll making and removing one of its own was most of an idle
-/// operator's CPU, in the kernel's file system code). A merge check, which
-/// fetches into its repository, still gets one of its own. The folder stays
-/// until the process ends.
+/// operator's CPU, in the kernel's file system code), and opened once per
+/// thread of tokio's blocking pool (opening it for every poll read its
+/// configuration from disk each time; a gix repository cannot move between
+/// threads). A merge check, which fetches into its repository, still gets
+/// one of its own. The folder stays until the process ends.
 fn listing_repository() -> Result<gix::Repository, GitError> {
     static SHARED: std::sync::Mutex<Option<tempfile::TempDir>> = std::sync::Mutex::new(None);
-    let mut shared = SHARED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(dir) = shared.as_ref()
-        && let Ok(repo) = gix::open_opts(dir.path(), scratch_open_options())
-    {
-        return Ok(repo);
+    thread_local! {
+        static OPEN: std::cell::RefCell<Option<(std::path::PathBuf, gix::Repository)>> =
+            const { std::cell::RefCell::new(None) };
     }
-    // First use, or something removed the folder (a /tmp cleaner): make it.
-    let (dir, repo) = scratch_repository()?;
-    *shared = Some(dir);
-    Ok(repo)
+    let path = {
+        let mut shared = SHARED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match shared.as_ref() {
+            Some(dir) if dir.path().is_dir() => dir.path().to_path_buf(),
+            // First use, or something removed the folder (a /tmp cleaner):
+            // make it.
+            _ => {
+                let (dir, _) = scratch_repository()?;
+                let path = dir.path().to_path_buf();
+                *shared = Some(dir);
+                path
+            }
+        }
+    };
+    OPEN.with(|open| {
+        let mut open = open.borrow_mut();
+        if let Some((opened, repo)) = open.as_ref()
+            && *opened == path
+        {
+            return Ok(repo.clone());
+        }
+        let repo = gix::open_opts(&path, scratch_open_options()).map_err(|e| {
+            GitError::Internal(format!(
+                "cannot open the scratch repository: {}",
+                describe(&e)
+            ))
+        })?;
+        *open = Some((path, repo.clone()));
+        Ok(repo)
+    })
 }
 
 fn list_blocking(session: &Session) -> Result<RemoteHeads, GitError> {
