@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -163,14 +163,12 @@ pub fn get<K>(
     dyntype: K::DynamicType,
 ) -> Option<Arc<K>>
 where
-    K: Resource + Serialize + DeserializeOwned,
+    K: Resource + Serialize + DeserializeOwned + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    let mut key = ObjectRef::<Compact<K>>::new_with(name, dyntype);
-    if let Some(ns) = namespace {
-        key = key.within(ns);
-    }
-    decoded(&*store.get(&key)?)
+    decoded(&*crate::context::cached_with(
+        store, name, namespace, dyntype,
+    )?)
 }
 
 /// Every object of a compact cache in `namespace`, decoded.
