@@ -71,11 +71,6 @@ where
             }
         }
     }
-
-    /// Its JSON's length in bytes.
-    pub fn json_len(&self) -> usize {
-        self.json.len()
-    }
 }
 
 impl<K> Clone for Compact<K> {
@@ -185,7 +180,9 @@ where
         .collect()
 }
 
-fn decoded<K>(compact: &Compact<K>) -> Option<Arc<K>>
+/// A compact object decoded; one that does not decode is logged and taken
+/// as absent.
+pub fn decoded<K>(compact: &Compact<K>) -> Option<Arc<K>>
 where
     K: Resource + Serialize + DeserializeOwned,
 {

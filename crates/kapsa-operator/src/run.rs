@@ -1696,7 +1696,7 @@ impl Mappers {
         self,
     ) -> impl Fn(Compact<DynamicObject>) -> Vec<ObjectRef<Environment>> + Send + Sync {
         move |image| {
-            let Ok(image) = image.decode() else {
+            let Some(image) = crate::compact::decoded(&image) else {
                 return Vec::new();
             };
             let Some(project) = image
