@@ -140,6 +140,13 @@ where
 /// named `name` and its binding) that refuses, in `namespace`, the requests
 /// `rule` matches (one `resourceRules` entry) where `expression` is false,
 /// with `message`: what a quota or a naming policy would refuse.
+///
+/// Returns once the API server enforces it. It compiles policies in the
+/// background, so a policy just created can let requests through for a
+/// moment (long enough, on a loaded machine, for the operator to make what
+/// the test wants refused). The policy also refuses ConfigMaps in a probe
+/// namespace of its own, and nothing else there; a dry-run ConfigMap there
+/// is tried until it is refused.
 pub async fn refusing_policy(
     client: &Client,
     name: &str,
@@ -151,16 +158,41 @@ pub async fn refusing_policy(
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
     };
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let probe = format!("policy-probe-{name}");
+    let probe_message = format!("probe of policy {name}");
+    let refused_by = format!("ValidatingAdmissionPolicy '{name}'");
+    create_ignoring_conflict(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": probe}}),
+    )
+    .await;
+    let probe_rule = json!({"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+        "resources": ["configmaps"]});
     let policy = json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
         "metadata": {"name": name},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {
-                "resourceRules": [rule],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                "resourceRules": [rule, probe_rule],
+                "namespaceSelector": {"matchExpressions": [{
+                    "key": "kubernetes.io/metadata.name", "operator": "In",
+                    "values": [namespace, probe]
+                }]}
             },
-            "validations": [{"expression": expression, "message": message}]
+            // ConfigMaps only in the probe namespace: the policy refuses
+            // nothing more in `namespace` than `rule` says.
+            "matchConditions": [{
+                "name": "probe-configmaps-only",
+                "expression": format!(
+                    "request.resource.resource != 'configmaps' || request.namespace == '{probe}'"
+                )
+            }],
+            "validations": [
+                {"expression": expression, "message": message},
+                {"expression": format!("request.namespace != '{probe}'"), "message": probe_message}
+            ]
         }
     });
     let binding = json!({
@@ -177,6 +209,22 @@ pub async fn refusing_policy(
         &Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()),
         binding,
     )
+    .await;
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &probe);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let sample: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "probe"}})).expect("a ConfigMap");
+    eventually(&format!("policy {name} to be enforced"), || async {
+        match configmaps.create(&dry_run, &sample).await {
+            // The first validation that fails gives the message: `rule`'s
+            // own, or the probe's when `expression` holds.
+            Err(kube::Error::Api(s)) if s.message.contains(&refused_by) => Some(()),
+            _ => None,
+        }
+    })
     .await;
 }
 
