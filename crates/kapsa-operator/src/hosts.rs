@@ -3,13 +3,15 @@
 //! shipped ValidatingAdmissionPolicy (`deploy/admission/host-ownership.yaml`),
 //! so that no namespace but the holder's can route a Project's hosts.
 //!
-//! Computed from the caches once a second; written only when it changes (it
-//! is read once at start-up, so a restart writes nothing).
+//! Computed from the caches after they change, at most once a second;
+//! written only when it changes (it is read once at start-up, so a restart
+//! writes nothing).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kapsa_api::{DomainPool, Project};
@@ -65,7 +67,15 @@ fn config_map(namespace: &str, data: BTreeMap<String, String>) -> ConfigMap {
 }
 
 /// Keeps the table in `namespace` up to date until the process ends.
-pub async fn run(client: Client, stores: Stores, namespace: String) {
+/// `changes` yields once for every change of a Project or of a pool's
+/// spec: the table is computed again only after one (at most once a
+/// second), and after a write that failed.
+pub async fn run(
+    client: Client,
+    stores: Stores,
+    namespace: String,
+    mut changes: impl Stream<Item = ()> + Send + Unpin,
+) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     let mut written: Option<BTreeMap<String, String>> = match api.get_opt(HOST_OWNERS).await {
         Ok(existing) => existing.and_then(|c| c.data),
@@ -75,11 +85,20 @@ pub async fn run(client: Client, stores: Stores, namespace: String) {
         }
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changed = true;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick(), if changed => {}
+            Some(()) = changes.next() => {
+                changed = true;
+                continue;
+            }
+        }
         if !stores.ready() {
             continue;
         }
+        changed = false;
         let data = host_owners(&stores.projects.state(), &stores.pools.state());
         if written.as_ref() == Some(&data) {
             continue;
@@ -98,7 +117,10 @@ pub async fn run(client: Client, stores: Stores, namespace: String) {
                 tracing::debug!(hosts = data.len() - 1, "host-ownership table written");
                 written = Some(data);
             }
-            Err(error) => tracing::warn!(%error, namespace, "writing the host-ownership table"),
+            Err(error) => {
+                tracing::warn!(%error, namespace, "writing the host-ownership table");
+                changed = true;
+            }
         }
     }
 }

@@ -25,10 +25,12 @@
 //! candidate heads move, only those are asked. A failed check leaves
 //! `merged` unknown (`None`) and never fails the poll.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kapsa_api::{EnvironmentPhase, EnvironmentType, Project};
@@ -57,7 +59,8 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a merge check may take before the poller stops waiting for it,
 /// should the check not keep its own timeout (it holds a poll slot).
 const MERGE_CHECK_DEADLINE: Duration = Duration::from_secs(2 * POLL_TIMEOUT.as_secs() + 5);
-/// How often the schedule is checked for due polls.
+/// How often, at most, the Projects are gone over after the cache changed
+/// (to start new ones' schedules and forget deleted ones').
 const TICK: Duration = Duration::from_millis(250);
 /// How often the `kapsa_previews` and `kapsa_environments` gauges are
 /// recomputed (from the cache).
@@ -208,6 +211,8 @@ impl Outcome {
 }
 
 struct Schedule {
+    /// The uid of the Project this schedule is for.
+    uid: Option<String>,
     next: Instant,
     failures: u32,
     running: bool,
@@ -223,43 +228,83 @@ pub struct PollerConfig {
 }
 
 /// Runs the poller until the process ends. `trigger` feeds the Project
-/// controller's `reconcile_on`; `hosts` says which internal addresses git
-/// URLs may reach.
+/// controller's `reconcile_on`; `changes` is a subscription to the Project
+/// cache (every applied and deleted Project); `hosts` says which internal
+/// addresses git URLs may reach.
+///
+/// Idle costs nothing per Project: the Projects are gone over only after
+/// the cache changed (at most every [`TICK`]), to start and forget their
+/// schedules; otherwise the poller sleeps until the next poll is due, kept
+/// in a queue ordered by time.
 pub async fn run(
     client: Client,
     stores: Stores,
     state: Arc<GitState>,
     metrics: Arc<Metrics>,
     trigger: mpsc::Sender<ObjectRef<Project>>,
+    mut changes: impl Stream<Item = Arc<Project>> + Send + Unpin,
     config: PollerConfig,
 ) {
     let hosts = config.hosts.clone();
     // Whether a Project was refused its namespace is read from the Project
     // and Namespace caches: nothing is polled before both are filled, so
     // that a refusal is never missed for want of the rival in the cache.
-    let _ = stores.projects.wait_until_ready().await;
-    let _ = stores.namespaces.wait_until_ready().await;
+    // The subscription is drained meanwhile: the cache waits for its
+    // subscribers.
+    {
+        let filled = async {
+            let _ = stores.projects.wait_until_ready().await;
+            let _ = stores.namespaces.wait_until_ready().await;
+        };
+        tokio::pin!(filled);
+        loop {
+            tokio::select! {
+                _ = &mut filled => break,
+                Some(_) = changes.next() => {}
+            }
+        }
+    }
     let stores = Arc::new(stores);
     let options = Arc::new(ListOptions::new(POLL_TIMEOUT).with_hosts(hosts));
     let projects = stores.projects.clone();
     let slots = Arc::new(PollSlots::poller());
     let merge_checks: Arc<MergeChecks> = Arc::default();
     let mut previews = tokio::time::interval(PREVIEWS_EVERY);
-    let (done_tx, mut done_rx) = mpsc::channel::<(String, Outcome)>(256);
+    let (done_tx, mut done_rx) = mpsc::channel::<(String, Option<String>, Outcome)>(256);
     let mut schedules: HashMap<String, Schedule> = HashMap::new();
-    let mut tick = tokio::time::interval(TICK);
+    // When each Project's next poll is due. An entry whose time is no longer
+    // its schedule's `next` (or whose schedule is gone) is stale, skipped.
+    let mut queue: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+    let mut changed = true;
+    let mut scanned = Instant::now();
     let mut seed: u64 = 0x5eed;
     loop {
+        let now = Instant::now();
+        let next_poll = queue.peek().map(|Reverse((when, _))| *when);
+        let next_scan = changed.then(|| (scanned + TICK).max(now));
+        let wake = match (next_poll, next_scan) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => now + PREVIEWS_EVERY,
+        };
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(wake) => {}
             _ = previews.tick() => {
                 let environments = stores.environments.state();
                 metrics.set_previews(count_previews(&environments));
                 metrics.set_environments(count_environments(&environments));
                 continue;
             }
-            Some((name, outcome)) = done_rx.recv() => {
-                if let Some(s) = schedules.get_mut(&name) {
+            Some(_) = changes.next() => {
+                changed = true;
+                continue;
+            }
+            Some((name, uid, outcome)) = done_rx.recv() => {
+                // The answer of a poll of a Project since made again under
+                // its name is not the new one's.
+                if let Some(s) = schedules.get_mut(&name)
+                    && s.uid == uid
+                {
                     s.running = false;
                     let interval = projects
                         .get(&ObjectRef::new(&name))
@@ -282,48 +327,74 @@ pub async fn run(
                         Outcome::Refused => REFUSED_RECHECK,
                     };
                     s.next = Instant::now() + delay;
+                    queue.push(Reverse((s.next, name)));
                 }
                 continue;
             }
         }
-        // Four times a second over every Project: nothing is allocated for
-        // a Project that is not due (names are borrowed from the cache).
-        let current = projects.state();
-        let names: HashSet<&str> = current
-            .iter()
-            .filter_map(|p| p.metadata.name.as_deref())
-            .collect();
-        schedules.retain(|name, _| {
-            let keep = names.contains(name.as_str());
-            if !keep {
-                state.forget(name);
-                merge_checks.forget(name);
-            }
-            keep
-        });
-        drop(names);
-        slots.prune();
         let now = Instant::now();
-        for project in current {
-            if project.metadata.deletion_timestamp.is_some() {
+        if changed && now >= scanned + TICK {
+            changed = false;
+            scanned = now;
+            let current = projects.state();
+            // A Project deleted, or deleted and made again under its name
+            // (another uid), is forgotten: its heads and merge answers are
+            // not the new one's.
+            let uids: HashMap<&str, Option<&str>> = current
+                .iter()
+                .filter_map(|p| Some((p.metadata.name.as_deref()?, p.metadata.uid.as_deref())))
+                .collect();
+            schedules.retain(|name, schedule| {
+                let keep = uids.get(name.as_str()) == Some(&schedule.uid.as_deref());
+                if !keep {
+                    state.forget(name);
+                    merge_checks.forget(name);
+                }
+                keep
+            });
+            drop(uids);
+            for project in &current {
+                let Some(name) = project.metadata.name.as_deref() else {
+                    continue;
+                };
+                if !schedules.contains_key(name) {
+                    schedules.insert(
+                        name.to_owned(),
+                        Schedule {
+                            uid: project.metadata.uid.clone(),
+                            next: now,
+                            failures: 0,
+                            running: false,
+                        },
+                    );
+                    queue.push(Reverse((now, name.to_owned())));
+                }
+            }
+            slots.prune();
+        }
+        while let Some(Reverse((when, _))) = queue.peek()
+            && *when <= now
+        {
+            let Some(Reverse((when, name))) = queue.pop() else {
+                break;
+            };
+            let Some(schedule) = schedules.get_mut(&name) else {
+                continue;
+            };
+            if schedule.running || schedule.next != when {
                 continue;
             }
-            let Some(name) = project.metadata.name.as_deref() else {
+            // A Project being deleted is not polled again; it is forgotten
+            // once it is gone.
+            let Some(project) = projects.get(&ObjectRef::new(&name)) else {
                 continue;
             };
-            let schedule = match schedules.get_mut(name) {
-                Some(schedule) => schedule,
-                None => schedules.entry(name.to_owned()).or_insert(Schedule {
-                    next: now,
-                    failures: 0,
-                    running: false,
-                }),
-            };
-            if schedule.running || schedule.next > now {
+            if project.metadata.deletion_timestamp.is_some() || project.metadata.uid != schedule.uid
+            {
                 continue;
             }
             schedule.running = true;
-            let name = name.to_owned();
+            let uid = schedule.uid.clone();
             let (client, stores, options, state, metrics, trigger, done, slots, merge_checks) = (
                 client.clone(),
                 stores.clone(),
@@ -352,7 +423,7 @@ pub async fn run(
                 drop(slot);
                 metrics.record_git_poll(outcome.result());
                 metrics.record_git_poll_duration(outcome.result(), started.elapsed());
-                let _ = done.send((name, outcome)).await;
+                let _ = done.send((name, uid, outcome)).await;
             });
         }
     }

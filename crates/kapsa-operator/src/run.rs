@@ -850,12 +850,14 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        &[Changes::All; 3],
+        &[Changes::All; 5],
     )?;
     let [
         projects_for_projects,
         projects_for_environments,
         projects_for_pools,
+        projects_for_poller,
+        projects_for_hosts,
     ] = subscribers(projects_subscribers)?;
     let (environments, environment_driver, environment_subscribers) = shared_cache(
         decoded::<Environment>(&client, malformed.clone()),
@@ -871,10 +873,14 @@ async fn run_once(
         (),
         keep_all,
         applier.clone(),
-        &[Changes::Spec, Changes::Spec, Changes::All],
+        &[Changes::Spec, Changes::Spec, Changes::All, Changes::Spec],
     )?;
-    let [pools_for_projects, pools_for_environments, pools_for_pools] =
-        subscribers(pool_subscribers)?;
+    let [
+        pools_for_projects,
+        pools_for_environments,
+        pools_for_pools,
+        pools_for_hosts,
+    ] = subscribers(pool_subscribers)?;
     let (cluster_registries, cluster_registry_driver, cr_subscribers) = shared_cache(
         decoded::<ClusterRegistry>(&client, malformed.clone()),
         (),
@@ -1369,9 +1375,19 @@ async fn run_once(
             )
             .for_each(|result| log_failure("registry", result));
 
+    // The table changes with the Projects (their hosts) and the pools'
+    // specs (their bases). Without a table the subscriptions are drained
+    // all the same: the caches wait for their subscribers.
+    let host_changes =
+        futures::stream::select(projects_for_hosts.map(|_| ()), pools_for_hosts.map(|_| ()));
     let host_owners: BoxFuture = match config.host_owners_namespace.clone() {
-        Some(namespace) => Box::pin(crate::hosts::run(client.clone(), stores.clone(), namespace)),
-        None => Box::pin(futures::future::pending()),
+        Some(namespace) => Box::pin(crate::hosts::run(
+            client.clone(),
+            stores.clone(),
+            namespace,
+            host_changes,
+        )),
+        None => Box::pin(host_changes.for_each(|_| async {})),
     };
     let poller = poller::run(
         client.clone(),
@@ -1379,6 +1395,7 @@ async fn run_once(
         git,
         metrics,
         poll_tx,
+        projects_for_poller,
         poller::PollerConfig {
             hosts: config.allow_internal_git_hosts.clone(),
             max_interval: config.max_poll_interval,
