@@ -276,7 +276,10 @@ pub async fn run(
     // its schedule's `next` (or whose schedule is gone) is stale, skipped.
     let mut queue: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
     let mut changed = true;
-    let mut scanned = Instant::now();
+    // As if the last look were a TICK ago: the first one is at once.
+    let mut scanned = Instant::now()
+        .checked_sub(TICK)
+        .unwrap_or_else(Instant::now);
     let mut seed: u64 = 0x5eed;
     loop {
         let now = Instant::now();
