@@ -41,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::context::{GitState, PollResult, Stores};
-use crate::controllers::project::dereference::namespace_refused;
+use crate::controllers::project::dereference::{contested_namespaces, namespace_refused};
 use crate::git::{
     GitCredentials, GitError, HostPolicy, ListOptions, MAX_MESSAGE_BYTES, MERGE_CHECK_DEPTH,
     backoff_delay, bounded, contained_in, list_branches,
@@ -275,6 +275,9 @@ pub async fn run(
     // When each Project's next poll is due. An entry whose time is no longer
     // its schedule's `next` (or whose schedule is gone) is stale, skipped.
     let mut queue: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+    // The namespaces several Projects name, as of the last look at the
+    // Projects: what a poll checks its Project against.
+    let mut contested: Arc<HashMap<String, Vec<Arc<Project>>>> = Arc::default();
     let mut changed = true;
     // As if the last look were a TICK ago: the first one is at once.
     let mut scanned = Instant::now()
@@ -356,6 +359,7 @@ pub async fn run(
                 keep
             });
             drop(uids);
+            contested = Arc::new(contested_namespaces(&current));
             for project in &current {
                 let Some(name) = project.metadata.name.as_deref() else {
                     continue;
@@ -398,6 +402,7 @@ pub async fn run(
             }
             schedule.running = true;
             let uid = schedule.uid.clone();
+            let contested = contested.clone();
             let (client, stores, options, state, metrics, trigger, done, slots, merge_checks) = (
                 client.clone(),
                 stores.clone(),
@@ -421,6 +426,7 @@ pub async fn run(
                     metrics: &metrics,
                     trigger: &trigger,
                     merge_checks: &merge_checks,
+                    contested: &contested,
                 };
                 let outcome = poll.once(&project).await;
                 drop(slot);
@@ -441,6 +447,8 @@ struct Poll<'a> {
     metrics: &'a Metrics,
     trigger: &'a mpsc::Sender<ObjectRef<Project>>,
     merge_checks: &'a MergeChecks,
+    /// The namespaces several Projects name ([`contested_namespaces`]).
+    contested: &'a HashMap<String, Vec<Arc<Project>>>,
 }
 
 impl Poll<'_> {
@@ -457,7 +465,11 @@ impl Poll<'_> {
         // A Project refused its namespace reads nothing from it and reaches
         // no git server: its Secret would be another tenant's, and its URL
         // could be anyone's.
-        if let Some((reason, message)) = namespace_refused(self.stores, project) {
+        let rivals = self
+            .contested
+            .get(crate::resources::project::namespace_of(project))
+            .map_or(&[][..], Vec::as_slice);
+        if let Some((reason, message)) = namespace_refused(self.stores, project, rivals) {
             let result = failed(
                 "NotPolled",
                 format!(

@@ -4,6 +4,7 @@
 //! is read when, and only when, the copy in the project namespace is not
 //! known to match it (the source changed, or someone edited the copy).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret, ServiceAccount};
@@ -361,20 +362,46 @@ pub(crate) fn judge(
     }
 }
 
-/// Whether a Project was refused its namespace, from the caches (for the
-/// poller: the git Secret of a refused namespace is never read).
+/// Whether a Project was refused its namespace (for the poller: the git
+/// Secret of a refused namespace is never read). `rivals` are the other
+/// Projects that name the same namespace (none for most), from
+/// [`contested_namespaces`]; the namespace itself is read from its cache.
 pub fn namespace_refused(
     stores: &crate::context::Stores,
     project: &Project,
+    rivals: &[Arc<Project>],
 ) -> Option<(&'static str, String)> {
     let namespace = namespace_name(project);
-    let others = stores.projects.state();
     super::plan::refused_namespace(
         project,
         &namespace,
-        others.iter().map(|p| p.as_ref()),
+        rivals.iter().map(|p| p.as_ref()),
         cached(&stores.namespaces, &namespace, None).as_deref(),
     )
+}
+
+/// The namespaces more than one of `projects` names, each with the
+/// Projects that name it: the only ones where a Project can be refused for
+/// another having come first. One pass over the Projects, so that a check
+/// per poll is a lookup rather than a pass of its own.
+pub fn contested_namespaces(projects: &[Arc<Project>]) -> HashMap<String, Vec<Arc<Project>>> {
+    let mut claims: HashMap<&str, Vec<&Arc<Project>>> = HashMap::with_capacity(projects.len());
+    for project in projects {
+        claims
+            .entry(crate::resources::project::namespace_of(project))
+            .or_default()
+            .push(project);
+    }
+    claims
+        .into_iter()
+        .filter(|(_, claimants)| claimants.len() > 1)
+        .map(|(namespace, claimants)| {
+            (
+                namespace.to_owned(),
+                claimants.into_iter().cloned().collect(),
+            )
+        })
+        .collect()
 }
 
 /// The hosts routed by Ingresses Kapsa did not make (no Environment is their
@@ -410,4 +437,55 @@ pub fn foreign_hosts<'a>(
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(name: &str, namespace: Option<&str>) -> Arc<Project> {
+        let mut spec = serde_json::json!({
+            "source": {"git": {"url": "https://git.example.com/a.git"}},
+            "registryRef": {"name": "r"}
+        });
+        if let Some(namespace) = namespace {
+            spec["namespace"] = namespace.into();
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "kapsa.dev/v1alpha1", "kind": "Project",
+                "metadata": {"name": name}, "spec": spec
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn only_namespaces_named_twice_are_contested_with_every_claimant() {
+        let projects = [
+            project("shop", None),
+            project("intruder", Some("shop")),
+            project("blog", None),
+            project("docs", Some("pages")),
+            project("pages", None),
+            project("wiki", Some("wiki-ns")),
+        ];
+        let contested = contested_namespaces(&projects);
+        let mut names: Vec<(&str, Vec<String>)> = contested
+            .iter()
+            .map(|(ns, ps)| {
+                let mut ps: Vec<String> = ps.iter().map(|p| p.name_any()).collect();
+                ps.sort();
+                (ns.as_str(), ps)
+            })
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                ("pages", vec!["docs".to_string(), "pages".to_string()]),
+                ("shop", vec!["intruder".to_string(), "shop".to_string()]),
+            ]
+        );
+    }
 }
