@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kapsa_api::{ClusterRegistry, DomainPool, Environment, Project, Registry};
 use kube::Client;
 use kube::api::{DynamicObject, PartialObjectMeta};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -278,7 +278,7 @@ pub struct Context {
     /// children failed). Until the operator connects it to the Environment
     /// controller, what is sent here goes nowhere.
     pub wake_environments: tokio::sync::mpsc::UnboundedSender<ObjectRef<Environment>>,
-    recorder: Recorder,
+    publisher: Arc<crate::events::Publisher>,
 }
 
 /// A registry credentials Secret as judged at one resourceVersion.
@@ -296,12 +296,12 @@ impl Context {
         metrics: Arc<Metrics>,
         git: Arc<GitState>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "kapsa".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            publisher: Arc::new(crate::events::Publisher::new(
+                client.clone(),
+                "kapsa",
+                std::env::var("POD_NAME").ok(),
+            )),
             applier,
             client,
             stores,
@@ -329,7 +329,7 @@ impl Context {
         if events.is_empty() {
             return;
         }
-        let recorder = self.recorder.clone();
+        let publisher = self.publisher.clone();
         let metrics = self.metrics.clone();
         let reference = object.object_ref(&());
         let name = object.name_any();
@@ -359,7 +359,7 @@ impl Context {
             .collect();
         tokio::spawn(async move {
             for event in events {
-                if let Err(error) = recorder.publish(&event, &reference).await {
+                if let Err(error) = publisher.publish(&event, &reference).await {
                     tracing::warn!(%error, object = %name, reason = %event.reason, "publishing an Event failed");
                 }
                 metrics.record_write("Event");

@@ -7,7 +7,7 @@
 //! - server-side applies and deletes of the objects Kapsa owns, and status
 //!   writes ([`crate::apply`]);
 //! - Events published with a status change ([`crate::status`]; an Event's
-//!   publication is counted once it has been attempted: the recorder logs a
+//!   publication is counted once it has been attempted: the publisher logs a
 //!   failure instead of returning it);
 //! - the leader-election Lease: its creation, every renewal and its release
 //!   ([`crate::leader`]);

@@ -19,6 +19,7 @@ pub mod context;
 pub mod controllers;
 pub mod domains;
 pub mod error;
+pub mod events;
 pub mod fault;
 pub mod git;
 pub mod hosts;

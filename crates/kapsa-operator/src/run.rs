@@ -252,13 +252,8 @@ impl Malformed {
             k8s_openapi::api::core::v1::ObjectReference,
             String,
         )>();
-        let recorder = kube::runtime::events::Recorder::new(
-            client.clone(),
-            kube::runtime::events::Reporter {
-                controller: "kapsa".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let events =
+            crate::events::Publisher::new(client.clone(), "kapsa", std::env::var("POD_NAME").ok());
         let publisher = async move {
             while let Some((object, note)) = rx.recv().await {
                 let event = kube::runtime::events::Event {
@@ -268,7 +263,7 @@ impl Malformed {
                     action: "Decode".into(),
                     secondary: None,
                 };
-                if let Err(error) = recorder.publish(&event, &object).await {
+                if let Err(error) = events.publish(&event, &object).await {
                     tracing::warn!(%error, "publishing a Malformed Event failed");
                 }
             }

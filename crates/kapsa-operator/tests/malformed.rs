@@ -124,3 +124,96 @@ async fn a_malformed_project_is_reported_and_skipped_and_the_others_go_live() {
         .unwrap();
     assert!(project.status.is_some());
 }
+
+/// Kapsa's Events are series (`crate::events`): a repeat bumps the count of
+/// the Event already made; another reason, or the same one about another
+/// object, is an Event of its own; a series whose Event was deleted starts
+/// again with a new Event rather than failing.
+#[tokio::test]
+async fn events_repeat_as_series_and_a_lost_one_is_made_again() {
+    use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
+    use kube::runtime::events::{Event as Planned, EventType};
+
+    let (_, client) = cluster().await;
+    let namespace = "events-series";
+    create_ignoring_conflict(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": namespace}}),
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let publisher = kapsa_operator::events::Publisher::new(client.clone(), "kapsa", None);
+    let about = |name: &str| ObjectReference {
+        api_version: Some("kapsa.dev/v1alpha1".into()),
+        kind: Some("Environment".into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        uid: Some(format!("uid-{name}")),
+        ..Default::default()
+    };
+    let planned = |reason: &str| Planned {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(format!("{reason} happened")),
+        action: format!("{reason}-0"),
+        secondary: None,
+    };
+    let of = |list: &[Event], object: &str, reason: &str| -> Vec<Event> {
+        list.iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+            })
+            .cloned()
+            .collect()
+    };
+
+    for _ in 0..3 {
+        publisher
+            .publish(&planned("Built"), &about("production"))
+            .await
+            .unwrap();
+    }
+    publisher
+        .publish(&planned("Deployed"), &about("production"))
+        .await
+        .unwrap();
+    publisher
+        .publish(&planned("Built"), &about("preview"))
+        .await
+        .unwrap();
+    let list = events.list(&ListParams::default()).await.unwrap().items;
+    let built = of(&list, "production", "Built");
+    assert_eq!(built.len(), 1, "one Event for three repeats: {built:?}");
+    let series = built[0].series.as_ref().expect("the repeats are a series");
+    assert_eq!(series.count, 3);
+    assert_eq!(built[0].note.as_deref(), Some("Built happened"));
+    assert_eq!(built[0].reporting_controller.as_deref(), Some("kapsa"));
+    assert_eq!(of(&list, "production", "Deployed").len(), 1);
+    let other = of(&list, "preview", "Built");
+    assert_eq!(other.len(), 1);
+    assert!(other[0].series.is_none(), "seen once, no series");
+    assert_eq!(publisher.remembered(), 3);
+
+    // Someone deletes the Event: the next repeat makes a new one.
+    let lost = built[0].metadata.name.clone().unwrap();
+    events.delete(&lost, &Default::default()).await.unwrap();
+    publisher
+        .publish(&planned("Built"), &about("production"))
+        .await
+        .unwrap();
+    let list = events.list(&ListParams::default()).await.unwrap().items;
+    let built = of(&list, "production", "Built");
+    assert_eq!(built.len(), 1, "{built:?}");
+    assert_ne!(built[0].metadata.name.as_ref(), Some(&lost));
+    assert!(built[0].series.is_none(), "a new series: {built:?}");
+    publisher
+        .publish(&planned("Built"), &about("production"))
+        .await
+        .unwrap();
+    let again = events
+        .get(built[0].metadata.name.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(again.series.map(|s| s.count), Some(2));
+}
