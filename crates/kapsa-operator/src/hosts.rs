@@ -77,7 +77,11 @@ pub async fn run(
     mut changes: impl Stream<Item = ()> + Send + Unpin,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let mut written: Option<BTreeMap<String, String>> = match api.get_opt(HOST_OWNERS).await {
+    // The subscriptions are drained during every request: the cache they
+    // follow waits for its subscribers once their buffers are full.
+    let mut changed = true;
+    let existing = draining(api.get_opt(HOST_OWNERS), &mut changes, &mut changed).await;
+    let mut written: Option<BTreeMap<String, String>> = match existing {
         Ok(existing) => existing.and_then(|c| c.data),
         Err(error) => {
             tracing::warn!(%error, namespace, "reading the host-ownership table");
@@ -86,7 +90,6 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changed = true;
     loop {
         tokio::select! {
             _ = tick.tick(), if changed => {}
@@ -104,14 +107,12 @@ pub async fn run(
             continue;
         }
         let patch = config_map(&namespace, data.clone());
-        match api
-            .patch(
-                HOST_OWNERS,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        let (params, patch) = (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(&patch),
+        );
+        let write = api.patch(HOST_OWNERS, &params, &patch);
+        match draining(write, &mut changes, &mut changed).await {
             Ok(_) => {
                 crate::fault::after_write("host-ownership table");
                 tracing::debug!(hosts = data.len() - 1, "host-ownership table written");
@@ -121,6 +122,22 @@ pub async fn run(
                 tracing::warn!(%error, namespace, "writing the host-ownership table");
                 changed = true;
             }
+        }
+    }
+}
+
+/// Awaits `request`, meanwhile taking what `changes` sends (and noting
+/// that something changed).
+async fn draining<T>(
+    request: impl std::future::Future<Output = T>,
+    changes: &mut (impl Stream<Item = ()> + Unpin),
+    changed: &mut bool,
+) -> T {
+    tokio::pin!(request);
+    loop {
+        tokio::select! {
+            answer = &mut request => return answer,
+            Some(()) = changes.next() => *changed = true,
         }
     }
 }
