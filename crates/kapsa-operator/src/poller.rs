@@ -465,11 +465,7 @@ impl Poll<'_> {
         // A Project refused its namespace reads nothing from it and reaches
         // no git server: its Secret would be another tenant's, and its URL
         // could be anyone's.
-        let rivals = self
-            .contested
-            .get(crate::resources::project::namespace_of(project))
-            .map_or(&[][..], Vec::as_slice);
-        if let Some((reason, message)) = namespace_refused(self.stores, project, rivals) {
+        if let Some((reason, message)) = namespace_refused(self.stores, project, self.contested) {
             let result = failed(
                 "NotPolled",
                 format!(

@@ -363,15 +363,17 @@ pub(crate) fn judge(
 }
 
 /// Whether a Project was refused its namespace (for the poller: the git
-/// Secret of a refused namespace is never read). `rivals` are the other
-/// Projects that name the same namespace (none for most), from
-/// [`contested_namespaces`]; the namespace itself is read from its cache.
+/// Secret of a refused namespace is never read). Its rivals are the other
+/// Projects that name the same namespace (none for most), looked up in
+/// `contested` ([`contested_namespaces`]); the namespace itself is read
+/// from its cache.
 pub fn namespace_refused(
     stores: &crate::context::Stores,
     project: &Project,
-    rivals: &[Arc<Project>],
+    contested: &HashMap<String, Vec<Arc<Project>>>,
 ) -> Option<(&'static str, String)> {
     let namespace = namespace_name(project);
+    let rivals = contested.get(&namespace).map_or(&[][..], Vec::as_slice);
     super::plan::refused_namespace(
         project,
         &namespace,
