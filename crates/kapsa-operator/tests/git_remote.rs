@@ -86,6 +86,40 @@ async fn lists_branches_and_follows_changes() {
     assert_eq!(heads.branches.len(), 2);
 }
 
+#[test]
+fn an_http_listing_needs_no_thread_of_the_blocking_pool() {
+    // A runtime whose one blocking thread is taken for longer than the
+    // listing's timeout: a listing that waited for that thread would time
+    // out; one made on the runtime itself answers.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let server = GitServer::start(None).await.unwrap();
+        let repo = server.create_repo("pool").unwrap();
+        let main = repo.commit("main", "a.txt", "a\n", "a").unwrap();
+        let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+        let occupied = tokio::task::spawn_blocking(move || {
+            let _ = taken_tx.send(());
+            std::thread::sleep(Duration::from_secs(6));
+        });
+        taken_rx.await.unwrap();
+        let started = Instant::now();
+        let heads = list_branches(repo.url(), None, &loopback(Duration::from_secs(4)))
+            .await
+            .unwrap();
+        assert_eq!(heads.get("main"), Some(main.as_str()));
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        occupied.await.unwrap();
+    });
+}
+
 #[tokio::test]
 async fn empty_repository_has_no_branches() {
     let server = GitServer::start(None).await.unwrap();

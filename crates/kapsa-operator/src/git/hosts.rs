@@ -293,6 +293,33 @@ pub(crate) fn allowed_addresses(
             .map_err(|e| GitError::Unreachable(format!("cannot resolve {bare}: {e}")))?
             .collect(),
     };
+    checked(bare, resolved, policy)
+}
+
+/// [`allowed_addresses`] for a caller on the runtime: a name is resolved
+/// without blocking a worker thread (an address literal needs no lookup).
+pub(crate) async fn allowed_addresses_async(
+    host: &str,
+    port: u16,
+    policy: &HostPolicy,
+) -> Result<Vec<SocketAddr>, GitError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let resolved: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((bare, port))
+            .await
+            .map_err(|e| GitError::Unreachable(format!("cannot resolve {bare}: {e}")))?
+            .collect(),
+    };
+    checked(bare, resolved, policy)
+}
+
+/// The addresses `bare` resolved to that `policy` allows, or why none is.
+fn checked(
+    bare: &str,
+    resolved: Vec<SocketAddr>,
+    policy: &HostPolicy,
+) -> Result<Vec<SocketAddr>, GitError> {
     let mut allowed: Vec<SocketAddr> = Vec::new();
     let mut refused: Option<(IpAddr, AddressClass)> = None;
     for addr in resolved {

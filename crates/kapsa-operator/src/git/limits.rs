@@ -88,6 +88,19 @@ impl Budget {
         Ok(())
     }
 
+    /// Counts `bytes` more read from the server (a caller that reads whole
+    /// chunks on the runtime, not through [`Bounded`]); past the limit, the
+    /// error that explains it.
+    pub(crate) fn spend(&self, bytes: usize) -> Result<(), GitError> {
+        if self.check_bytes(bytes).is_err() {
+            return Err(self
+                .tripped()
+                .unwrap_or_else(|| GitError::LimitExceeded("too many bytes".into())));
+        }
+        self.used.fetch_add(bytes as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Whether `more` bytes still fit.
     fn check_bytes(&self, more: usize) -> io::Result<()> {
         let used = self.used.load(Ordering::SeqCst);

@@ -34,8 +34,11 @@
 //! - Polling cadence: [`backoff_delay`] gives the delay before the next poll,
 //!   with jitter, and exponential backoff after failures.
 //!
-//! gix is blocking: [`list_branches`] runs it on tokio's blocking pool with a
-//! timeout.
+//! Where it runs: an `http(s)://` listing is two requests made and awaited
+//! on the operator's runtime, their answers parsed in memory by gix's
+//! pkt-line reader and ref parsers (`smart_http`). gix's transports are
+//! blocking: an ssh listing and every merge check run gix on tokio's
+//! blocking pool, with the same timeout.
 
 mod ancestry;
 mod backoff;
@@ -44,6 +47,7 @@ mod error;
 mod hosts;
 mod limits;
 mod remote;
+mod smart_http;
 mod ssh;
 mod url;
 

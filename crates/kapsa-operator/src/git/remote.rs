@@ -1,6 +1,7 @@
-//! Listing a remote's branches with gix (handshake + ls-refs, no fetch), and
-//! the connection path that every exchange with a remote shares (the merge
-//! check in [`ancestry`](super::ancestry) uses it too).
+//! Listing a remote's branches (handshake + ls-refs, no fetch): over
+//! http(s) on the runtime ([`smart_http`]), over ssh with gix on the
+//! blocking pool; and the gix connection path that the merge check in
+//! [`ancestry`](super::ancestry) uses for both transports.
 
 use std::{
     collections::BTreeMap,
@@ -33,6 +34,7 @@ use super::{
     error::bounded,
     hosts::allowed_addresses,
     limits::{Bounded, Budget, ChildSlot, MAX_ADVERTISEMENT_BYTES, MAX_REFS},
+    smart_http,
     ssh::{SshSession, classify_failure},
     url::{self, RemoteUrl, Transport},
 };
@@ -92,7 +94,7 @@ impl ListOptions {
 const BRANCHES_REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
 
 /// The longest part of a git client error shown in a message.
-const MAX_PART_CHARS: usize = 200;
+pub(super) const MAX_PART_CHARS: usize = 200;
 
 /// List the branches of the repository at `url`, refs only (no clone, no
 /// objects fetched), with `credentials` if given, within `options`.
@@ -118,6 +120,8 @@ const MAX_PART_CHARS: usize = 200;
 ///   (also `options.timeout`) comes.
 /// - The host's git and ssh configuration, credential helpers, keys and
 ///   agent are never used.
+/// - Where it runs: http(s) on the caller's runtime (no blocking thread);
+///   ssh on tokio's blocking pool.
 ///
 /// Errors: [`GitError::InvalidUrl`], [`GitError::AuthenticationFailed`]
 /// (refused or missing credentials), [`GitError::NotFound`],
@@ -129,10 +133,82 @@ pub async fn list_branches(
     credentials: Option<&GitCredentials>,
     options: &ListOptions,
 ) -> Result<RemoteHeads, GitError> {
+    let (remote, scrub) = checked(url, credentials)?;
+    if remote.transport == Transport::Http {
+        // On the runtime: two requests, no blocking thread.
+        let budget = Budget::new(options.timeout, options.max_bytes);
+        let listing = smart_http::list(&remote, credentials, options, &budget);
+        let outcome = match tokio::time::timeout(options.timeout, listing).await {
+            Err(_elapsed) => Err(GitError::Timeout(options.timeout)),
+            Ok(result) => result,
+        };
+        return outcome.map_err(|e| scrub.apply(e));
+    }
     run(url, credentials, options, options.max_bytes, |session| {
         list_blocking(&session)
     })
     .await
+}
+
+/// The secret values of an exchange's credentials, to be removed from any
+/// error text before it is shown.
+pub(super) struct Scrub(Vec<String>);
+
+impl Scrub {
+    fn new(credentials: Option<&GitCredentials>) -> Self {
+        Self(
+            credentials
+                .map(|c| c.secret_values().into_iter().map(str::to_owned).collect())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// `e` without the secrets, and bounded.
+    pub(super) fn apply(&self, e: GitError) -> GitError {
+        e.scrub(&self.0.iter().map(String::as_str).collect::<Vec<_>>())
+            .bounded()
+    }
+}
+
+/// Parse `url` and check that the `credentials` fit it (before anything
+/// connects); the error is already scrubbed.
+fn checked(
+    url: &str,
+    credentials: Option<&GitCredentials>,
+) -> Result<(RemoteUrl, Scrub), GitError> {
+    let scrub = Scrub::new(credentials);
+    let remote = url::parse(url).map_err(|e| scrub.apply(e))?;
+    let refused = match (remote.transport, credentials) {
+        (Transport::Http, Some(GitCredentials::SshKey { .. })) => {
+            Some(GitError::UnsupportedSecret(format!(
+                "an ssh-auth Secret cannot be used with the http(s) URL {}; use a basic-auth Secret or an ssh URL",
+                remote.display
+            )))
+        }
+        (Transport::Ssh, Some(GitCredentials::Basic { .. })) => {
+            Some(GitError::UnsupportedSecret(format!(
+                "a basic-auth Secret cannot be used with the ssh URL {}; use an ssh-auth Secret or an https URL",
+                remote.display
+            )))
+        }
+        (Transport::Http, Some(GitCredentials::Basic { .. }))
+            if remote.url.scheme == gix::url::Scheme::Http && !is_loopback(&remote.url) =>
+        {
+            Some(GitError::UnsupportedSecret(format!(
+                "credentials are only sent over https (plain http only to loopback), not to {}",
+                remote.display
+            )))
+        }
+        (Transport::Ssh, None) => Some(GitError::AuthenticationFailed(format!(
+            "the ssh URL {} needs credentials: reference a kubernetes.io/ssh-auth Secret",
+            remote.display
+        ))),
+        _ => None,
+    };
+    match refused {
+        Some(e) => Err(scrub.apply(e)),
+        None => Ok((remote, scrub)),
+    }
 }
 
 /// One exchange with a remote, as the blocking worker sees it: the parsed
@@ -165,45 +241,7 @@ where
     T: Send + 'static,
     F: FnOnce(Session) -> Result<T, GitError> + Send + 'static,
 {
-    let secrets: Vec<String> = credentials
-        .map(|c| c.secret_values().into_iter().map(str::to_owned).collect())
-        .unwrap_or_default();
-    let scrub = |e: GitError| {
-        e.scrub(&secrets.iter().map(String::as_str).collect::<Vec<_>>())
-            .bounded()
-    };
-
-    let remote = url::parse(url).map_err(scrub)?;
-    match (remote.transport, credentials) {
-        (Transport::Http, Some(GitCredentials::SshKey { .. })) => {
-            return Err(scrub(GitError::UnsupportedSecret(format!(
-                "an ssh-auth Secret cannot be used with the http(s) URL {}; use a basic-auth Secret or an ssh URL",
-                remote.display
-            ))));
-        }
-        (Transport::Ssh, Some(GitCredentials::Basic { .. })) => {
-            return Err(scrub(GitError::UnsupportedSecret(format!(
-                "a basic-auth Secret cannot be used with the ssh URL {}; use an ssh-auth Secret or an https URL",
-                remote.display
-            ))));
-        }
-        (Transport::Http, Some(GitCredentials::Basic { .. }))
-            if remote.url.scheme == gix::url::Scheme::Http && !is_loopback(&remote.url) =>
-        {
-            return Err(scrub(GitError::UnsupportedSecret(format!(
-                "credentials are only sent over https (plain http only to loopback), not to {}",
-                remote.display
-            ))));
-        }
-        (Transport::Ssh, None) => {
-            return Err(scrub(GitError::AuthenticationFailed(format!(
-                "the ssh URL {} needs credentials: reference a kubernetes.io/ssh-auth Secret",
-                remote.display
-            ))));
-        }
-        _ => {}
-    }
-
+    let (remote, scrub) = checked(url, credentials)?;
     let budget = Budget::new(options.timeout, max_bytes);
     let child = Arc::new(ChildSlot::default());
     // Whatever way this function ends (an answer, a timeout, the caller
@@ -227,7 +265,7 @@ where
         Ok(Err(join)) => Err(GitError::Internal(format!("the git worker failed: {join}"))),
         Ok(Ok(result)) => result,
     };
-    outcome.map_err(scrub)
+    outcome.map_err(|e| scrub.apply(e))
 }
 
 struct GiveUpOnDrop {
@@ -451,17 +489,25 @@ fn list_blocking(session: &Session) -> Result<RemoteHeads, GitError> {
         .map(|(map, _handshake)| map)
         .map_err(Failure::Git);
     let ref_map = finish(session, ssh.as_ref(), listed)?;
-    if ref_map.remote_refs.len() > options.max_refs {
+    heads_of(ref_map.remote_refs, remote, options.max_refs)
+}
+
+/// The branches among the refs a server listed (at most `max_refs` refs).
+pub(super) fn heads_of(
+    refs: Vec<Ref>,
+    remote: &RemoteUrl,
+    max_refs: usize,
+) -> Result<RemoteHeads, GitError> {
+    if refs.len() > max_refs {
         return Err(GitError::LimitExceeded(format!(
             "{}: the server advertised {} refs; Kapsa lists at most {}",
             remote.display,
-            ref_map.remote_refs.len(),
-            options.max_refs
+            refs.len(),
+            max_refs
         )));
     }
-
     let mut branches = BTreeMap::new();
-    for r in ref_map.remote_refs {
+    for r in refs {
         let (name, id) = match r {
             Ref::Direct {
                 full_ref_name,
@@ -567,14 +613,14 @@ fn connect_ssh(session: &Session, connect_to: std::net::IpAddr) -> Result<Connec
     })
 }
 
-/// gix's HTTP exchanges, made on the operator's own tokio runtime through a
-/// client shared by every listing of the same origin, pinned addresses and
-/// timeout ([`shared_client`]). gix's own HTTP backend runs every request on
-/// a thread of its own, behind a blocking reqwest client with a runtime
-/// thread of its own, and hands headers and body from thread to thread one
-/// write at a time. Here the listing's own (blocking) thread waits for each
-/// step on the runtime: at 1,000 Projects polled every minute, an idle
-/// operator's CPU went from 6.27 to 3.95 % of a core (docs/benchmarks.md).
+/// gix's HTTP exchanges (merge checks; listings over http(s) no longer use
+/// gix's transport, see [`smart_http`]), made on the operator's own tokio
+/// runtime through a client shared by every exchange with the same origin,
+/// pinned addresses and timeout ([`shared_client`]). gix's own HTTP backend
+/// runs every request on a thread of its own, behind a blocking reqwest
+/// client with a runtime thread of its own, and hands headers and body from
+/// thread to thread one write at a time. Here the exchange's own (blocking)
+/// thread waits for each step on the runtime.
 /// Every response body is read through the listing's [`Budget`], every
 /// request must go to the URL's own origin, no redirect is followed, and a
 /// response that names another location is refused.
@@ -923,7 +969,7 @@ const MAX_HTTP_CLIENTS: usize = 64;
 /// made once, pinned to those addresses (a resolver that answers no other
 /// name), following no redirect, on Kapsa's TLS configuration. The least
 /// recently used goes when more than [`MAX_HTTP_CLIENTS`] are kept.
-fn shared_client(
+pub(super) fn shared_client(
     origin: &Origin,
     addresses: &[SocketAddr],
     timeout: Duration,
@@ -965,7 +1011,7 @@ fn shared_client(
 
 /// Scheme, host and port: where credentials may go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Origin {
+pub(super) struct Origin {
     scheme: String,
     host: String,
     port: Option<u16>,
@@ -983,7 +1029,7 @@ impl Origin {
         }
     }
 
-    fn of(url: &gix::url::Url) -> Self {
+    pub(super) fn of(url: &gix::url::Url) -> Self {
         Self::new(
             url.scheme.as_str(),
             url.host().unwrap_or_default(),
@@ -991,7 +1037,7 @@ impl Origin {
         )
     }
 
-    fn of_request(url: &reqwest::Url) -> Self {
+    pub(super) fn of_request(url: &reqwest::Url) -> Self {
         Self::new(
             url.scheme(),
             url.host_str().unwrap_or_default(),
@@ -1099,7 +1145,7 @@ fn is_loopback(url: &gix::url::Url) -> bool {
 }
 
 /// Map a gix error to ours by its classification.
-fn classify(err: &gix::Error, remote: &RemoteUrl, with_credentials: bool) -> GitError {
+pub(super) fn classify(err: &gix::Error, remote: &RemoteUrl, with_credentials: bool) -> GitError {
     let redirected = err.iter_errors().any(|e| {
         e.downcast_ref::<reqwest::Error>()
             .is_some_and(reqwest::Error::is_redirect)
