@@ -295,13 +295,10 @@ impl Context {
         stores: Stores,
         metrics: Arc<Metrics>,
         git: Arc<GitState>,
+        publisher: Arc<crate::events::Publisher>,
     ) -> Self {
         Self {
-            publisher: Arc::new(crate::events::Publisher::new(
-                client.clone(),
-                "kapsa",
-                std::env::var("POD_NAME").ok(),
-            )),
+            publisher,
             applier,
             client,
             stores,

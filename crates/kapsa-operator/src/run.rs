@@ -246,14 +246,13 @@ struct Malformed {
 }
 
 impl Malformed {
-    /// The reporter and the task that publishes its Events.
-    fn new(client: &Client) -> (Self, BoxFuture) {
+    /// The reporter and the task that publishes its Events through
+    /// `events` (the reconcilers' publisher: one memory of series).
+    fn new(events: Arc<crate::events::Publisher>) -> (Self, BoxFuture) {
         let (reports, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
             k8s_openapi::api::core::v1::ObjectReference,
             String,
         )>();
-        let events =
-            crate::events::Publisher::new(client.clone(), "kapsa", std::env::var("POD_NAME").ok());
         let publisher = async move {
             while let Some((object, note)) = rx.recv().await {
                 let event = kube::runtime::events::Event {
@@ -558,6 +557,23 @@ fn subscribers<K, const N: usize>(
 /// Keeps a cached object whole.
 fn keep_all<K>(_: &mut K) {}
 
+/// The annotation in which `kubectl apply` keeps a second, whole copy of
+/// what it applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Kapsa's own kinds are cached whole except for `kubectl apply`'s copy of
+/// the object in an annotation (which no plan reads): a Project or
+/// Environment applied with kubectl would otherwise be held twice.
+fn without_last_applied<K: Resource>(object: &mut K) {
+    let annotations = &mut object.meta_mut().annotations;
+    if let Some(map) = annotations.as_mut() {
+        map.remove(LAST_APPLIED);
+        if map.is_empty() {
+            *annotations = None;
+        }
+    }
+}
+
 /// Of a Secret's or ConfigMap's metadata only what says it exists and when
 /// it changed is kept: annotations can hold the whole object
 /// (`kubectl.kubernetes.io/last-applied-configuration`).
@@ -839,11 +855,17 @@ async fn run_once(
 
     // Read by both controllers: shared caches. Kapsa's own kinds are decoded
     // object by object, so that one malformed object stops nothing.
-    let (malformed, malformed_publisher) = Malformed::new(&client);
+    // One Event publisher for the reconcilers and the Malformed reporter.
+    let events = Arc::new(crate::events::Publisher::new(
+        client.clone(),
+        "kapsa",
+        std::env::var("POD_NAME").ok(),
+    ));
+    let (malformed, malformed_publisher) = Malformed::new(events.clone());
     let (projects, project_driver, projects_subscribers) = shared_cache(
         decoded::<Project>(&client, malformed.clone()),
         (),
-        keep_all,
+        without_last_applied,
         applier.clone(),
         &[Changes::All; 5],
     )?;
@@ -857,7 +879,7 @@ async fn run_once(
     let (environments, environment_driver, environment_subscribers) = shared_cache(
         decoded::<Environment>(&client, malformed.clone()),
         (),
-        keep_all,
+        without_last_applied,
         applier.clone(),
         &[Changes::All; 2],
     )?;
@@ -866,7 +888,7 @@ async fn run_once(
     let (pools, pool_driver, pool_subscribers) = shared_cache(
         decoded::<DomainPool>(&client, malformed.clone()),
         (),
-        keep_all,
+        without_last_applied,
         applier.clone(),
         &[Changes::Spec, Changes::Spec, Changes::All, Changes::Spec],
     )?;
@@ -879,7 +901,7 @@ async fn run_once(
     let (cluster_registries, cluster_registry_driver, cr_subscribers) = shared_cache(
         decoded::<ClusterRegistry>(&client, malformed.clone()),
         (),
-        keep_all,
+        without_last_applied,
         applier.clone(),
         &[Changes::All; 3],
     )?;
@@ -887,7 +909,7 @@ async fn run_once(
     let (registries, registry_driver, registry_subscribers) = shared_cache(
         decoded::<Registry>(&client, malformed),
         (),
-        keep_all,
+        without_last_applied,
         applier.clone(),
         &[Changes::All; 3],
     )?;
@@ -1170,6 +1192,7 @@ async fn run_once(
         stores.clone(),
         metrics.clone(),
         git.clone(),
+        events,
     );
     ctx.pod_security_default = config.pod_security;
     ctx.build_pods = config.build_pods.clone();
@@ -1815,6 +1838,35 @@ impl<K: Resource> NamespaceAndName for Arc<PartialObjectMeta<K>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubectls_copy_of_a_project_is_not_cached_and_kapsas_annotations_are() {
+        let mut project: Project = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kapsa.dev/v1alpha1", "kind": "Project",
+            "metadata": {"name": "shop", "annotations": {
+                LAST_APPLIED: "{\"spec\":{\"a\":\"whole copy\"}}",
+                "kapsa.dev/keep": "true",
+            }},
+            "spec": {"source": {"git": {"url": "https://git.example.com/shop.git"}},
+                "registryRef": {"name": "r"}},
+        }))
+        .unwrap();
+        without_last_applied(&mut project);
+        assert_eq!(
+            project.metadata.annotations,
+            Some([("kapsa.dev/keep".to_string(), "true".to_string())].into())
+        );
+        // Only that annotation: none left means none at all.
+        let mut environment: Environment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kapsa.dev/v1alpha1", "kind": "Environment",
+            "metadata": {"name": "production", "namespace": "shop",
+                "annotations": {LAST_APPLIED: "{}"}},
+            "spec": {"project": "shop", "type": "Production", "branch": "main"},
+        }))
+        .unwrap();
+        without_last_applied(&mut environment);
+        assert_eq!(environment.metadata.annotations, None);
+    }
 
     #[test]
     fn a_projects_child_maps_to_the_cluster_scoped_project() {
