@@ -97,12 +97,30 @@ pub struct Applier {
 /// A creation sent in the background.
 enum Background {
     InFlight,
-    /// It failed; the owner's next reconcile reports the error.
-    Failed(Error),
-    /// It failed and was reported: applied in the reconcile from now on,
-    /// like any other child, until it is accepted (so a refusal stays
-    /// reported instead of coming and going with each background try).
-    Inline,
+    /// It failed (at that time); the owner's next reconcile reports the
+    /// error.
+    Failed(Error, Instant),
+    /// It failed and was reported (last at that time): applied in the
+    /// reconcile from now on, like any other child, until it is accepted (so
+    /// a refusal stays reported instead of coming and going with each
+    /// background try).
+    Inline(Instant),
+}
+
+/// A failure no reconcile came for in this long is forgotten: its owner was
+/// deleted (or no longer wants the object). Forgetting one that was still
+/// wanted costs one background try more.
+const STALE_FAILURE: Duration = Duration::from_secs(60 * 60);
+
+/// Forgets the failures older than [`STALE_FAILURE`] at `now` (entries in
+/// flight always end by themselves).
+fn forget_stale(background: &mut HashMap<String, Background>, now: Instant) {
+    background.retain(|_, entry| match entry {
+        Background::InFlight => true,
+        Background::Failed(_, at) | Background::Inline(at) => {
+            now.saturating_duration_since(*at) < STALE_FAILURE
+        }
+    });
 }
 
 /// Wakes the reconciler of the object a background creation was for, when
@@ -171,12 +189,12 @@ impl Applier {
                     background.insert(key, Background::InFlight);
                     return Ok(false);
                 }
-                Some(Background::Failed(error)) => {
-                    background.insert(key, Background::Inline);
+                Some(Background::Failed(error, _)) => {
+                    background.insert(key, Background::Inline(Instant::now()));
                     return Err(error);
                 }
-                Some(Background::Inline) => {
-                    background.insert(key.clone(), Background::Inline);
+                Some(Background::Inline(_)) => {
+                    background.insert(key.clone(), Background::Inline(Instant::now()));
                     true
                 }
                 None => {
@@ -214,7 +232,9 @@ impl Applier {
                 }
                 Err(error) => {
                     tracing::debug!(object = %key, %error, "background creation failed");
-                    background.insert(key, Background::Failed(error));
+                    let now = Instant::now();
+                    forget_stale(&mut background, now);
+                    background.insert(key, Background::Failed(error, now));
                     drop(background);
                     wake();
                 }
@@ -429,6 +449,32 @@ fn params() -> PatchParams {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn failures_no_reconcile_came_for_are_forgotten() {
+        let start = Instant::now();
+        let failed = || {
+            Background::Failed(
+                Error::Serialization(serde_json::from_str::<Value>("{").unwrap_err()),
+                start,
+            )
+        };
+        let mut background = HashMap::from([
+            ("in-flight".to_string(), Background::InFlight),
+            ("failed".to_string(), failed()),
+            ("inline".to_string(), Background::Inline(start)),
+            (
+                "inline-recent".to_string(),
+                Background::Inline(start + STALE_FAILURE),
+            ),
+        ]);
+        forget_stale(&mut background, start + STALE_FAILURE / 2);
+        assert_eq!(background.len(), 4);
+        forget_stale(&mut background, start + STALE_FAILURE);
+        let mut left: Vec<_> = background.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["in-flight", "inline-recent"]);
+    }
 
     #[test]
     fn extra_fields_in_the_cluster_do_not_count() {
