@@ -90,8 +90,9 @@ pub struct Applier {
     /// well (then the cache's watch event wakes the owner) or until the
     /// owner's next reconcile takes their error.
     background: Mutex<HashMap<String, Background>>,
-    /// Bounds the background creations in flight at once.
-    creations: Arc<tokio::sync::Semaphore>,
+    /// Bounds the background creations in flight at once, in all and per
+    /// namespace.
+    creations: Arc<Creations>,
 }
 
 /// A creation sent in the background.
@@ -134,6 +135,84 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 /// only take the API server's request slots from Kapsa's other writes.
 const BACKGROUND_CREATIONS: usize = 8;
 
+/// Background creations of one namespace (one tenant's) in flight or waiting
+/// for one of the [`BACKGROUND_CREATIONS`] at once: a tenant that makes
+/// hundreds of Services queues them behind each other, not in front of
+/// every other tenant's.
+const NAMESPACE_CREATIONS: usize = 2;
+
+/// The slots of background creations: a few in all, fewer per namespace.
+struct Creations {
+    all: Arc<tokio::sync::Semaphore>,
+    per_namespace: usize,
+    /// A namespace's semaphore exists while one of its creations holds or
+    /// waits for a slot.
+    namespaces: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// A slot of [`Creations`], given back when dropped.
+struct CreationSlot {
+    creations: Arc<Creations>,
+    namespace: String,
+    permits: Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
+}
+
+impl Creations {
+    fn new(all: usize, per_namespace: usize) -> Self {
+        Self {
+            all: Arc::new(tokio::sync::Semaphore::new(all)),
+            per_namespace,
+            namespaces: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a slot of `namespace`'s, then for one of all: a creation
+    /// waiting for its namespace holds none of the shared slots.
+    async fn slot(self: &Arc<Self>, namespace: &str) -> CreationSlot {
+        let own = self
+            .namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(namespace.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_namespace)))
+            .clone();
+        let mut slot = CreationSlot {
+            creations: self.clone(),
+            namespace: namespace.to_string(),
+            permits: None,
+        };
+        // Neither semaphore is ever closed.
+        if let Ok(own) = own.acquire_owned().await
+            && let Ok(shared) = self.all.clone().acquire_owned().await
+        {
+            slot.permits = Some((own, shared));
+        }
+        slot
+    }
+}
+
+impl Drop for CreationSlot {
+    fn drop(&mut self) {
+        self.permits = None;
+        let mut namespaces = self
+            .creations
+            .namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Only the map holds it: no creation of that namespace holds or
+        // waits for a slot (every clone is made under this lock).
+        if namespaces
+            .get(&self.namespace)
+            .is_some_and(|own| Arc::strong_count(own) == 1)
+        {
+            namespaces.remove(&self.namespace);
+        }
+    }
+}
+
 /// Entries kept at most; past that the memory is dropped (it only saves writes).
 const MAX_REMEMBERED: usize = 50_000;
 
@@ -157,7 +236,7 @@ impl Applier {
             metrics,
             answered: Mutex::new(HashMap::new()),
             background: Mutex::new(HashMap::new()),
-            creations: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_CREATIONS)),
+            creations: Arc::new(Creations::new(BACKGROUND_CREATIONS, NAMESPACE_CREATIONS)),
         }
     }
 
@@ -219,7 +298,17 @@ impl Applier {
         let applier = self.clone();
         let child = child.clone();
         tokio::spawn(async move {
-            let permit = applier.creations.clone().acquire_owned().await;
+            let permit = applier
+                .creations
+                .slot(
+                    child
+                        .object
+                        .metadata
+                        .namespace
+                        .as_deref()
+                        .unwrap_or_default(),
+                )
+                .await;
             let result = applier.apply(&child, None).await;
             drop(permit);
             let mut background = applier
@@ -449,6 +538,34 @@ fn params() -> PatchParams {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn one_namespace_cannot_take_every_creation_slot() {
+        let creations = Arc::new(Creations::new(3, 2));
+        let a1 = creations.slot("a").await;
+        let a2 = creations.slot("a").await;
+        // A third of a's waits for a's own slot, holding no shared one...
+        let a3 = tokio::spawn({
+            let creations = creations.clone();
+            async move { creations.slot("a").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!a3.is_finished());
+        assert_eq!(creations.all.available_permits(), 1);
+        // ... so b gets the last one at once.
+        let b = tokio::time::timeout(Duration::from_secs(1), creations.slot("b"))
+            .await
+            .expect("another namespace is not queued behind a's");
+        drop(a1);
+        let a3 = tokio::time::timeout(Duration::from_secs(1), a3)
+            .await
+            .unwrap()
+            .unwrap();
+        drop((a2, a3, b));
+        // Nothing held or waiting: no namespace is remembered.
+        assert!(creations.namespaces.lock().unwrap().is_empty());
+        assert_eq!(creations.all.available_permits(), 3);
+    }
 
     #[test]
     fn failures_no_reconcile_came_for_are_forgotten() {
