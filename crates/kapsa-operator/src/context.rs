@@ -77,6 +77,8 @@ pub struct Stores {
     pub listener_sets: CompactStore<DynamicObject>,
     /// Which optional APIs the cluster serves (found at start-up).
     pub installed: Installed,
+    /// Which caches have had their first full listing.
+    pub readiness: crate::synced::Readiness,
 }
 
 /// The optional APIs Kapsa integrates with, as discovered at start-up.
@@ -99,68 +101,12 @@ impl Stores {
     /// watches may need. (kpack's and cert-manager's caches count only
     /// where those are installed: elsewhere they never fill.)
     pub fn ready(&self) -> bool {
-        self.unsynced().is_empty()
+        self.readiness.ready()
     }
 
     /// The caches that have not had their first full listing yet.
     pub fn unsynced(&self) -> Vec<&'static str> {
-        use futures::FutureExt;
-        fn filled<K>(store: &Store<K>) -> bool
-        where
-            K: Resource + Clone + 'static,
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            store.wait_until_ready().now_or_never().is_some()
-        }
-        let Installed {
-            kpack,
-            cert_manager,
-            prometheus_operator,
-            gateway_api,
-        } = self.installed;
-        [
-            ("projects", filled(&self.projects)),
-            ("environments", filled(&self.environments)),
-            ("domainpools", filled(&self.pools)),
-            ("serviceaccounts", filled(&self.service_accounts)),
-            ("roles", filled(&self.roles)),
-            ("rolebindings", filled(&self.role_bindings)),
-            ("secrets", filled(&self.secrets)),
-            ("git secrets", filled(&self.git_secrets)),
-            ("resourcequotas", filled(&self.quotas)),
-            ("deployments", filled(&self.deployments)),
-            ("services", filled(&self.services)),
-            ("ingresses", filled(&self.ingresses)),
-            ("jobs", filled(&self.jobs)),
-            ("build pods", filled(&self.build_pods)),
-            ("ingress hosts", filled(&self.ingress_hosts)),
-            ("clusterregistries", filled(&self.cluster_registries)),
-            ("registries", filled(&self.registries)),
-            ("namespaces", filled(&self.namespaces)),
-            ("secret metadata", filled(&self.secret_metadata)),
-            ("configmap metadata", filled(&self.config_map_metadata)),
-            ("kpack images", !kpack || filled(&self.images)),
-            (
-                "kpack clusterbuilders",
-                !kpack || filled(&self.cluster_builders),
-            ),
-            ("kpack builders", !kpack || filled(&self.builders)),
-            ("certificates", !cert_manager || filled(&self.certificates)),
-            (
-                "clusterissuers",
-                !cert_manager || filled(&self.cluster_issuers),
-            ),
-            (
-                "servicemonitors",
-                !prometheus_operator || filled(&self.service_monitors),
-            ),
-            ("httproutes", !gateway_api || filled(&self.http_routes)),
-            ("listenersets", !gateway_api || filled(&self.listener_sets)),
-        ]
-        .into_iter()
-        .filter(|(_, synced)| !synced)
-        .map(|(name, _)| name)
-        .collect()
+        self.readiness.unsynced()
     }
 }
 

@@ -31,5 +31,6 @@ pub mod references;
 pub mod resources;
 pub mod run;
 pub mod status;
+pub mod synced;
 
 pub use run::{OperatorConfig, run};

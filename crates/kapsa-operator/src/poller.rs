@@ -229,8 +229,9 @@ pub struct PollerConfig {
 
 /// Runs the poller until the process ends. `trigger` feeds the Project
 /// controller's `reconcile_on`; `changes` is a subscription to the Project
-/// cache (every applied and deleted Project); `hosts` says which internal
-/// addresses git URLs may reach.
+/// cache (every applied and deleted Project); `filled` are the Project and
+/// Namespace caches' flags; `hosts` says which internal addresses git URLs
+/// may reach.
 ///
 /// Idle costs nothing per Project: the Projects are gone over only after
 /// the cache changed (at most every [`TICK`]), to start and forget their
@@ -239,6 +240,7 @@ pub struct PollerConfig {
 pub async fn run(
     client: Client,
     stores: Stores,
+    filled: [crate::synced::Synced; 2],
     state: Arc<GitState>,
     metrics: Arc<Metrics>,
     trigger: mpsc::Sender<ObjectRef<Project>>,
@@ -253,8 +255,9 @@ pub async fn run(
     // subscribers.
     {
         let filled = async {
-            let _ = stores.projects.wait_until_ready().await;
-            let _ = stores.namespaces.wait_until_ready().await;
+            for cache in filled {
+                cache.wait().await;
+            }
         };
         tokio::pin!(filled);
         loop {

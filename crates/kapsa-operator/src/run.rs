@@ -41,6 +41,7 @@ use crate::resources::environment::{
     listener_set_api_resource, service_monitor_api_resource,
 };
 use crate::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::synced::{Readiness, Synced};
 use crate::{controllers, poller};
 
 /// How the operator runs.
@@ -319,13 +320,14 @@ fn cache<K>(
     trim: fn(&mut K),
     applier: Arc<Applier>,
     owners: Option<Owners>,
-) -> (Store<K>, BoxStream<Result<K, watcher::Error>>)
+) -> (Store<K>, Synced, BoxStream<Result<K, watcher::Error>>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
+    let (synced, mark) = Synced::new();
     let events = watcher(api, config).backoff(watch_backoff());
     let events: EventStream<K> = match owners {
         None => events.boxed(),
@@ -353,12 +355,17 @@ where
             trim(o);
         })
         .reflect(writer)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                mark.set();
+            }
+        })
         // Deletes too: a child deleted by hand brings its owner back at once.
         .touched_objects()
         // The watcher retries by itself (its backoff); its errors, logged
         // above, are not passed on to the controller.
         .filter(|item| futures::future::ready(item.is_ok()));
-    (reader, stream.boxed())
+    (reader, synced, stream.boxed())
 }
 
 /// Kapsa's Projects and Environments, to check that an object claiming to be
@@ -367,6 +374,8 @@ where
 struct Owners {
     projects: Store<Project>,
     environments: Store<Environment>,
+    projects_synced: Synced,
+    environments_synced: Synced,
 }
 
 impl Owners {
@@ -391,15 +400,7 @@ impl Owners {
         // Until Projects and Environments are listed, an owner cannot be
         // looked up: Kapsa's label and owner reference must do. That is the
         // start-up listing only; afterwards every owner is checked.
-        let starting = {
-            use futures::FutureExt;
-            self.projects.wait_until_ready().now_or_never().is_none()
-                || self
-                    .environments
-                    .wait_until_ready()
-                    .now_or_never()
-                    .is_none()
-        };
+        let starting = !self.projects_synced.is_synced() || !self.environments_synced.is_synced();
         let uid_matches = |uid: Option<String>| uid.as_deref() == Some(owner.uid.as_str());
         match owner.kind.as_str() {
             "Environment" => {
@@ -462,13 +463,14 @@ fn shared_cache<K>(
     trim: fn(&mut K),
     applier: Arc<Applier>,
     subscribers: &[Changes],
-) -> anyhow::Result<(Store<K>, BoxFuture, Vec<BoxStream<Arc<K>>>)>
+) -> anyhow::Result<(Store<K>, Synced, BoxFuture, Vec<BoxStream<Arc<K>>>)>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
 {
     let writer = reflector::store::Writer::new_shared(1024, dyntype);
     let store = writer.as_reader();
+    let (synced, mark) = Synced::new();
     // Subscribers hear of applied objects only; deletes (a pool removed, a
     // production Environment deleted by hand) are sent alongside.
     let mut senders = Vec::with_capacity(subscribers.len());
@@ -507,8 +509,13 @@ where
             }
         })
         .reflect_shared(writer)
-        .for_each(|_| async {});
-    Ok((store, Box::pin(driver), streams))
+        .for_each(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                mark.set();
+            }
+            async {}
+        });
+    Ok((store, synced, Box::pin(driver), streams))
 }
 
 /// Which changes of a [`shared_cache`]'s objects one subscriber hears of
@@ -862,7 +869,7 @@ async fn run_once(
         std::env::var("POD_NAME").ok(),
     ));
     let (malformed, malformed_publisher) = Malformed::new(events.clone());
-    let (projects, project_driver, projects_subscribers) = shared_cache(
+    let (projects, projects_synced, project_driver, projects_subscribers) = shared_cache(
         decoded::<Project>(&client, malformed.clone()),
         (),
         without_last_applied,
@@ -876,16 +883,17 @@ async fn run_once(
         projects_for_poller,
         projects_for_hosts,
     ] = subscribers(projects_subscribers)?;
-    let (environments, environment_driver, environment_subscribers) = shared_cache(
-        decoded::<Environment>(&client, malformed.clone()),
-        (),
-        without_last_applied,
-        applier.clone(),
-        &[Changes::All; 2],
-    )?;
+    let (environments, environments_synced, environment_driver, environment_subscribers) =
+        shared_cache(
+            decoded::<Environment>(&client, malformed.clone()),
+            (),
+            without_last_applied,
+            applier.clone(),
+            &[Changes::All; 2],
+        )?;
     let [environments_for_environments, environments_for_projects] =
         subscribers(environment_subscribers)?;
-    let (pools, pool_driver, pool_subscribers) = shared_cache(
+    let (pools, pools_synced, pool_driver, pool_subscribers) = shared_cache(
         decoded::<DomainPool>(&client, malformed.clone()),
         (),
         without_last_applied,
@@ -898,15 +906,16 @@ async fn run_once(
         pools_for_pools,
         pools_for_hosts,
     ] = subscribers(pool_subscribers)?;
-    let (cluster_registries, cluster_registry_driver, cr_subscribers) = shared_cache(
-        decoded::<ClusterRegistry>(&client, malformed.clone()),
-        (),
-        without_last_applied,
-        applier.clone(),
-        &[Changes::All; 3],
-    )?;
+    let (cluster_registries, cluster_registries_synced, cluster_registry_driver, cr_subscribers) =
+        shared_cache(
+            decoded::<ClusterRegistry>(&client, malformed.clone()),
+            (),
+            without_last_applied,
+            applier.clone(),
+            &[Changes::All; 3],
+        )?;
     let [cr_for_projects, cr_for_environments, cr_for_registries] = subscribers(cr_subscribers)?;
-    let (registries, registry_driver, registry_subscribers) = shared_cache(
+    let (registries, registries_synced, registry_driver, registry_subscribers) = shared_cache(
         decoded::<Registry>(&client, malformed),
         (),
         without_last_applied,
@@ -919,23 +928,24 @@ async fn run_once(
         registries_for_registries,
     ] = subscribers(registry_subscribers)?;
     // Secrets and ConfigMaps: metadata only (never a cache of Secret data).
-    let (secret_metadata, secret_metadata_driver, secret_subscribers) = shared_cache(
-        watch(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-        (),
-        metadata_only,
-        applier.clone(),
-        &[Changes::All; 4],
-    )?;
+    let (secret_metadata, secret_metadata_synced, secret_metadata_driver, secret_subscribers) =
+        shared_cache(
+            watch(
+                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+            (),
+            metadata_only,
+            applier.clone(),
+            &[Changes::All; 4],
+        )?;
     let [
         secrets_for_projects,
         secrets_for_environments,
         secrets_for_cluster_registries,
         secrets_for_registries,
     ] = subscribers(secret_subscribers)?;
-    let (config_map_metadata, config_map_stream) = cache(
+    let (config_map_metadata, config_map_metadata_synced, config_map_stream) = cache(
         Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
         watcher::Config::default(),
         ApiResource::erase::<ConfigMap>(&()),
@@ -944,7 +954,7 @@ async fn run_once(
         applier.clone(),
         None,
     );
-    let (namespaces, namespace_stream) = cache(
+    let (namespaces, namespaces_synced, namespace_stream) = cache(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
         ApiResource::erase::<Namespace>(&()),
@@ -958,6 +968,8 @@ async fn run_once(
     let owners = Owners {
         projects: projects.clone(),
         environments: environments.clone(),
+        projects_synced: projects_synced.clone(),
+        environments_synced: environments_synced.clone(),
     };
     // Held compact (JSON, decoded when read): these are most of the cached
     // objects, a few per Project.
@@ -977,33 +989,33 @@ async fn run_once(
             managed_cache!($kind, managed())
         };
     }
-    let (service_accounts, sa_stream) = managed_cache!(ServiceAccount);
-    let (roles, role_stream) = managed_cache!(Role);
-    let (role_bindings, binding_stream) = managed_cache!(RoleBinding);
+    let (service_accounts, service_accounts_synced, sa_stream) = managed_cache!(ServiceAccount);
+    let (roles, roles_synced, role_stream) = managed_cache!(Role);
+    let (role_bindings, role_bindings_synced, binding_stream) = managed_cache!(RoleBinding);
     // Of Secrets only Kapsa's copies, by name: no tenant can make Kapsa
     // cache other Secrets, whatever labels they carry.
-    let (secrets, secret_stream) = managed_cache!(
+    let (secrets, secrets_synced, secret_stream) = managed_cache!(
         Secret,
         managed().fields(&format!(
             "metadata.name={}",
             crate::resources::project::REGISTRY_SECRET
         ))
     );
-    let (git_secrets, git_secret_stream) = managed_cache!(
+    let (git_secrets, git_secrets_synced, git_secret_stream) = managed_cache!(
         Secret,
         managed().fields(&format!(
             "metadata.name={}",
             crate::resources::project::GIT_SECRET
         ))
     );
-    let (quotas, quota_stream) = managed_cache!(ResourceQuota);
-    let (deployments, deployment_stream) = managed_cache!(Deployment);
-    let (services, service_stream) = managed_cache!(Service);
-    let (ingresses, ingress_stream) = managed_cache!(Ingress);
+    let (quotas, quotas_synced, quota_stream) = managed_cache!(ResourceQuota);
+    let (deployments, deployments_synced, deployment_stream) = managed_cache!(Deployment);
+    let (services, services_synced, service_stream) = managed_cache!(Service);
+    let (ingresses, ingresses_synced, ingress_stream) = managed_cache!(Ingress);
     // Dockerfile builds: their Jobs (controlled by the Project, in build
     // namespaces) and their Pods, trimmed to what the build reported.
     // (Whole: their labels are read, and there are few.)
-    let (jobs, job_stream) = cache(
+    let (jobs, jobs_synced, job_stream) = cache(
         Api::<Job>::all(client.clone()),
         managed().labels(&format!(
             "{}={}",
@@ -1016,7 +1028,7 @@ async fn run_once(
         applier.clone(),
         Some(owners.clone()),
     );
-    let (build_pods, build_pod_stream) = cache(
+    let (build_pods, build_pods_synced, build_pod_stream) = cache(
         Api::<Pod>::all(client.clone()),
         managed().labels(&format!(
             "{}={}",
@@ -1030,7 +1042,7 @@ async fn run_once(
         None,
     );
     // Every Ingress's hosts (allocation skips hosts others already route).
-    let (ingress_hosts, ingress_hosts_stream) = cache(
+    let (ingress_hosts, ingress_hosts_synced, ingress_hosts_stream) = cache(
         Api::<Ingress>::all(client.clone()),
         watcher::Config::default(),
         ApiResource::erase::<Ingress>(&()),
@@ -1044,7 +1056,7 @@ async fn run_once(
     let cluster_builder_resource =
         kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::ClusterBuilder);
     let builder_resource = kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::Builder);
-    let (images, image_stream) = cache(
+    let (images, images_synced, image_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &image_resource),
         managed(),
         image_resource.clone(),
@@ -1053,7 +1065,7 @@ async fn run_once(
         applier.clone(),
         Some(owners.clone()),
     );
-    let (cluster_builders, cluster_builder_stream) = cache(
+    let (cluster_builders, cluster_builders_synced, cluster_builder_stream) = cache(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(
             client.clone(),
             &cluster_builder_resource,
@@ -1065,7 +1077,7 @@ async fn run_once(
         applier.clone(),
         None,
     );
-    let (builders, builder_stream) = cache(
+    let (builders, builders_synced, builder_stream) = cache(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &builder_resource),
         watcher::Config::default(),
         builder_resource.clone(),
@@ -1075,7 +1087,7 @@ async fn run_once(
         None,
     );
     let cluster_issuer_resource = kapsa_api::external::cert_manager_cluster_issuer();
-    let (cluster_issuers, cluster_issuer_stream) = cache(
+    let (cluster_issuers, cluster_issuers_synced, cluster_issuer_stream) = cache(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &cluster_issuer_resource),
         watcher::Config::default(),
         cluster_issuer_resource.clone(),
@@ -1091,7 +1103,7 @@ async fn run_once(
     };
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
-    let (certificates, certificate_stream) = cache(
+    let (certificates, certificates_synced, certificate_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &certificate_resource),
         watcher::Config::default(),
         certificate_resource.clone(),
@@ -1100,7 +1112,7 @@ async fn run_once(
         applier.clone(),
         None,
     );
-    let (service_monitors, service_monitor_stream) = cache(
+    let (service_monitors, service_monitors_synced, service_monitor_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &service_monitor_resource),
         managed(),
         service_monitor_resource.clone(),
@@ -1111,7 +1123,7 @@ async fn run_once(
     );
     // Gateway API: the Environments' HTTPRoutes and the Projects'
     // ListenerSets, watched only where installed.
-    let (http_routes, http_route_stream) = cache(
+    let (http_routes, http_routes_synced, http_route_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &http_route_resource),
         managed(),
         http_route_resource.clone(),
@@ -1120,7 +1132,7 @@ async fn run_once(
         applier.clone(),
         Some(owners.clone()),
     );
-    let (listener_sets, listener_set_stream) = cache(
+    let (listener_sets, listener_sets_synced, listener_set_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &listener_set_resource),
         managed(),
         listener_set_resource.clone(),
@@ -1153,6 +1165,56 @@ async fn run_once(
         )
     };
 
+    // Optional APIs' caches count only where those are installed:
+    // elsewhere they never fill.
+    let readiness = Readiness::new(
+        [
+            ("projects", projects_synced.clone(), true),
+            ("environments", environments_synced, true),
+            ("domainpools", pools_synced, true),
+            ("serviceaccounts", service_accounts_synced, true),
+            ("roles", roles_synced, true),
+            ("rolebindings", role_bindings_synced, true),
+            ("secrets", secrets_synced, true),
+            ("git secrets", git_secrets_synced, true),
+            ("resourcequotas", quotas_synced, true),
+            ("deployments", deployments_synced, true),
+            ("services", services_synced, true),
+            ("ingresses", ingresses_synced, true),
+            ("jobs", jobs_synced, true),
+            ("build pods", build_pods_synced, true),
+            ("ingress hosts", ingress_hosts_synced, true),
+            ("clusterregistries", cluster_registries_synced, true),
+            ("registries", registries_synced, true),
+            ("namespaces", namespaces_synced.clone(), true),
+            ("secret metadata", secret_metadata_synced, true),
+            ("configmap metadata", config_map_metadata_synced, true),
+            ("kpack images", images_synced, installed.kpack),
+            (
+                "kpack clusterbuilders",
+                cluster_builders_synced,
+                installed.kpack,
+            ),
+            ("kpack builders", builders_synced, installed.kpack),
+            ("certificates", certificates_synced, installed.cert_manager),
+            (
+                "clusterissuers",
+                cluster_issuers_synced,
+                installed.cert_manager,
+            ),
+            (
+                "servicemonitors",
+                service_monitors_synced,
+                installed.prometheus_operator,
+            ),
+            ("httproutes", http_routes_synced, installed.gateway_api),
+            ("listenersets", listener_sets_synced, installed.gateway_api),
+        ]
+        .into_iter()
+        .filter(|(_, _, counts)| *counts)
+        .map(|(name, synced, _)| (name, synced))
+        .collect(),
+    );
     let stores = Stores {
         projects: projects.clone(),
         environments: environments.clone(),
@@ -1183,6 +1245,7 @@ async fn run_once(
         jobs,
         build_pods,
         installed,
+        readiness,
     };
     health.set_stores(stores.clone());
     let git = Arc::new(GitState::default());
@@ -1410,6 +1473,7 @@ async fn run_once(
     let poller = poller::run(
         client.clone(),
         stores,
+        [projects_synced, namespaces_synced],
         git,
         metrics,
         poll_tx,
