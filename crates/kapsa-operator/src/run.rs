@@ -1483,31 +1483,39 @@ async fn run_once(
             max_interval: config.max_poll_interval,
         },
     );
-    let drivers = futures::future::join_all([
-        host_owners,
-        project_driver,
-        environment_driver,
-        pool_driver,
-        cluster_registry_driver,
-        registry_driver,
-        secret_metadata_driver,
-        malformed_publisher,
-    ]);
     tracing::info!("Kapsa operator running");
     let stopping = stop.clone();
+    // Each loop is a task of its own, polled by the runtime's workers where
+    // its I/O wakes it, not by the thread that polls this function (every
+    // wake-up of a loop inside this future was a hand-off to that thread:
+    // most of an idle operator's CPU, in the kernel).
+    let drivers = futures::future::join_all(
+        [
+            host_owners,
+            project_driver,
+            environment_driver,
+            pool_driver,
+            cluster_registry_driver,
+            registry_driver,
+            secret_metadata_driver,
+            malformed_publisher,
+        ]
+        .map(Task::spawn),
+    );
+    let controllers = futures::future::join_all([
+        Task::spawn(project_controller),
+        Task::spawn(environment_controller),
+        Task::spawn(pool_controller),
+        Task::spawn(cluster_registry_controller),
+        Task::spawn(registry_controller),
+    ]);
+    let poller = Task::spawn(poller);
     tokio::select! {
-        _ = async {
-            tokio::join!(
-                project_controller,
-                environment_controller,
-                pool_controller,
-                cluster_registry_controller,
-                registry_controller
-            )
-        } => {}
+        _ = controllers => {}
         _ = poller => {}
         _ = drivers => {}
     }
+    // Dropped here: every task still running is aborted.
     // The controllers end only on shutdown; anything else ending is a dead loop.
     if futures::FutureExt::now_or_never(stopping).is_none() {
         tracing::error!("a controller loop stopped; /healthz reports it");
@@ -1517,6 +1525,37 @@ async fn run_once(
     }
     tracing::info!("Kapsa operator stopped");
     Ok(Ended::Stopped)
+}
+
+/// One of the operator's loops, running as a task of its own; it ends when
+/// the loop ends (a panic in it goes on in the caller, as if the loop were
+/// polled there), and is aborted when dropped.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Task {
+    fn spawn(future: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(future))
+    }
+}
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::task::ready!(Pin::new(&mut self.0).poll(cx)) {
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Ok(()) | Err(_) => std::task::Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Logs what the controller machinery reports besides reconcile errors
