@@ -229,9 +229,8 @@ pub struct PollerConfig {
 
 /// Runs the poller until the process ends. `trigger` feeds the Project
 /// controller's `reconcile_on`; `changes` is a subscription to the Project
-/// cache (every applied and deleted Project); `filled` are the Project and
-/// Namespace caches' flags; `hosts` says which internal addresses git URLs
-/// may reach.
+/// cache (every applied and deleted Project); `hosts` says which internal
+/// addresses git URLs may reach.
 ///
 /// Idle costs nothing per Project: the Projects are gone over only after
 /// the cache changed (at most every [`TICK`]), to start and forget their
@@ -240,7 +239,6 @@ pub struct PollerConfig {
 pub async fn run(
     client: Client,
     stores: Stores,
-    filled: [crate::synced::Synced; 2],
     state: Arc<GitState>,
     metrics: Arc<Metrics>,
     trigger: mpsc::Sender<ObjectRef<Project>>,
@@ -254,11 +252,8 @@ pub async fn run(
     // The subscription is drained meanwhile: the cache waits for its
     // subscribers.
     {
-        let filled = async {
-            for cache in filled {
-                cache.wait().await;
-            }
-        };
+        let readiness = stores.readiness.clone();
+        let filled = readiness.wait_for(&["projects", "namespaces"]);
         tokio::pin!(filled);
         loop {
             tokio::select! {

@@ -1169,7 +1169,7 @@ async fn run_once(
     // elsewhere they never fill.
     let readiness = Readiness::new(
         [
-            ("projects", projects_synced.clone(), true),
+            ("projects", projects_synced, true),
             ("environments", environments_synced, true),
             ("domainpools", pools_synced, true),
             ("serviceaccounts", service_accounts_synced, true),
@@ -1186,7 +1186,7 @@ async fn run_once(
             ("ingress hosts", ingress_hosts_synced, true),
             ("clusterregistries", cluster_registries_synced, true),
             ("registries", registries_synced, true),
-            ("namespaces", namespaces_synced.clone(), true),
+            ("namespaces", namespaces_synced, true),
             ("secret metadata", secret_metadata_synced, true),
             ("configmap metadata", config_map_metadata_synced, true),
             ("kpack images", images_synced, installed.kpack),
@@ -1473,7 +1473,6 @@ async fn run_once(
     let poller = poller::run(
         client.clone(),
         stores,
-        [projects_synced, namespaces_synced],
         git,
         metrics,
         poll_tx,

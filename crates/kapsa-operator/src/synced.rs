@@ -67,6 +67,17 @@ impl Readiness {
         self.0.iter().all(|(_, synced)| synced.is_synced())
     }
 
+    /// Waits until the named caches have had their first full listing.
+    pub async fn wait_for(&self, names: &[&str]) {
+        for name in names {
+            let flag = self.0.iter().find(|(n, _)| n == name);
+            debug_assert!(flag.is_some(), "no cache named {name}");
+            if let Some((_, synced)) = flag {
+                synced.wait().await;
+            }
+        }
+    }
+
     /// The caches that have not had their first full listing yet.
     pub fn unsynced(&self) -> Vec<&'static str> {
         self.0
@@ -112,7 +123,7 @@ mod tests {
     #[tokio::test]
     async fn readiness_names_the_caches_not_filled_yet() {
         let (projects, projects_mark) = Synced::new();
-        let (namespaces, _namespaces_mark) = Synced::new();
+        let (namespaces, namespaces_mark) = Synced::new();
         let readiness = Readiness::new(vec![("projects", projects), ("namespaces", namespaces)]);
         assert_eq!(readiness.unsynced(), ["projects", "namespaces"]);
         assert!(!readiness.ready());
@@ -120,6 +131,11 @@ mod tests {
         assert_eq!(readiness.unsynced(), ["namespaces"]);
         assert!(!readiness.ready());
         assert!(Readiness::default().ready(), "nothing to wait for");
+        let both = readiness.wait_for(&["projects", "namespaces"]);
+        tokio::pin!(both);
+        assert!((&mut both).now_or_never().is_none());
+        namespaces_mark.set();
+        assert!(both.now_or_never().is_some());
     }
 
     #[tokio::test]
