@@ -355,11 +355,7 @@ where
             trim(o);
         })
         .reflect(writer)
-        .inspect_ok(move |event| {
-            if matches!(event, watcher::Event::InitDone) {
-                mark.set();
-            }
-        })
+        .inspect_ok(move |event| mark.seen(event))
         // Deletes too: a child deleted by hand brings its owner back at once.
         .touched_objects()
         // The watcher retries by itself (its backoff); its errors, logged
@@ -509,12 +505,8 @@ where
             }
         })
         .reflect_shared(writer)
-        .for_each(move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                mark.set();
-            }
-            async {}
-        });
+        .inspect_ok(move |event| mark.seen(event))
+        .for_each(|_| async {});
     Ok((store, synced, Box::pin(driver), streams))
 }
 

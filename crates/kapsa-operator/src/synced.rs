@@ -49,6 +49,14 @@ impl MarkSynced {
         self.0
             .send_if_modified(|synced| !std::mem::replace(synced, true));
     }
+
+    /// Marks the cache filled when `event`, already applied to the cache by
+    /// the reflector, ends a listing.
+    pub fn seen<K>(&self, event: &kube::runtime::watcher::Event<K>) {
+        if matches!(event, kube::runtime::watcher::Event::InitDone) {
+            self.set();
+        }
+    }
 }
 
 /// The flags of every cache the reconcilers need filled before they act,
