@@ -285,12 +285,12 @@ pub(crate) fn allowed_addresses(
     port: u16,
     policy: &HostPolicy,
 ) -> Result<Vec<SocketAddr>, GitError> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let resolved: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => (bare, port)
+    let (bare, literal) = bare_host(host);
+    let resolved: Vec<SocketAddr> = match literal {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => (bare, port)
             .to_socket_addrs()
-            .map_err(|e| GitError::Unreachable(format!("cannot resolve {bare}: {e}")))?
+            .map_err(|e| unresolved(bare, e))?
             .collect(),
     };
     checked(bare, resolved, policy)
@@ -303,15 +303,26 @@ pub(crate) async fn allowed_addresses_async(
     port: u16,
     policy: &HostPolicy,
 ) -> Result<Vec<SocketAddr>, GitError> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let resolved: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((bare, port))
+    let (bare, literal) = bare_host(host);
+    let resolved: Vec<SocketAddr> = match literal {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => tokio::net::lookup_host((bare, port))
             .await
-            .map_err(|e| GitError::Unreachable(format!("cannot resolve {bare}: {e}")))?
+            .map_err(|e| unresolved(bare, e))?
             .collect(),
     };
     checked(bare, resolved, policy)
+}
+
+/// The host without an IPv6 literal's brackets, and its address if it is
+/// an address literal (which needs no lookup).
+fn bare_host(host: &str) -> (&str, Option<IpAddr>) {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    (bare, bare.parse().ok())
+}
+
+fn unresolved(bare: &str, error: std::io::Error) -> GitError {
+    GitError::Unreachable(format!("cannot resolve {bare}: {error}"))
 }
 
 /// The addresses `bare` resolved to that `policy` allows, or why none is.
