@@ -86,6 +86,104 @@ async fn lists_branches_and_follows_changes() {
     assert_eq!(heads.branches.len(), 2);
 }
 
+/// With the same options (as the poller keeps them), a protocol-v2 server
+/// is asked for its capabilities once: a later listing is the `ls-refs`
+/// command alone, and it still sees every change.
+#[tokio::test]
+async fn a_v2_server_is_asked_for_its_capabilities_once() {
+    let server = GitServer::start(None).await.unwrap();
+    let repo = server.create_repo("shop").unwrap();
+    let main = repo
+        .commit("main", "README.md", "# shop\n", "initial")
+        .unwrap();
+    let options = loopback(TIMEOUT);
+    let heads = list_branches(repo.url(), None, &options).await.unwrap();
+    assert_eq!(heads.get("main"), Some(main.as_str()));
+    assert_eq!(options.v2_servers.len(), 1);
+
+    let feature = repo
+        .commit("feature/cart", "cart.txt", "cart\n", "cart")
+        .unwrap();
+    let heads = list_branches(repo.url(), None, &options).await.unwrap();
+    assert_eq!(heads.branches, repo.branches().unwrap());
+    assert_eq!(heads.get("feature/cart"), Some(feature.as_str()));
+    assert_eq!(
+        server.requests(),
+        [
+            "GET /shop.git/info/refs?service=git-upload-pack",
+            "POST /shop.git/git-upload-pack",
+            "POST /shop.git/git-upload-pack",
+        ],
+    );
+
+    // Other options (another operator) know nothing of it yet.
+    list_branches(repo.url(), None, &loopback(TIMEOUT))
+        .await
+        .unwrap();
+    assert_eq!(
+        server.requests()[3],
+        "GET /shop.git/info/refs?service=git-upload-pack"
+    );
+}
+
+/// A server that stops speaking v2 answers the remembered command with
+/// something else than refs: the same listing starts over with the
+/// advertisement and lists the branches of the v0 answer; an outage is
+/// the listing's error, and the server is asked for its capabilities
+/// again once it is back.
+#[tokio::test]
+async fn a_server_that_no_longer_speaks_v2_is_listed_from_its_advertisement() {
+    let server = GitServer::start(None).await.unwrap();
+    let repo = server.create_repo("shop").unwrap();
+    let main = repo
+        .commit("main", "README.md", "# shop\n", "initial")
+        .unwrap();
+    let options = loopback(TIMEOUT);
+    list_branches(repo.url(), None, &options).await.unwrap();
+    assert_eq!(options.v2_servers.len(), 1);
+
+    server.set_v0_only(true);
+    let fix = repo.commit("fix-1", "fix.txt", "fix\n", "fix").unwrap();
+    let heads = list_branches(repo.url(), None, &options).await.unwrap();
+    assert_eq!(heads.get("main"), Some(main.as_str()));
+    assert_eq!(heads.get("fix-1"), Some(fix.as_str()));
+    assert_eq!(heads.branches, repo.branches().unwrap());
+    assert_eq!(
+        server.requests()[2..],
+        [
+            "POST /shop.git/git-upload-pack",
+            "GET /shop.git/info/refs?service=git-upload-pack",
+        ],
+    );
+    // A v0 advertisement holds the refs: nothing to remember.
+    assert!(options.v2_servers.is_empty());
+
+    server.set_v0_only(false);
+    list_branches(repo.url(), None, &options).await.unwrap();
+    assert_eq!(options.v2_servers.len(), 1);
+    server.set_down(true);
+    let err = list_branches(repo.url(), None, &options).await.unwrap_err();
+    assert!(matches!(err, GitError::Unreachable(_)), "{err:?}");
+    assert!(err.to_string().contains("503"), "{err}");
+    assert!(options.v2_servers.is_empty());
+    server.set_down(false);
+    list_branches(repo.url(), None, &options).await.unwrap();
+    assert_eq!(
+        server.requests()[4..],
+        [
+            // v2 again: advertisement and command.
+            "GET /shop.git/info/refs?service=git-upload-pack",
+            "POST /shop.git/git-upload-pack",
+            // The outage: the command, then the advertisement.
+            "POST /shop.git/git-upload-pack",
+            "GET /shop.git/info/refs?service=git-upload-pack",
+            // Back: asked for its capabilities again.
+            "GET /shop.git/info/refs?service=git-upload-pack",
+            "POST /shop.git/git-upload-pack",
+        ],
+    );
+}
+
 #[test]
 fn an_http_listing_needs_no_thread_of_the_blocking_pool() {
     // A runtime whose one blocking thread is taken for longer than the

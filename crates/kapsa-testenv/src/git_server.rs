@@ -68,6 +68,9 @@ struct State {
     bytes_served: AtomicU64,
     /// While set, every request gets `503 Service Unavailable`.
     down: std::sync::atomic::AtomicBool,
+    /// While set, the `Git-Protocol` header is not passed on: the server
+    /// speaks protocol v0, as an older git host does.
+    v0_only: std::sync::atomic::AtomicBool,
 }
 
 impl GitServer {
@@ -100,6 +103,7 @@ impl GitServer {
             requests: Mutex::new(Vec::new()),
             bytes_served: AtomicU64::new(0),
             down: Default::default(),
+            v0_only: Default::default(),
         });
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -174,6 +178,13 @@ impl GitServer {
     /// brings it back.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes the server speak protocol v0 only (it no longer hears a
+    /// client's request for v2), as a git host moved to an older server
+    /// would, or v2 again.
+    pub fn set_v0_only(&self, v0_only: bool) {
+        self.state.v0_only.store(v0_only, Ordering::SeqCst);
     }
 
     /// The bytes of every response body served so far (the git data a
@@ -757,7 +768,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     if let Some(v) = content_encoding {
         cmd.env("HTTP_CONTENT_ENCODING", v);
     }
-    if let Some(v) = git_protocol {
+    if let Some(v) = git_protocol
+        && !state.v0_only.load(Ordering::SeqCst)
+    {
         cmd.env("GIT_PROTOCOL", v);
     }
     if let Some(user) = remote_user {

@@ -58,4 +58,5 @@ pub use error::{GitError, MAX_MESSAGE_BYTES, bounded};
 pub use hosts::{AddressClass, HostPolicy, Network, classify};
 pub use limits::{MAX_ADVERTISEMENT_BYTES, MAX_MERGE_CHECK_BYTES, MAX_REFS};
 pub use remote::{ListOptions, RemoteHeads, list_branches};
+pub use smart_http::V2Servers;
 pub use url::kpack_git_annotation;

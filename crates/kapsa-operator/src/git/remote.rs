@@ -69,6 +69,10 @@ pub struct ListOptions {
     pub max_bytes: u64,
     /// The ssh client to run for ssh URLs: `ssh`, found on `PATH`, by default.
     pub ssh_program: std::path::PathBuf,
+    /// The `ls-refs` command of each protocol-v2 server listed before,
+    /// shared by the clones of these options: a later listing of the same
+    /// URL is one request.
+    pub v2_servers: Arc<super::smart_http::V2Servers>,
 }
 
 impl ListOptions {
@@ -80,6 +84,7 @@ impl ListOptions {
             max_refs: MAX_REFS,
             max_bytes: MAX_ADVERTISEMENT_BYTES,
             ssh_program: "ssh".into(),
+            v2_servers: Arc::default(),
         }
     }
 

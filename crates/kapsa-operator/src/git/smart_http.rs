@@ -1,9 +1,10 @@
 //! Listing a remote's branches over smart HTTP on the operator's own runtime.
 //!
-//! A poll of an `http(s)://` repository is two requests at most: the ref
-//! advertisement (`GET info/refs?service=git-upload-pack`, asking for
+//! A first poll of an `http(s)://` repository is two requests at most: the
+//! ref advertisement (`GET info/refs?service=git-upload-pack`, asking for
 //! protocol v2) and, when the server speaks v2, an `ls-refs` command for
-//! `refs/heads/` (`POST git-upload-pack`). Both are made with the shared,
+//! `refs/heads/` (`POST git-upload-pack`). Later polls of a v2 server send
+//! the command alone ([`V2Servers`]). Both are made with the shared,
 //! pinned, redirect-free client of [`remote`](super::remote) and awaited on
 //! the runtime; each response is read chunk by chunk through the listing's
 //! byte [`Budget`], and only then parsed, in memory, by gix's own pkt-line
@@ -18,7 +19,10 @@
 //! server asks for them, and only to the URL's own origin; a server's
 //! response body is never quoted, only its protocol error line (bounded).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use gix::{
     error::ErrorExt,
@@ -81,6 +85,24 @@ pub(super) async fn list(
         timeout: options.timeout,
     };
 
+    let servers = &options.v2_servers;
+    if let Some(command) = servers.command(&remote.display) {
+        let listed = match exchange
+            .request(reqwest::Method::POST, "git-upload-pack", Some(command))
+            .await
+        {
+            Ok(answer) => ls_refs_answer(&answer).map_err(|e| exchange.failed(&e)),
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok(refs) => return heads_of(refs, remote, options.max_refs),
+            // Whatever went wrong (the server no longer speaks v2, wants
+            // another object format, refuses or is gone), the listing starts
+            // over as a first one would, and says what that finds.
+            Err(_) => servers.forget(&remote.display),
+        }
+    }
+
     let advertised = exchange
         .request(
             reqwest::Method::GET,
@@ -98,16 +120,77 @@ pub(super) async fn list(
                     remote.display
                 )));
             }
-            let command = ls_refs_command(&capabilities).map_err(|e| {
+            let command = Bytes::from(ls_refs_command(&capabilities).map_err(|e| {
                 GitError::Internal(format!("cannot write the ls-refs command: {e}"))
-            })?;
+            })?);
             let answer = exchange
-                .request(reqwest::Method::POST, "git-upload-pack", Some(command))
+                .request(
+                    reqwest::Method::POST,
+                    "git-upload-pack",
+                    Some(command.clone()),
+                )
                 .await?;
-            ls_refs_answer(&answer).map_err(|e| exchange.failed(&e))?
+            let refs = ls_refs_answer(&answer).map_err(|e| exchange.failed(&e))?;
+            servers.remember(&remote.display, command);
+            refs
         }
     };
     heads_of(refs, remote, options.max_refs)
+}
+
+/// The most repositories [`V2Servers`] keeps a command for; when it is
+/// full, it starts again from nothing (each repository then costs one
+/// advertisement more).
+const MAX_V2_SERVERS: usize = 10_000;
+
+/// What earlier polls learnt of the protocol-v2 servers they reached: for
+/// each repository URL (as given), the `ls-refs` command its server's
+/// capabilities called for. Protocol v2 over HTTP is stateless, every
+/// command a request of its own, so a later poll sends the command at once
+/// and skips the advertisement: one request instead of two, which at 1,000
+/// Projects polled every minute is most of what an idle operator does. If
+/// that request fails in any way, the URL is forgotten and the same poll
+/// starts over with the advertisement: a server that no longer speaks v2,
+/// or changed its object format, is listed as on a first poll.
+///
+/// Only the command is kept (under a hundred bytes): nothing of the
+/// credentials, and nothing a server said that another Project's poll of
+/// the same URL would not be told too.
+#[derive(Debug, Default)]
+pub struct V2Servers {
+    commands: Mutex<HashMap<String, Bytes>>,
+}
+
+impl V2Servers {
+    fn command(&self, url: &str) -> Option<Bytes> {
+        self.commands.lock().ok()?.get(url).cloned()
+    }
+
+    fn remember(&self, url: &str, command: Bytes) {
+        let Ok(mut commands) = self.commands.lock() else {
+            return;
+        };
+        if commands.len() >= MAX_V2_SERVERS && !commands.contains_key(url) {
+            commands.clear();
+        }
+        commands.insert(url.to_owned(), command);
+    }
+
+    fn forget(&self, url: &str) {
+        if let Ok(mut commands) = self.commands.lock() {
+            commands.remove(url);
+        }
+    }
+
+    /// How many repositories have a command kept.
+    pub fn len(&self) -> usize {
+        self.commands.lock().map_or(0, |c| c.len())
+    }
+
+    /// Whether no repository has a command kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What the ref advertisement says: the refs themselves (protocol v0/v1),
@@ -207,7 +290,7 @@ impl Exchange<'_> {
         &mut self,
         method: reqwest::Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
     ) -> Result<Vec<u8>, GitError> {
         let display = &self.remote.display;
         let mut url = reqwest::Url::parse(&self.remote.url.to_bstring().to_string())
