@@ -9,7 +9,7 @@ use std::{
 };
 
 use kapsa_operator::git::{GitCredentials, GitError, HostPolicy, ListOptions, list_branches};
-use kapsa_testenv::git_server::GitServer;
+use kapsa_testenv::git_server::{GitServer, TestRepo};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "gh-t0ken-Zq81xVb3";
@@ -27,6 +27,17 @@ fn basic(username: &str, password: &str) -> GitCredentials {
     }
 }
 
+/// A server with a repository `shop` whose `main` has one commit, and that
+/// commit.
+async fn shop() -> (GitServer, TestRepo, String) {
+    let server = GitServer::start(None).await.unwrap();
+    let repo = server.create_repo("shop").unwrap();
+    let main = repo
+        .commit("main", "README.md", "# shop\n", "initial")
+        .unwrap();
+    (server, repo, main)
+}
+
 /// Every error text the operator could show or log.
 fn texts(err: &GitError) -> [String; 3] {
     [err.to_string(), format!("{err:?}"), format!("{err:#?}")]
@@ -34,11 +45,7 @@ fn texts(err: &GitError) -> [String; 3] {
 
 #[tokio::test]
 async fn lists_branches_and_follows_changes() {
-    let server = GitServer::start(None).await.unwrap();
-    let repo = server.create_repo("shop").unwrap();
-    let main = repo
-        .commit("main", "README.md", "# shop\n", "initial")
-        .unwrap();
+    let (server, repo, main) = shop().await;
     let a = repo
         .commit("feature/login", "login.txt", "login\n", "login")
         .unwrap();
@@ -91,11 +98,7 @@ async fn lists_branches_and_follows_changes() {
 /// command alone, and it still sees every change.
 #[tokio::test]
 async fn a_v2_server_is_asked_for_its_capabilities_once() {
-    let server = GitServer::start(None).await.unwrap();
-    let repo = server.create_repo("shop").unwrap();
-    let main = repo
-        .commit("main", "README.md", "# shop\n", "initial")
-        .unwrap();
+    let (server, repo, main) = shop().await;
     let options = loopback(TIMEOUT);
     let heads = list_branches(repo.url(), None, &options).await.unwrap();
     assert_eq!(heads.get("main"), Some(main.as_str()));
@@ -133,11 +136,7 @@ async fn a_v2_server_is_asked_for_its_capabilities_once() {
 /// again once it is back.
 #[tokio::test]
 async fn a_server_that_no_longer_speaks_v2_is_listed_from_its_advertisement() {
-    let server = GitServer::start(None).await.unwrap();
-    let repo = server.create_repo("shop").unwrap();
-    let main = repo
-        .commit("main", "README.md", "# shop\n", "initial")
-        .unwrap();
+    let (server, repo, main) = shop().await;
     let options = loopback(TIMEOUT);
     list_branches(repo.url(), None, &options).await.unwrap();
     assert_eq!(options.v2_servers.len(), 1);
