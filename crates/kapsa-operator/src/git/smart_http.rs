@@ -87,14 +87,7 @@ pub(super) async fn list(
 
     let servers = &options.v2_servers;
     if let Some(command) = servers.command(&remote.display) {
-        let listed = match exchange
-            .request(reqwest::Method::POST, "git-upload-pack", Some(command))
-            .await
-        {
-            Ok(answer) => ls_refs_answer(&answer).map_err(|e| exchange.failed(&e)),
-            Err(e) => Err(e),
-        };
-        match listed {
+        match exchange.ls_refs(command).await {
             Ok(refs) => return heads_of(refs, remote, options.max_refs),
             // Whatever went wrong (the server no longer speaks v2, wants
             // another object format, refuses or is gone), the listing starts
@@ -123,14 +116,7 @@ pub(super) async fn list(
             let command = Bytes::from(ls_refs_command(&capabilities).map_err(|e| {
                 GitError::Internal(format!("cannot write the ls-refs command: {e}"))
             })?);
-            let answer = exchange
-                .request(
-                    reqwest::Method::POST,
-                    "git-upload-pack",
-                    Some(command.clone()),
-                )
-                .await?;
-            let refs = ls_refs_answer(&answer).map_err(|e| exchange.failed(&e))?;
+            let refs = exchange.ls_refs(command.clone()).await?;
             servers.remember(&remote.display, command);
             refs
         }
@@ -396,6 +382,14 @@ impl Exchange<'_> {
             }
             return self.read(response).await;
         }
+    }
+
+    /// The refs the server's answer to the `ls-refs` `command` lists.
+    async fn ls_refs(&mut self, command: Bytes) -> Result<Vec<Ref>, GitError> {
+        let answer = self
+            .request(reqwest::Method::POST, "git-upload-pack", Some(command))
+            .await?;
+        ls_refs_answer(&answer).map_err(|e| self.failed(&e))
     }
 
     /// The whole body, chunk by chunk, each counted against the budget
