@@ -34,21 +34,24 @@ impl<K> Compact<K>
 where
     K: Resource + Serialize + DeserializeOwned,
 {
-    /// `object` without its managed fields, as JSON.
+    /// `object` as cached: its identity and owners as fields, the rest
+    /// (managed fields left out) as JSON. The fields kept apart are not in
+    /// the JSON too: at 1,000 Projects the identities and owner references
+    /// of about 10,000 objects would otherwise be held twice.
     pub fn new(mut object: K) -> serde_json::Result<Self> {
-        object.meta_mut().managed_fields = None;
-        let json = serde_json::to_vec(&object)?.into();
         let meta = object.meta_mut();
+        meta.managed_fields = None;
         let metadata = ObjectMeta {
             name: meta.name.take(),
             namespace: meta.namespace.take(),
             uid: meta.uid.take(),
             resource_version: meta.resource_version.take(),
-            generation: meta.generation,
+            generation: meta.generation.take(),
             owner_references: meta.owner_references.take(),
             deletion_timestamp: meta.deletion_timestamp.take(),
             ..ObjectMeta::default()
         };
+        let json = serde_json::to_vec(&object)?.into();
         Ok(Self {
             metadata,
             json,
@@ -58,7 +61,16 @@ where
 
     /// The whole object (as it was cached, managed fields left out).
     pub fn decode(&self) -> serde_json::Result<K> {
-        serde_json::from_slice(&self.json)
+        let mut object: K = serde_json::from_slice(&self.json)?;
+        let (meta, kept) = (object.meta_mut(), &self.metadata);
+        meta.name.clone_from(&kept.name);
+        meta.namespace.clone_from(&kept.namespace);
+        meta.uid.clone_from(&kept.uid);
+        meta.resource_version.clone_from(&kept.resource_version);
+        meta.generation = kept.generation;
+        meta.owner_references.clone_from(&kept.owner_references);
+        meta.deletion_timestamp.clone_from(&kept.deletion_timestamp);
+        Ok(object)
     }
 
     /// Changes the object: decoded, changed and encoded again (kept as it
@@ -217,6 +229,7 @@ mod tests {
                 "uid": "u1",
                 "resourceVersion": "42",
                 "generation": 3,
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
                 "labels": {"kapsa.dev/project": "shop"},
                 "annotations": {"kapsa.dev/applied-hash": "0123456789abcdef"},
                 "ownerReferences": [{
@@ -263,7 +276,19 @@ mod tests {
     fn decodes_from_the_api_servers_json_and_looks_up_by_name() {
         let json = serde_json::to_string(&deployment()).unwrap();
         let compact: Compact<Deployment> = serde_json::from_str(&json).unwrap();
-        assert!(!String::from_utf8_lossy(&compact.json).contains("managedFields"));
+        let held = String::from_utf8_lossy(&compact.json).into_owned();
+        assert!(!held.contains("managedFields"));
+        // Identity and owners are held once, as fields, not in the JSON too.
+        for once in [
+            "\"name\":\"production\"",
+            "\"namespace\"",
+            "\"uid\"",
+            "\"resourceVersion\"",
+            "\"generation\"",
+            "\"ownerReferences\"",
+        ] {
+            assert!(!held.contains(once), "{once} in {held}");
+        }
 
         let (reader, mut writer) = kube::runtime::reflector::store::<Compact<Deployment>>();
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(compact));

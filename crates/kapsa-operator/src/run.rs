@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kapsa_api::project::{BuildStrategy, RegistryKind};
 use kapsa_api::{ClusterRegistry, DomainPool, Environment, Project, Registry};
 use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
@@ -394,7 +395,7 @@ impl Owners {
     /// label and an owner reference are both writable by a tenant; this
     /// bounds what a tenant can make Kapsa cache to the objects Kapsa itself
     /// would make, one per name.
-    fn owns(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    fn owns(&self, meta: &ObjectMeta) -> bool {
         let Some(owner) = meta
             .owner_references
             .iter()
@@ -586,11 +587,22 @@ fn without_last_applied<K: Resource>(object: &mut K) {
     }
 }
 
-/// Of a Secret's or ConfigMap's metadata only what says it exists and when
-/// it changed is kept: annotations can hold the whole object
-/// (`kubectl.kubernetes.io/last-applied-configuration`).
+/// Of a Secret's, ConfigMap's, builder's or issuer's metadata only what
+/// says it exists and when it changed is kept: its name, namespace, uid,
+/// resourceVersion and deletion. No plan reads their labels, annotations
+/// (which can hold the whole object:
+/// `kubectl.kubernetes.io/last-applied-configuration`) or owners, and at
+/// 1,000 Projects these caches hold a few thousand objects.
 fn metadata_only<K>(object: &mut PartialObjectMeta<K>) {
-    object.metadata.annotations = None;
+    let meta = &mut object.metadata;
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..ObjectMeta::default()
+    };
 }
 
 /// Of an Ingress only its hosts and owners are kept.
@@ -1973,6 +1985,34 @@ mod tests {
         .unwrap();
         without_last_applied(&mut environment);
         assert_eq!(environment.metadata.annotations, None);
+    }
+
+    #[test]
+    fn a_secrets_metadata_is_cached_as_its_identity_and_version_only() {
+        let mut secret: PartialObjectMeta<Secret> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": "shop-git", "namespace": "shop", "uid": "u1",
+                "resourceVersion": "7", "creationTimestamp": "2026-01-01T00:00:00Z",
+                "deletionTimestamp": "2026-01-02T00:00:00Z",
+                "labels": {"team": "a"}, "annotations": {LAST_APPLIED: "{\"data\":{}}"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o",
+                    "uid": "o1"}],
+                "finalizers": ["example.com/keep"]}
+        }))
+        .unwrap();
+        let deletion = secret.metadata.deletion_timestamp.clone();
+        metadata_only(&mut secret);
+        assert_eq!(
+            secret.metadata,
+            ObjectMeta {
+                name: Some("shop-git".into()),
+                namespace: Some("shop".into()),
+                uid: Some("u1".into()),
+                resource_version: Some("7".into()),
+                deletion_timestamp: deletion,
+                ..ObjectMeta::default()
+            }
+        );
     }
 
     #[test]
