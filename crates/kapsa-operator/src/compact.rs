@@ -39,18 +39,9 @@ where
     /// the JSON too: at 1,000 Projects the identities and owner references
     /// of about 10,000 objects would otherwise be held twice.
     pub fn new(mut object: K) -> serde_json::Result<Self> {
-        let meta = object.meta_mut();
-        meta.managed_fields = None;
-        let metadata = ObjectMeta {
-            name: meta.name.take(),
-            namespace: meta.namespace.take(),
-            uid: meta.uid.take(),
-            resource_version: meta.resource_version.take(),
-            generation: meta.generation.take(),
-            owner_references: meta.owner_references.take(),
-            deletion_timestamp: meta.deletion_timestamp.take(),
-            ..ObjectMeta::default()
-        };
+        object.meta_mut().managed_fields = None;
+        let mut metadata = ObjectMeta::default();
+        move_identity(object.meta_mut(), &mut metadata);
         let json = serde_json::to_vec(&object)?.into();
         Ok(Self {
             metadata,
@@ -62,14 +53,7 @@ where
     /// The whole object (as it was cached, managed fields left out).
     pub fn decode(&self) -> serde_json::Result<K> {
         let mut object: K = serde_json::from_slice(&self.json)?;
-        let (meta, kept) = (object.meta_mut(), &self.metadata);
-        meta.name.clone_from(&kept.name);
-        meta.namespace.clone_from(&kept.namespace);
-        meta.uid.clone_from(&kept.uid);
-        meta.resource_version.clone_from(&kept.resource_version);
-        meta.generation = kept.generation;
-        meta.owner_references.clone_from(&kept.owner_references);
-        meta.deletion_timestamp.clone_from(&kept.deletion_timestamp);
+        move_identity(&mut self.metadata.clone(), object.meta_mut());
         Ok(object)
     }
 
@@ -83,6 +67,20 @@ where
             }
         }
     }
+}
+
+/// Moves what a compact object keeps as fields (name, namespace, uid,
+/// resourceVersion, generation, owners, deletion) from `from` to `to`: out
+/// of the object before it is encoded, back into it when decoded. One list,
+/// so that nothing is kept apart and then not put back.
+fn move_identity(from: &mut ObjectMeta, to: &mut ObjectMeta) {
+    to.name = from.name.take();
+    to.namespace = from.namespace.take();
+    to.uid = from.uid.take();
+    to.resource_version = from.resource_version.take();
+    to.generation = from.generation.take();
+    to.owner_references = from.owner_references.take();
+    to.deletion_timestamp = from.deletion_timestamp.take();
 }
 
 impl<K> Clone for Compact<K> {
