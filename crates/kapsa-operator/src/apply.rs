@@ -309,7 +309,11 @@ impl Applier {
                         .unwrap_or_default(),
                 )
                 .await;
-            let result = applier.apply(&child, None).await;
+            // Boxed: hundreds of these tasks can wait for a slot at once
+            // (a burst of new Environments), and unboxed each would hold
+            // the space of a whole request in flight (about 3 KiB) while
+            // it waits.
+            let result = Box::pin(applier.apply(&child, None)).await;
             drop(permit);
             let mut background = applier
                 .background

@@ -14,12 +14,13 @@
 //! reconcile reads it.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
-use kube::runtime::reflector::Store;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -155,39 +156,226 @@ where
     }
 }
 
-/// A cache of compact objects.
-pub type CompactStore<K> = Store<Compact<K>>;
-
-/// Looks an object up in a compact cache and decodes it. An object that
-/// does not decode (it was encoded from the same type, so only a bug would
-/// make one) is logged and taken as absent.
-pub fn get<K>(
-    store: &CompactStore<K>,
-    name: &str,
-    namespace: Option<&str>,
-    dyntype: K::DynamicType,
-) -> Option<Arc<K>>
-where
-    K: Resource + Serialize + DeserializeOwned + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    decoded(&*crate::context::cached_with(
-        store, name, namespace, dyntype,
-    )?)
+/// A cache of compact objects: Kapsa's own rather than kube-runtime's
+/// `Store`, which keys every object by an `ObjectRef` (name, namespace, uid
+/// and resourceVersion as four strings, plus the kind's five for an untyped
+/// one) and holds it in an `Arc` box with a whole `ObjectMeta` (about 350
+/// bytes however little of it is set). Here an object is one buffer, keyed
+/// by `<namespace>/<name>` in a sorted map (a namespace's objects are one
+/// range): the JSON of its identity and owners (name and namespace left
+/// out: they are the key), then the JSON of the rest.
+pub struct CompactStore<K> {
+    objects: Arc<RwLock<BTreeMap<Box<str>, Held>>>,
+    kind: PhantomData<fn() -> K>,
 }
 
-/// Every object of a compact cache in `namespace`, decoded.
-pub fn in_namespace<K>(store: &CompactStore<K>, namespace: Option<&str>) -> Vec<Arc<K>>
+/// One cached object: its identity's JSON, then its body's.
+struct Held {
+    bytes: Box<[u8]>,
+    split: u32,
+}
+
+impl<K> Clone for CompactStore<K> {
+    fn clone(&self) -> Self {
+        Self {
+            objects: self.objects.clone(),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<K> Default for CompactStore<K> {
+    fn default() -> Self {
+        Self {
+            objects: Default::default(),
+            kind: PhantomData,
+        }
+    }
+}
+
+/// The key of an object in a [`CompactStore`].
+fn key(namespace: Option<&str>, name: &str) -> String {
+    format!("{}/{name}", namespace.unwrap_or_default())
+}
+
+impl<K> CompactStore<K>
 where
     K: Resource + Serialize + DeserializeOwned,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    store
-        .state()
-        .iter()
-        .filter(|c| c.metadata.namespace.as_deref() == namespace)
-        .filter_map(|c| decoded(c))
-        .collect()
+    /// The object named `name` in `namespace`, decoded. One that does not
+    /// decode (only a bug would make one: it was encoded from the same
+    /// type) is logged and taken as absent.
+    pub fn get(&self, name: &str, namespace: Option<&str>) -> Option<Arc<K>> {
+        let key = key(namespace, name);
+        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
+        objects.get(key.as_str())?.decode(&key)
+    }
+
+    /// Whether an object named `name` in `namespace` is held.
+    pub fn contains(&self, name: &str, namespace: Option<&str>) -> bool {
+        let key = key(namespace, name);
+        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
+        objects.contains_key(key.as_str())
+    }
+
+    /// Every object in `namespace`, decoded.
+    pub fn in_namespace(&self, namespace: Option<&str>) -> Vec<Arc<K>> {
+        let prefix = key(namespace, "");
+        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
+        objects
+            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix.as_str()))
+            .filter_map(|(key, held)| held.decode(key))
+            .collect()
+    }
+
+    /// Every object held, as compact objects (for the deletes a relisting
+    /// hides: `run::with_relist_deletes`).
+    pub fn state(&self) -> Vec<Arc<Compact<K>>> {
+        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
+        objects
+            .iter()
+            .map(|(key, held)| Arc::new(held.compact(key)))
+            .collect()
+    }
+
+    /// How many objects are held.
+    pub fn len(&self) -> usize {
+        self.objects.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no object is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What fills this cache from its watch's events.
+    pub fn writer(&self) -> CompactWriter<K> {
+        CompactWriter {
+            store: self.clone(),
+            listing: None,
+        }
+    }
+}
+
+impl Held {
+    fn new<K>(compact: &Compact<K>) -> serde_json::Result<Self> {
+        let mut identity = compact.metadata.clone();
+        identity.name = None;
+        identity.namespace = None;
+        let mut bytes = serde_json::to_vec(&identity)?;
+        let split = u32::try_from(bytes.len()).map_err(serde_json::Error::custom)?;
+        bytes.extend_from_slice(&compact.json);
+        Ok(Self {
+            bytes: bytes.into_boxed_slice(),
+            split,
+        })
+    }
+
+    /// The identity of the object held under `key`, with its name and
+    /// namespace put back.
+    fn metadata(&self, key: &str) -> serde_json::Result<ObjectMeta> {
+        let mut metadata: ObjectMeta = serde_json::from_slice(&self.bytes[..self.split as usize])?;
+        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+        metadata.name = Some(name.to_string());
+        metadata.namespace = (!namespace.is_empty()).then(|| namespace.to_string());
+        Ok(metadata)
+    }
+
+    /// The compact object held under `key` (its identity's JSON was written
+    /// by [`Held::new`]; if it did not read back, only the name and
+    /// namespace would be kept).
+    fn compact<K>(&self, key: &str) -> Compact<K> {
+        Compact {
+            metadata: self.metadata(key).unwrap_or_else(|_| {
+                let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+                ObjectMeta {
+                    name: Some(name.to_string()),
+                    namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+                    ..ObjectMeta::default()
+                }
+            }),
+            json: self.bytes[self.split as usize..].into(),
+            kind: PhantomData,
+        }
+    }
+
+    /// The object held under `key`, decoded; one that does not decode (only
+    /// a bug would make one: it was encoded from the same type) is logged
+    /// and taken as absent.
+    fn decode<K: Resource + DeserializeOwned>(&self, key: &str) -> Option<Arc<K>> {
+        let decoded = self.metadata(key).and_then(|mut metadata| {
+            let mut object: K = serde_json::from_slice(&self.bytes[self.split as usize..])?;
+            move_identity(&mut metadata, object.meta_mut());
+            Ok(object)
+        });
+        match decoded {
+            Ok(object) => Some(Arc::new(object)),
+            Err(error) => {
+                tracing::error!(%key, %error, "a cached object does not decode");
+                None
+            }
+        }
+    }
+}
+
+/// Fills a [`CompactStore`] from its watch's events. A listing is built
+/// aside and replaces what was held when it ends, as kube's reflector does:
+/// until then readers see the previous contents.
+pub struct CompactWriter<K> {
+    store: CompactStore<K>,
+    listing: Option<BTreeMap<Box<str>, Held>>,
+}
+
+impl<K> CompactWriter<K> {
+    pub fn apply(&mut self, event: &kube::runtime::watcher::Event<Compact<K>>) {
+        use kube::runtime::watcher::Event;
+        let entry = |compact: &Compact<K>| {
+            let key = key(
+                compact.metadata.namespace.as_deref(),
+                compact.metadata.name.as_deref().unwrap_or_default(),
+            );
+            match Held::new(compact) {
+                Ok(held) => Some((key.into_boxed_str(), held)),
+                Err(error) => {
+                    tracing::error!(%key, %error, "an object could not be cached");
+                    None
+                }
+            }
+        };
+        match event {
+            Event::Init => self.listing = Some(BTreeMap::new()),
+            Event::InitApply(compact) => {
+                if let (Some(listing), Some((key, held))) = (self.listing.as_mut(), entry(compact))
+                {
+                    listing.insert(key, held);
+                }
+            }
+            Event::InitDone => {
+                if let Some(listing) = self.listing.take() {
+                    *self.store.write() = listing;
+                }
+            }
+            Event::Apply(compact) => {
+                if let Some((key, held)) = entry(compact) {
+                    self.store.write().insert(key, held);
+                }
+            }
+            Event::Delete(compact) => {
+                let key = key(
+                    compact.metadata.namespace.as_deref(),
+                    compact.metadata.name.as_deref().unwrap_or_default(),
+                );
+                self.store.write().remove(key.as_str());
+            }
+        }
+    }
+}
+
+impl<K> CompactStore<K> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Box<str>, Held>> {
+        self.objects.write().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A compact object decoded; one that does not decode is logged and taken
@@ -215,7 +403,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
-    use kube::api::{ApiResource, DynamicObject};
+    use kube::api::DynamicObject;
 
     fn deployment() -> Deployment {
         serde_json::from_value(serde_json::json!({
@@ -288,24 +476,75 @@ mod tests {
             assert!(!held.contains(once), "{once} in {held}");
         }
 
-        let (reader, mut writer) = kube::runtime::reflector::store::<Compact<Deployment>>();
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(compact));
-        let found = get(&reader, "production", Some("shop"), ()).unwrap();
+        let store = CompactStore::<Deployment>::default();
+        store
+            .writer()
+            .apply(&kube::runtime::watcher::Event::Apply(compact));
+        let found = store.get("production", Some("shop")).unwrap();
         assert_eq!(found.spec.as_ref().unwrap().replicas, Some(2));
-        assert!(get(&reader, "production", Some("other"), ()).is_none());
-        assert_eq!(in_namespace(&reader, Some("shop")).len(), 1);
-        assert!(in_namespace(&reader, Some("other")).is_empty());
+        // What the store gives back is the whole object, identity included.
+        let mut expected = deployment();
+        expected.metadata.managed_fields = None;
+        assert_eq!(*found, expected);
+        assert!(store.get("production", Some("other")).is_none());
+        assert_eq!(store.in_namespace(Some("shop")).len(), 1);
+        assert!(store.in_namespace(Some("other")).is_empty());
+        // As a compact object again (for the deletes a relisting hides).
+        let held = store.state();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].decode().unwrap(), expected);
+    }
+
+    fn named(name: &str, namespace: &str) -> Compact<Deployment> {
+        let mut deployment = deployment();
+        deployment.metadata.name = Some(name.into());
+        deployment.metadata.namespace = Some(namespace.into());
+        Compact::new(deployment).unwrap()
+    }
+
+    #[test]
+    fn a_namespace_is_its_own_objects_only_and_deletes_are_forgotten() {
+        use kube::runtime::watcher::Event;
+        let store = CompactStore::<Deployment>::default();
+        let mut writer = store.writer();
+        for (name, namespace) in [("a", "shop"), ("b", "shop"), ("a", "shop-2"), ("a", "sho")] {
+            writer.apply(&Event::Apply(named(name, namespace)));
+        }
+        let names = |namespace| {
+            store
+                .in_namespace(Some(namespace))
+                .iter()
+                .map(|d| d.metadata.name.clone().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("shop"), ["a", "b"]);
+        assert_eq!(names("shop-2"), ["a"]);
+        assert_eq!(names("sho"), ["a"]);
+        writer.apply(&Event::Delete(named("a", "shop")));
+        assert_eq!(names("shop"), ["b"]);
+        assert!(store.get("a", Some("shop")).is_none());
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn a_listing_replaces_what_was_held_when_it_ends() {
+        use kube::runtime::watcher::Event;
+        let store = CompactStore::<Deployment>::default();
+        let mut writer = store.writer();
+        writer.apply(&Event::Apply(named("old", "shop")));
+        writer.apply(&Event::Init);
+        writer.apply(&Event::InitApply(named("new", "shop")));
+        // Until the listing ends, readers see what was held.
+        assert!(store.get("old", Some("shop")).is_some());
+        assert!(store.get("new", Some("shop")).is_none());
+        writer.apply(&Event::InitDone);
+        assert!(store.get("old", Some("shop")).is_none());
+        assert!(store.get("new", Some("shop")).is_some());
+        assert_eq!(store.len(), 1);
     }
 
     #[test]
     fn untyped_objects_keep_their_data() {
-        let resource = ApiResource {
-            group: "kpack.io".into(),
-            version: "v1alpha2".into(),
-            api_version: "kpack.io/v1alpha2".into(),
-            kind: "Image".into(),
-            plural: "images".into(),
-        };
         let image: DynamicObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "production", "namespace": "kapsa-build-shop"},
             "spec": {"tag": "registry/shop"},
@@ -313,12 +552,11 @@ mod tests {
         }))
         .unwrap();
         let compact = Compact::new(image).unwrap();
-        let mut writer = kube::runtime::reflector::store::Writer::<Compact<DynamicObject>>::new(
-            resource.clone(),
-        );
-        let reader = writer.as_reader();
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(compact));
-        let found = get(&reader, "production", Some("kapsa-build-shop"), resource).unwrap();
+        let store = CompactStore::<DynamicObject>::default();
+        store
+            .writer()
+            .apply(&kube::runtime::watcher::Event::Apply(compact));
+        let found = store.get("production", Some("kapsa-build-shop")).unwrap();
         assert_eq!(
             found.data["status"]["latestImage"],
             "registry/shop@sha256:00"

@@ -39,9 +39,9 @@ pub struct Stores {
     pub pools: Store<DomainPool>,
     pub cluster_registries: Store<ClusterRegistry>,
     pub registries: Store<Registry>,
-    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub namespaces: CompactStore<PartialObjectMeta<Namespace>>,
     pub secret_metadata: Store<PartialObjectMeta<Secret>>,
-    pub config_map_metadata: Store<PartialObjectMeta<ConfigMap>>,
+    pub config_map_metadata: CompactStore<PartialObjectMeta<ConfigMap>>,
     /// kpack ClusterBuilders and Builders (metadata); empty without kpack.
     pub cluster_builders: Store<PartialObjectMeta<DynamicObject>>,
     pub builders: Store<PartialObjectMeta<DynamicObject>>,

@@ -28,11 +28,12 @@ use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::apply::Applier;
 use crate::children::ChildKey;
-use crate::compact::Compact;
+use crate::compact::{Compact, CompactStore};
 use crate::context::{Context, GitState, Installed, Stores};
 use crate::http::Health;
 use crate::leader::LeaseConfig;
@@ -117,6 +118,7 @@ fn managed() -> watcher::Config {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 type EventStream<K> = BoxStream<Result<watcher::Event<K>, watcher::Error>>;
+type ObjectStream<K> = BoxStream<Result<K, watcher::Error>>;
 
 /// The watch events of a kind with a Rust type, as they come.
 fn watch<K>(api: Api<K>, config: watcher::Config) -> EventStream<K>
@@ -156,10 +158,12 @@ fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<watcher::Exponenti
 /// at its end, a `Delete` for every object the cache held that the list no
 /// longer has (before `InitDone`): the cache forgets it and its owner is
 /// reconciled, as for a delete the watch saw.
-fn with_relist_deletes<K>(events: EventStream<K>, cache: Store<K>) -> EventStream<K>
+fn with_relist_deletes<K>(
+    events: EventStream<K>,
+    held: impl Fn() -> Vec<Arc<K>> + Send + 'static,
+) -> EventStream<K>
 where
     K: Resource + Clone + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     type Key = (Option<String>, String);
     let key = |o: &K| (o.meta().namespace.clone(), o.name_any());
@@ -168,7 +172,7 @@ where
         .flat_map(move |event| {
             let out: Vec<Result<watcher::Event<K>, watcher::Error>> = match event {
                 Ok(watcher::Event::Init) => {
-                    listing = Some(cache.state().into_iter().map(|o| (key(&o), o)).collect());
+                    listing = Some(held().into_iter().map(|o| (key(&o), o)).collect());
                     vec![Ok(watcher::Event::Init)]
                 }
                 Ok(watcher::Event::InitApply(o)) => {
@@ -334,13 +338,76 @@ fn cache<K>(
     trim: fn(&mut K),
     applier: Arc<Applier>,
     owners: Option<Owners>,
-) -> (Store<K>, Synced, BoxStream<Result<K, watcher::Error>>)
+) -> (Store<K>, Synced, ObjectStream<K>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let writer = reflector::store::Writer::new(dyntype);
+    let mut writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
+    let held = reader.clone();
+    let (synced, stream) = filled(
+        api,
+        config,
+        resource,
+        move || held.state(),
+        move |event| writer.apply_watcher_event(event),
+        trim,
+        applier,
+        owners,
+    );
+    (reader, synced, stream)
+}
+
+/// [`cache`] for what Kapsa made, held compact ([`crate::compact`]).
+fn compact_cache<K>(
+    api: Api<Compact<K>>,
+    config: watcher::Config,
+    resource: ApiResource,
+    trim: fn(&mut Compact<K>),
+    applier: Arc<Applier>,
+    owners: Option<Owners>,
+) -> (CompactStore<K>, Synced, ObjectStream<Compact<K>>)
+where
+    K: Resource + Serialize + DeserializeOwned + Send + Sync + 'static,
+    Compact<K>: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+    <Compact<K> as Resource>::DynamicType: Clone,
+{
+    let store = CompactStore::<K>::default();
+    let mut writer = store.writer();
+    let held = store.clone();
+    let (synced, stream) = filled(
+        api,
+        config,
+        resource,
+        move || held.state(),
+        move |event| writer.apply(event),
+        trim,
+        applier,
+        owners,
+    );
+    (store, synced, stream)
+}
+
+/// The watch stream that fills a cache through `write`: owner-checked where
+/// `owners` is given, relist deletes added (`held` is what the cache holds),
+/// managed fields pruned and `trim` applied before the cache sees an
+/// object; then every object touched, for the controllers.
+#[allow(clippy::too_many_arguments)]
+fn filled<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    resource: ApiResource,
+    held: impl Fn() -> Vec<Arc<K>> + Send + 'static,
+    mut write: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    trim: fn(&mut K),
+    applier: Arc<Applier>,
+    owners: Option<Owners>,
+) -> (Synced, ObjectStream<K>)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Clone,
+{
     let (synced, mark) = Synced::new();
     let events = watcher(api, config).backoff(watch_backoff());
     let events: EventStream<K> = match owners {
@@ -349,7 +416,7 @@ where
     };
     let events = crate::fault::delayed(&resource.plural, events);
     let kind = resource.kind.clone();
-    let stream = with_relist_deletes(events, reader.clone())
+    let stream = with_relist_deletes(events, held)
         .inspect(move |event| match event {
             Ok(watcher::Event::Init) => tracing::debug!(kind, "cache: listing"),
             Err(error) => tracing::debug!(kind, %error, "cache: watch error"),
@@ -368,14 +435,16 @@ where
             o.managed_fields_mut().clear();
             trim(o);
         })
-        .reflect(writer)
-        .inspect_ok(move |event| mark.seen(event))
+        .inspect_ok(move |event| {
+            write(event);
+            mark.seen(event);
+        })
         // Deletes too: a child deleted by hand brings its owner back at once.
         .touched_objects()
         // The watcher retries by itself (its backoff); its errors, logged
         // above, are not passed on to the controller.
         .filter(|item| futures::future::ready(item.is_ok()));
-    (reader, synced, stream.boxed())
+    (synced, stream.boxed())
 }
 
 /// Kapsa's Projects and Environments, to check that an object claiming to be
@@ -500,7 +569,8 @@ where
     }
     let events =
         crate::fault::delayed(&ApiResource::erase::<K>(&Default::default()).plural, events);
-    let driver = with_relist_deletes(events, store.clone())
+    let held = store.clone();
+    let driver = with_relist_deletes(events, move || held.state())
         .modify(move |o: &mut K| {
             o.managed_fields_mut().clear();
             trim(o);
@@ -962,21 +1032,20 @@ async fn run_once(
         secrets_for_cluster_registries,
         secrets_for_registries,
     ] = subscribers(secret_subscribers)?;
-    let (config_map_metadata, config_map_metadata_synced, config_map_stream) = cache(
-        Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+    // Held compact: every namespace has a ConfigMap or two.
+    let (config_map_metadata, config_map_metadata_synced, config_map_stream) = compact_cache(
+        Api::<Compact<PartialObjectMeta<ConfigMap>>>::all(client.clone()),
         listing(),
         ApiResource::erase::<ConfigMap>(&()),
-        (),
-        metadata_only,
+        |config_map| config_map.modify(metadata_only),
         applier.clone(),
         None,
     );
-    let (namespaces, namespaces_synced, namespace_stream) = cache(
-        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+    let (namespaces, namespaces_synced, namespace_stream) = compact_cache(
+        Api::<Compact<PartialObjectMeta<Namespace>>>::all(client.clone()),
         listing(),
         ApiResource::erase::<Namespace>(&()),
-        (),
-        namespace_metadata,
+        |namespace| namespace.modify(namespace_metadata),
         applier.clone(),
         None,
     );
@@ -992,11 +1061,10 @@ async fn run_once(
     // objects, a few per Project.
     macro_rules! managed_cache {
         ($kind:ty, $config:expr) => {
-            cache(
+            compact_cache(
                 Api::<Compact<$kind>>::all(client.clone()),
                 $config,
                 ApiResource::erase::<$kind>(&()),
-                (),
                 keep_all,
                 applier.clone(),
                 Some(owners.clone()),
@@ -1073,10 +1141,9 @@ async fn run_once(
     let cluster_builder_resource =
         kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::ClusterBuilder);
     let builder_resource = kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::Builder);
-    let (images, images_synced, image_stream) = cache(
+    let (images, images_synced, image_stream) = compact_cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &image_resource),
         managed(),
-        image_resource.clone(),
         image_resource.clone(),
         keep_all,
         applier.clone(),
@@ -1120,19 +1187,17 @@ async fn run_once(
     };
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
-    let (certificates, certificates_synced, certificate_stream) = cache(
+    let (certificates, certificates_synced, certificate_stream) = compact_cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &certificate_resource),
         listing(),
-        certificate_resource.clone(),
         certificate_resource.clone(),
         trim_certificate,
         applier.clone(),
         None,
     );
-    let (service_monitors, service_monitors_synced, service_monitor_stream) = cache(
+    let (service_monitors, service_monitors_synced, service_monitor_stream) = compact_cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &service_monitor_resource),
         managed(),
-        service_monitor_resource.clone(),
         service_monitor_resource.clone(),
         keep_all,
         applier.clone(),
@@ -1140,19 +1205,17 @@ async fn run_once(
     );
     // Gateway API: the Environments' HTTPRoutes and the Projects'
     // ListenerSets, watched only where installed.
-    let (http_routes, http_routes_synced, http_route_stream) = cache(
+    let (http_routes, http_routes_synced, http_route_stream) = compact_cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &http_route_resource),
         managed(),
-        http_route_resource.clone(),
         http_route_resource.clone(),
         keep_all,
         applier.clone(),
         Some(owners.clone()),
     );
-    let (listener_sets, listener_sets_synced, listener_set_stream) = cache(
+    let (listener_sets, listener_sets_synced, listener_set_stream) = compact_cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &listener_set_resource),
         managed(),
-        listener_set_resource.clone(),
         listener_set_resource.clone(),
         keep_all,
         applier.clone(),
@@ -1936,7 +1999,7 @@ impl MetaTrigger for Secret {
 }
 
 impl MetaTrigger for ConfigMap {
-    type Item = PartialObjectMeta<ConfigMap>;
+    type Item = Compact<PartialObjectMeta<ConfigMap>>;
 }
 
 impl<K: Resource> NamespaceAndName for PartialObjectMeta<K> {
@@ -1944,6 +2007,18 @@ impl<K: Resource> NamespaceAndName for PartialObjectMeta<K> {
         (
             self.metadata.namespace.clone().unwrap_or_default(),
             self.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl<K> NamespaceAndName for Compact<K>
+where
+    Compact<K>: Resource,
+{
+    fn namespace_and_name(&self) -> (String, String) {
+        (
+            self.meta().namespace.clone().unwrap_or_default(),
+            self.meta().name.clone().unwrap_or_default(),
         )
     }
 }
@@ -2076,7 +2151,8 @@ mod tests {
             Ok(watcher::Event::Apply(config_map("kept"))),
         ])
         .boxed();
-        let seen: Vec<String> = with_relist_deletes(relist, store.clone())
+        let held = store.clone();
+        let seen: Vec<String> = with_relist_deletes(relist, move || held.state())
             .map(|e| name(&e.unwrap()))
             .collect()
             .await;
@@ -2099,7 +2175,8 @@ mod tests {
         ])
         .boxed();
         let empty = reflector::store::Writer::<k8s_openapi::api::core::v1::ConfigMap>::default();
-        let seen: Vec<String> = with_relist_deletes(first, empty.as_reader())
+        let empty = empty.as_reader();
+        let seen: Vec<String> = with_relist_deletes(first, move || empty.state())
             .map(|e| name(&e.unwrap()))
             .collect()
             .await;

@@ -16,7 +16,6 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::children::Observed;
-use crate::compact;
 use crate::context::{Context, cached};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
@@ -346,26 +345,18 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
     };
     let mut certificates: Vec<_> = [format!("{name}-tls"), format!("{name}-gateway-tls")]
         .iter()
-        .map(|cert| {
-            compact::get(
-                &stores.certificates,
-                cert,
-                Some(&namespace),
-                certificate_api_resource(),
-            )
-        })
+        .map(|cert| stores.certificates.get(cert, Some(&namespace)))
         .collect();
     if let Some(p) = &project {
-        certificates.push(compact::get(
-            &stores.certificates,
-            &wildcard_certificate_name(&p.name_any()),
-            Some(&namespace),
-            certificate_api_resource(),
-        ));
+        certificates.push(
+            stores
+                .certificates
+                .get(&wildcard_certificate_name(&p.name_any()), Some(&namespace)),
+        );
     }
     let missing_references = match &project {
         Some(p) => missing_references(p, env.spec.type_, |kind, name| match kind {
-            "ConfigMap" => cached(&stores.config_map_metadata, name, Some(&namespace)).is_some(),
+            "ConfigMap" => stores.config_map_metadata.contains(name, Some(&namespace)),
             _ => cached(&stores.secret_metadata, name, Some(&namespace)).is_some(),
         }),
         None => Vec::new(),
@@ -384,22 +375,19 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         pool,
         registry,
         builder,
-        deployment: compact::get(&stores.deployments, &name, Some(&namespace), ()),
-        service: compact::get(&stores.services, &name, Some(&namespace), ()),
-        ingress: compact::get(&stores.ingresses, &name, Some(&namespace), ()),
-        image: build_ns.as_ref().and_then(|bns| {
-            compact::get(&stores.images, &name, Some(bns), kpack_image_api_resource())
-        }),
-        legacy_image: compact::get(
-            &stores.images,
-            &name,
-            Some(&namespace),
-            kpack_image_api_resource(),
-        ),
+        deployment: stores.deployments.get(&name, Some(&namespace)),
+        service: stores.services.get(&name, Some(&namespace)),
+        ingress: stores.ingresses.get(&name, Some(&namespace)),
+        image: build_ns
+            .as_ref()
+            .and_then(|bns| stores.images.get(&name, Some(bns))),
+        legacy_image: stores.images.get(&name, Some(&namespace)),
         // A build namespace being deleted (its Project's earlier life) is
         // waited out: nothing can be made in it.
         build_namespace_exists: build_ns.as_ref().is_some_and(|bns| {
-            cached(&stores.namespaces, bns, None)
+            stores
+                .namespaces
+                .get(bns, None)
                 .is_some_and(|n| n.metadata.deletion_timestamp.is_none())
         }),
         certificates: certificates.into_iter().flatten().collect(),
@@ -430,18 +418,8 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
         monitoring_installed: stores.installed.prometheus_operator,
         gateway_installed: stores.installed.gateway_api,
         cert_manager_installed: stores.installed.cert_manager,
-        http_route: compact::get(
-            &stores.http_routes,
-            &name,
-            Some(&namespace),
-            http_route_api_resource(),
-        ),
-        service_monitor: compact::get(
-            &stores.service_monitors,
-            &name,
-            Some(&namespace),
-            service_monitor_api_resource(),
-        ),
+        http_route: stores.http_routes.get(&name, Some(&namespace)),
+        service_monitor: stores.service_monitors.get(&name, Some(&namespace)),
         missing_references,
         now: Time(crate::controllers::now()),
         environment: env,

@@ -16,7 +16,6 @@ use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, PartialObjectMeta};
 
 use crate::children::Observed;
-use crate::compact;
 use crate::context::{Context, PollResult, cached};
 use crate::error::{Error, Result};
 use crate::references::{Problem, RegistryRef, registry};
@@ -180,8 +179,8 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
         .collect();
     let both = [bns, ns];
     let mut world = ProjectWorld {
-        namespace: cached(&stores.namespaces, &namespace, None),
-        build_namespace: cached(&stores.namespaces, &build_ns, None),
+        namespace: stores.namespaces.get(&namespace, None),
+        build_namespace: stores.namespaces.get(&build_ns, None),
         others,
         pools: stores.pools.state(),
         credentials: Credentials::None,
@@ -200,34 +199,26 @@ pub async fn dereference(project: Arc<Project>, ctx: &Context) -> Result<Project
             (BUILDER_SERVICE_ACCOUNT, ns),
         ]
         .iter()
-        .filter_map(|(sa, ns)| compact::get(&stores.service_accounts, sa, *ns, ()))
+        .filter_map(|(sa, ns)| stores.service_accounts.get(sa, *ns))
         .collect(),
         roles: both
             .iter()
-            .filter_map(|ns| compact::get(&stores.roles, BUILDER_ROLE, *ns, ()))
+            .filter_map(|ns| stores.roles.get(BUILDER_ROLE, *ns))
             .collect(),
         role_bindings: both
             .iter()
-            .filter_map(|ns| compact::get(&stores.role_bindings, BUILDER_ROLE, *ns, ()))
+            .filter_map(|ns| stores.role_bindings.get(BUILDER_ROLE, *ns))
             .collect(),
-        push_secret: compact::get(&stores.secrets, REGISTRY_SECRET, bns, ()),
-        registry_secret: compact::get(&stores.secrets, REGISTRY_SECRET, ns, ()),
-        git_secret: compact::get(&stores.git_secrets, GIT_SECRET, bns, ()),
-        quota: compact::get(&stores.quotas, RESOURCE_QUOTA, ns, ()),
-        wildcard_certificate: compact::get(
-            &stores.certificates,
-            &wildcard_certificate_name(&name),
-            ns,
-            certificate_api_resource(),
-        ),
+        push_secret: stores.secrets.get(REGISTRY_SECRET, bns),
+        registry_secret: stores.secrets.get(REGISTRY_SECRET, ns),
+        git_secret: stores.git_secrets.get(GIT_SECRET, bns),
+        quota: stores.quotas.get(RESOURCE_QUOTA, ns),
+        wildcard_certificate: stores
+            .certificates
+            .get(&wildcard_certificate_name(&name), ns),
         gateway_installed: stores.installed.gateway_api,
-        listener_set: compact::get(
-            &stores.listener_sets,
-            &listener_set_name(&name),
-            ns,
-            listener_set_api_resource(),
-        ),
-        build_images: compact::in_namespace(&stores.images, bns),
+        listener_set: stores.listener_sets.get(&listener_set_name(&name), ns),
+        build_images: stores.images.in_namespace(bns),
         build_jobs: stores
             .jobs
             .state()
@@ -378,7 +369,7 @@ pub fn namespace_refused(
         project,
         &namespace,
         rivals.iter().map(|p| p.as_ref()),
-        cached(&stores.namespaces, &namespace, None).as_deref(),
+        stores.namespaces.get(&namespace, None).as_deref(),
     )
 }
 
