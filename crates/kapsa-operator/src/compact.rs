@@ -11,13 +11,14 @@
 //! the caches and the watch mappers read (name, namespace, uid,
 //! resourceVersion, generation, owners, deletion) as fields, and the rest as
 //! the object's JSON (managed fields left out), decoded only when a
-//! reconcile reads it.
+//! reconcile reads it. A [`CompactStore`] caches such objects, each as one
+//! compressed buffer.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::ops::Bound;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
@@ -163,13 +164,33 @@ where
 /// bytes however little of it is set). Here an object is one buffer, keyed
 /// by `<namespace>/<name>` in a sorted map (a namespace's objects are one
 /// range): the JSON of its identity and owners (name and namespace left
-/// out: they are the key), then the JSON of the rest.
+/// out: they are the key), then the JSON of the rest, LZ4-compressed.
+///
+/// The objects of one cache are much alike (Kapsa made them from the same
+/// template, for different Projects), so each is compressed against the
+/// first object the cache held: a Deployment's 3 KB of JSON become about
+/// 300 bytes. A cache of Secrets (Kapsa's credential copies) compresses
+/// without that dictionary ([`CompactStore::without_dictionary`]): it
+/// would keep the first Secret's data after the Secret is gone.
 pub struct CompactStore<K> {
-    objects: Arc<RwLock<BTreeMap<Box<str>, Held>>>,
+    shared: Arc<Shared>,
     kind: PhantomData<fn() -> K>,
 }
 
-/// One cached object: its identity's JSON, then its body's.
+struct Shared {
+    objects: RwLock<BTreeMap<Box<str>, Held>>,
+    /// The first object held, as held before compression (at most
+    /// [`DICTIONARY_MAX`] bytes of it); empty when the cache compresses
+    /// without a dictionary.
+    dictionary: OnceLock<Box<[u8]>>,
+}
+
+/// The longest dictionary kept: objects Kapsa makes are a few KB.
+const DICTIONARY_MAX: usize = 16 * 1024;
+
+/// One cached object: its identity's JSON, then its body's, compressed
+/// (with the uncompressed size first); `split` is where the body begins
+/// once decompressed.
 struct Held {
     bytes: Box<[u8]>,
     split: u32,
@@ -178,7 +199,7 @@ struct Held {
 impl<K> Clone for CompactStore<K> {
     fn clone(&self) -> Self {
         Self {
-            objects: self.objects.clone(),
+            shared: self.shared.clone(),
             kind: PhantomData,
         }
     }
@@ -186,16 +207,79 @@ impl<K> Clone for CompactStore<K> {
 
 impl<K> Default for CompactStore<K> {
     fn default() -> Self {
-        Self {
-            objects: Default::default(),
-            kind: PhantomData,
-        }
+        Self::with_dictionary(OnceLock::new())
     }
 }
 
 /// The key of an object in a [`CompactStore`].
 fn key(namespace: Option<&str>, name: &str) -> String {
     format!("{}/{name}", namespace.unwrap_or_default())
+}
+
+impl<K> CompactStore<K> {
+    /// A cache whose objects are compressed each on its own (no object's
+    /// content is kept as a dictionary).
+    pub fn without_dictionary() -> Self {
+        Self::with_dictionary(OnceLock::from(Box::default()))
+    }
+
+    fn with_dictionary(dictionary: OnceLock<Box<[u8]>>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                objects: Default::default(),
+                dictionary,
+            }),
+            kind: PhantomData,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Box<str>, Held>> {
+        self.shared
+            .objects
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Box<str>, Held>> {
+        self.shared
+            .objects
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dictionary objects were compressed with (none yet: no object
+    /// was held, so none is compressed).
+    fn dictionary(&self) -> &[u8] {
+        self.shared.dictionary.get().map_or(&[], |d| d)
+    }
+
+    /// How many objects are held.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no object is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether an object named `name` in `namespace` is held.
+    pub fn contains(&self, name: &str, namespace: Option<&str>) -> bool {
+        self.read().contains_key(key(namespace, name).as_str())
+    }
+
+    /// What fills this cache from its watch's events.
+    pub fn writer(&self) -> CompactWriter<K> {
+        CompactWriter {
+            store: self.clone(),
+            listing: None,
+        }
+    }
+
+    /// The bytes held of all objects, compressed.
+    pub fn held_bytes(&self) -> usize {
+        self.read().values().map(|held| held.bytes.len()).sum()
+    }
 }
 
 impl<K> CompactStore<K>
@@ -207,105 +291,92 @@ where
     /// type) is logged and taken as absent.
     pub fn get(&self, name: &str, namespace: Option<&str>) -> Option<Arc<K>> {
         let key = key(namespace, name);
-        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
-        objects.get(key.as_str())?.decode(&key)
-    }
-
-    /// Whether an object named `name` in `namespace` is held.
-    pub fn contains(&self, name: &str, namespace: Option<&str>) -> bool {
-        let key = key(namespace, name);
-        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
-        objects.contains_key(key.as_str())
+        let objects = self.read();
+        objects.get(key.as_str())?.decode(&key, self.dictionary())
     }
 
     /// Every object in `namespace`, decoded.
     pub fn in_namespace(&self, namespace: Option<&str>) -> Vec<Arc<K>> {
         let prefix = key(namespace, "");
-        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
+        let objects = self.read();
         objects
             .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(prefix.as_str()))
-            .filter_map(|(key, held)| held.decode(key))
+            .filter_map(|(key, held)| held.decode(key, self.dictionary()))
             .collect()
     }
 
     /// Every object held, as compact objects (for the deletes a relisting
     /// hides: `run::with_relist_deletes`).
     pub fn state(&self) -> Vec<Arc<Compact<K>>> {
-        let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());
+        let objects = self.read();
         objects
             .iter()
-            .map(|(key, held)| Arc::new(held.compact(key)))
+            .filter_map(|(key, held)| held.compact(key, self.dictionary()).map(Arc::new))
             .collect()
-    }
-
-    /// How many objects are held.
-    pub fn len(&self) -> usize {
-        self.objects.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether no object is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// What fills this cache from its watch's events.
-    pub fn writer(&self) -> CompactWriter<K> {
-        CompactWriter {
-            store: self.clone(),
-            listing: None,
-        }
     }
 }
 
 impl Held {
-    fn new<K>(compact: &Compact<K>) -> serde_json::Result<Self> {
+    fn new<K>(compact: &Compact<K>, dictionary: &OnceLock<Box<[u8]>>) -> serde_json::Result<Self> {
         let mut identity = compact.metadata.clone();
         identity.name = None;
         identity.namespace = None;
-        let mut bytes = serde_json::to_vec(&identity)?;
-        let split = u32::try_from(bytes.len()).map_err(serde_json::Error::custom)?;
-        bytes.extend_from_slice(&compact.json);
+        let mut plain = serde_json::to_vec(&identity)?;
+        let split = u32::try_from(plain.len()).map_err(serde_json::Error::custom)?;
+        plain.extend_from_slice(&compact.json);
+        let dictionary = dictionary.get_or_init(|| plain[..plain.len().min(DICTIONARY_MAX)].into());
         Ok(Self {
-            bytes: bytes.into_boxed_slice(),
+            bytes: lz4_flex::block::compress_prepend_size_with_dict(&plain, dictionary)
+                .into_boxed_slice(),
             split,
         })
     }
 
-    /// The identity of the object held under `key`, with its name and
-    /// namespace put back.
-    fn metadata(&self, key: &str) -> serde_json::Result<ObjectMeta> {
-        let mut metadata: ObjectMeta = serde_json::from_slice(&self.bytes[..self.split as usize])?;
+    /// The object as held before compression, or why it does not
+    /// decompress (only a bug would make one).
+    fn plain(&self, key: &str, dictionary: &[u8]) -> Option<Vec<u8>> {
+        lz4_flex::block::decompress_size_prepended_with_dict(&self.bytes, dictionary)
+            .inspect_err(|error| {
+                tracing::error!(%key, %error, "a cached object does not decompress");
+            })
+            .ok()
+            .filter(|plain| plain.len() >= self.split as usize)
+    }
+
+    /// The identity of the object held under `key` (from its uncompressed
+    /// bytes), with its name and namespace put back.
+    fn metadata(key: &str, identity: &[u8]) -> serde_json::Result<ObjectMeta> {
+        let mut metadata: ObjectMeta = serde_json::from_slice(identity)?;
         let (namespace, name) = key.split_once('/').unwrap_or(("", key));
         metadata.name = Some(name.to_string());
         metadata.namespace = (!namespace.is_empty()).then(|| namespace.to_string());
         Ok(metadata)
     }
 
-    /// The compact object held under `key` (its identity's JSON was written
-    /// by [`Held::new`]; if it did not read back, only the name and
-    /// namespace would be kept).
-    fn compact<K>(&self, key: &str) -> Compact<K> {
-        Compact {
-            metadata: self.metadata(key).unwrap_or_else(|_| {
-                let (namespace, name) = key.split_once('/').unwrap_or(("", key));
-                ObjectMeta {
-                    name: Some(name.to_string()),
-                    namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
-                    ..ObjectMeta::default()
-                }
-            }),
-            json: self.bytes[self.split as usize..].into(),
+    /// The compact object held under `key`.
+    fn compact<K>(&self, key: &str, dictionary: &[u8]) -> Option<Compact<K>> {
+        let plain = self.plain(key, dictionary)?;
+        let (identity, json) = plain.split_at(self.split as usize);
+        Some(Compact {
+            metadata: Self::metadata(key, identity).ok()?,
+            json: json.into(),
             kind: PhantomData,
-        }
+        })
     }
 
     /// The object held under `key`, decoded; one that does not decode (only
     /// a bug would make one: it was encoded from the same type) is logged
     /// and taken as absent.
-    fn decode<K: Resource + DeserializeOwned>(&self, key: &str) -> Option<Arc<K>> {
-        let decoded = self.metadata(key).and_then(|mut metadata| {
-            let mut object: K = serde_json::from_slice(&self.bytes[self.split as usize..])?;
+    fn decode<K: Resource + DeserializeOwned>(
+        &self,
+        key: &str,
+        dictionary: &[u8],
+    ) -> Option<Arc<K>> {
+        let plain = self.plain(key, dictionary)?;
+        let (identity, json) = plain.split_at(self.split as usize);
+        let decoded = Self::metadata(key, identity).and_then(|mut metadata| {
+            let mut object: K = serde_json::from_slice(json)?;
             move_identity(&mut metadata, object.meta_mut());
             Ok(object)
         });
@@ -330,12 +401,13 @@ pub struct CompactWriter<K> {
 impl<K> CompactWriter<K> {
     pub fn apply(&mut self, event: &kube::runtime::watcher::Event<Compact<K>>) {
         use kube::runtime::watcher::Event;
+        let dictionary = &self.store.shared.dictionary;
         let entry = |compact: &Compact<K>| {
             let key = key(
                 compact.metadata.namespace.as_deref(),
                 compact.metadata.name.as_deref().unwrap_or_default(),
             );
-            match Held::new(compact) {
+            match Held::new(compact, dictionary) {
                 Ok(held) => Some((key.into_boxed_str(), held)),
                 Err(error) => {
                     tracing::error!(%key, %error, "an object could not be cached");
@@ -369,12 +441,6 @@ impl<K> CompactWriter<K> {
                 self.store.write().remove(key.as_str());
             }
         }
-    }
-}
-
-impl<K> CompactStore<K> {
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Box<str>, Held>> {
-        self.objects.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -524,6 +590,56 @@ mod tests {
         assert_eq!(names("shop"), ["b"]);
         assert!(store.get("a", Some("shop")).is_none());
         assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn objects_alike_are_held_in_a_fraction_of_their_json() {
+        use kube::runtime::watcher::Event;
+        let json_of = |compact: &Compact<Deployment>| compact.json.len();
+        for store in [
+            CompactStore::<Deployment>::default(),
+            CompactStore::without_dictionary(),
+        ] {
+            let mut writer = store.writer();
+            writer.apply(&Event::Apply(named("first", "shop")));
+            let first = store.held_bytes();
+            let mut json = 0;
+            for i in 0..10 {
+                let other = named("production", &format!("shop-{i}"));
+                json += json_of(&other);
+                writer.apply(&Event::Apply(other));
+            }
+            let held = store.held_bytes() - first;
+            // Against the first object, each is held in a fraction of its
+            // JSON (identity included); on its own, no such gain.
+            let dictionary = !store.dictionary().is_empty();
+            assert_eq!(held * 3 < json, dictionary, "{held} of {json}");
+            // Whatever the compression, every object comes back whole.
+            for i in 0..10 {
+                let namespace = format!("shop-{i}");
+                let found = store.get("production", Some(&namespace)).unwrap();
+                assert_eq!(
+                    found.metadata.namespace.as_deref(),
+                    Some(namespace.as_str())
+                );
+                assert_eq!(found.metadata.uid.as_deref(), Some("u1"));
+                assert_eq!(found.spec, deployment().spec);
+            }
+        }
+    }
+
+    #[test]
+    fn a_cache_without_a_dictionary_keeps_nothing_of_its_first_object() {
+        use kube::runtime::watcher::Event;
+        let store = CompactStore::<Deployment>::without_dictionary();
+        let mut writer = store.writer();
+        writer.apply(&Event::Apply(named("first", "shop")));
+        writer.apply(&Event::Delete(named("first", "shop")));
+        assert!(store.is_empty());
+        assert!(store.dictionary().is_empty());
+        let with = CompactStore::<Deployment>::default();
+        with.writer().apply(&Event::Apply(named("first", "shop")));
+        assert!(!with.dictionary().is_empty());
     }
 
     #[test]

@@ -359,8 +359,11 @@ where
     (reader, synced, stream)
 }
 
-/// [`cache`] for what Kapsa made, held compact ([`crate::compact`]).
+/// [`cache`] for what Kapsa made, held compact ([`crate::compact`]) in
+/// `store`.
+#[allow(clippy::too_many_arguments)]
 fn compact_cache<K>(
+    store: CompactStore<K>,
     api: Api<Compact<K>>,
     config: watcher::Config,
     resource: ApiResource,
@@ -373,7 +376,6 @@ where
     Compact<K>: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     <Compact<K> as Resource>::DynamicType: Clone,
 {
-    let store = CompactStore::<K>::default();
     let mut writer = store.writer();
     let held = store.clone();
     let (synced, stream) = filled(
@@ -1034,6 +1036,7 @@ async fn run_once(
     ] = subscribers(secret_subscribers)?;
     // Held compact: every namespace has a ConfigMap or two.
     let (config_map_metadata, config_map_metadata_synced, config_map_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<PartialObjectMeta<ConfigMap>>>::all(client.clone()),
         listing(),
         ApiResource::erase::<ConfigMap>(&()),
@@ -1042,6 +1045,7 @@ async fn run_once(
         None,
     );
     let (namespaces, namespaces_synced, namespace_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<PartialObjectMeta<Namespace>>>::all(client.clone()),
         listing(),
         ApiResource::erase::<Namespace>(&()),
@@ -1057,11 +1061,12 @@ async fn run_once(
         projects_synced: projects_synced.clone(),
         environments_synced: environments_synced.clone(),
     };
-    // Held compact (JSON, decoded when read): these are most of the cached
-    // objects, a few per Project.
+    // Held compact (compressed JSON, decoded when read): these are most of
+    // the cached objects, a few per Project.
     macro_rules! managed_cache {
-        ($kind:ty, $config:expr) => {
+        ($kind:ty, $config:expr, $store:expr) => {
             compact_cache(
+                $store,
                 Api::<Compact<$kind>>::all(client.clone()),
                 $config,
                 ApiResource::erase::<$kind>(&()),
@@ -1071,27 +1076,30 @@ async fn run_once(
             )
         };
         ($kind:ty) => {
-            managed_cache!($kind, managed())
+            managed_cache!($kind, managed(), CompactStore::default())
         };
     }
     let (service_accounts, service_accounts_synced, sa_stream) = managed_cache!(ServiceAccount);
     let (roles, roles_synced, role_stream) = managed_cache!(Role);
     let (role_bindings, role_bindings_synced, binding_stream) = managed_cache!(RoleBinding);
     // Of Secrets only Kapsa's copies, by name: no tenant can make Kapsa
-    // cache other Secrets, whatever labels they carry.
+    // cache other Secrets, whatever labels they carry. (Compressed without
+    // a dictionary: no Secret's data outlives it in the cache.)
     let (secrets, secrets_synced, secret_stream) = managed_cache!(
         Secret,
         managed().fields(&format!(
             "metadata.name={}",
             crate::resources::project::REGISTRY_SECRET
-        ))
+        )),
+        CompactStore::without_dictionary()
     );
     let (git_secrets, git_secrets_synced, git_secret_stream) = managed_cache!(
         Secret,
         managed().fields(&format!(
             "metadata.name={}",
             crate::resources::project::GIT_SECRET
-        ))
+        )),
+        CompactStore::without_dictionary()
     );
     let (quotas, quotas_synced, quota_stream) = managed_cache!(ResourceQuota);
     let (deployments, deployments_synced, deployment_stream) = managed_cache!(Deployment);
@@ -1142,6 +1150,7 @@ async fn run_once(
         kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::ClusterBuilder);
     let builder_resource = kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::Builder);
     let (images, images_synced, image_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &image_resource),
         managed(),
         image_resource.clone(),
@@ -1188,6 +1197,7 @@ async fn run_once(
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
     let (certificates, certificates_synced, certificate_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &certificate_resource),
         listing(),
         certificate_resource.clone(),
@@ -1196,6 +1206,7 @@ async fn run_once(
         None,
     );
     let (service_monitors, service_monitors_synced, service_monitor_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &service_monitor_resource),
         managed(),
         service_monitor_resource.clone(),
@@ -1206,6 +1217,7 @@ async fn run_once(
     // Gateway API: the Environments' HTTPRoutes and the Projects'
     // ListenerSets, watched only where installed.
     let (http_routes, http_routes_synced, http_route_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &http_route_resource),
         managed(),
         http_route_resource.clone(),
@@ -1214,6 +1226,7 @@ async fn run_once(
         Some(owners.clone()),
     );
     let (listener_sets, listener_sets_synced, listener_set_stream) = compact_cache(
+        CompactStore::default(),
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &listener_set_resource),
         managed(),
         listener_set_resource.clone(),
