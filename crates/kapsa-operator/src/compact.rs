@@ -254,12 +254,14 @@ impl<K> CompactStore<K> {
     }
 
     /// How many objects are held.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.read().len()
     }
 
     /// Whether no object is held.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -277,7 +279,8 @@ impl<K> CompactStore<K> {
     }
 
     /// The bytes held of all objects, compressed.
-    pub fn held_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
         self.read().values().map(|held| held.bytes.len()).sum()
     }
 }
@@ -398,15 +401,25 @@ pub struct CompactWriter<K> {
     listing: Option<BTreeMap<Box<str>, Held>>,
 }
 
+/// The key of a compact object in a [`CompactStore`].
+fn key_of<K>(compact: &Compact<K>) -> String {
+    key(
+        compact.metadata.namespace.as_deref(),
+        compact.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
 impl<K> CompactWriter<K> {
+    /// The cache this fills.
+    pub fn store(&self) -> CompactStore<K> {
+        self.store.clone()
+    }
+
     pub fn apply(&mut self, event: &kube::runtime::watcher::Event<Compact<K>>) {
         use kube::runtime::watcher::Event;
         let dictionary = &self.store.shared.dictionary;
         let entry = |compact: &Compact<K>| {
-            let key = key(
-                compact.metadata.namespace.as_deref(),
-                compact.metadata.name.as_deref().unwrap_or_default(),
-            );
+            let key = key_of(compact);
             match Held::new(compact, dictionary) {
                 Ok(held) => Some((key.into_boxed_str(), held)),
                 Err(error) => {
@@ -434,11 +447,7 @@ impl<K> CompactWriter<K> {
                 }
             }
             Event::Delete(compact) => {
-                let key = key(
-                    compact.metadata.namespace.as_deref(),
-                    compact.metadata.name.as_deref().unwrap_or_default(),
-                );
-                self.store.write().remove(key.as_str());
+                self.store.write().remove(key_of(compact).as_str());
             }
         }
     }

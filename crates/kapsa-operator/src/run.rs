@@ -327,89 +327,79 @@ impl Malformed {
     }
 }
 
-/// A cache and the watch stream that fills it (it must be polled). Objects
-/// the watch sees deleted are forgotten by the applier, so a child deleted
-/// by hand is recreated at once.
-fn cache<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    resource: ApiResource,
-    dyntype: K::DynamicType,
-    trim: fn(&mut K),
-    applier: Arc<Applier>,
-    owners: Option<Owners>,
-) -> (Store<K>, Synced, ObjectStream<K>)
+/// What a cache is filled through: kube-runtime's `Writer` for the caches
+/// of whole objects, [`crate::compact::CompactWriter`] for the compact ones.
+trait Fills<K>: Send + 'static {
+    /// The cache's read side.
+    type Reader: Clone + Send + 'static;
+    fn reader(&self) -> Self::Reader;
+    /// Everything `reader` holds (for the deletes a relisting hides).
+    fn held(reader: &Self::Reader) -> Vec<Arc<K>>;
+    fn apply(&mut self, event: &watcher::Event<K>);
+}
+
+impl<K> Fills<K> for reflector::store::Writer<K>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let mut writer = reflector::store::Writer::new(dyntype);
-    let reader = writer.as_reader();
-    let held = reader.clone();
-    let (synced, stream) = filled(
-        api,
-        config,
-        resource,
-        move || held.state(),
-        move |event| writer.apply_watcher_event(event),
-        trim,
-        applier,
-        owners,
-    );
-    (reader, synced, stream)
+    type Reader = Store<K>;
+
+    fn reader(&self) -> Store<K> {
+        self.as_reader()
+    }
+
+    fn held(reader: &Store<K>) -> Vec<Arc<K>> {
+        reader.state()
+    }
+
+    fn apply(&mut self, event: &watcher::Event<K>) {
+        self.apply_watcher_event(event);
+    }
 }
 
-/// [`cache`] for what Kapsa made, held compact ([`crate::compact`]) in
-/// `store`.
-#[allow(clippy::too_many_arguments)]
-fn compact_cache<K>(
-    store: CompactStore<K>,
-    api: Api<Compact<K>>,
-    config: watcher::Config,
-    resource: ApiResource,
-    trim: fn(&mut Compact<K>),
-    applier: Arc<Applier>,
-    owners: Option<Owners>,
-) -> (CompactStore<K>, Synced, ObjectStream<Compact<K>>)
+impl<K> Fills<Compact<K>> for crate::compact::CompactWriter<K>
 where
     K: Resource + Serialize + DeserializeOwned + Send + Sync + 'static,
-    Compact<K>: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
-    <Compact<K> as Resource>::DynamicType: Clone,
 {
-    let mut writer = store.writer();
-    let held = store.clone();
-    let (synced, stream) = filled(
-        api,
-        config,
-        resource,
-        move || held.state(),
-        move |event| writer.apply(event),
-        trim,
-        applier,
-        owners,
-    );
-    (store, synced, stream)
+    type Reader = CompactStore<K>;
+
+    fn reader(&self) -> CompactStore<K> {
+        self.store()
+    }
+
+    fn held(reader: &CompactStore<K>) -> Vec<Arc<Compact<K>>> {
+        reader.state()
+    }
+
+    fn apply(&mut self, event: &watcher::Event<Compact<K>>) {
+        crate::compact::CompactWriter::apply(self, event);
+    }
 }
 
-/// The watch stream that fills a cache through `write`: owner-checked where
-/// `owners` is given, relist deletes added (`held` is what the cache holds),
-/// managed fields pruned and `trim` applied before the cache sees an
-/// object; then every object touched, for the controllers.
+/// A cache, filled through `writer`, and the watch stream that fills it (it
+/// must be polled): owner-checked where `owners` is given, relist deletes
+/// added, managed fields pruned and `trim` applied before the cache sees an
+/// object; then every object touched, for the controllers. Objects the
+/// watch sees deleted are forgotten by the applier, so a child deleted by
+/// hand is recreated at once.
 #[allow(clippy::too_many_arguments)]
-fn filled<K>(
+fn cache<K, W>(
     api: Api<K>,
     config: watcher::Config,
     resource: ApiResource,
-    held: impl Fn() -> Vec<Arc<K>> + Send + 'static,
-    mut write: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    mut writer: W,
     trim: fn(&mut K),
     applier: Arc<Applier>,
     owners: Option<Owners>,
-) -> (Synced, ObjectStream<K>)
+) -> (W::Reader, Synced, ObjectStream<K>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Clone,
+    W: Fills<K>,
 {
+    let reader = writer.reader();
+    let held = reader.clone();
     let (synced, mark) = Synced::new();
     let events = watcher(api, config).backoff(watch_backoff());
     let events: EventStream<K> = match owners {
@@ -418,7 +408,7 @@ where
     };
     let events = crate::fault::delayed(&resource.plural, events);
     let kind = resource.kind.clone();
-    let stream = with_relist_deletes(events, held)
+    let stream = with_relist_deletes(events, move || W::held(&held))
         .inspect(move |event| match event {
             Ok(watcher::Event::Init) => tracing::debug!(kind, "cache: listing"),
             Err(error) => tracing::debug!(kind, %error, "cache: watch error"),
@@ -438,7 +428,7 @@ where
             trim(o);
         })
         .inspect_ok(move |event| {
-            write(event);
+            writer.apply(event);
             mark.seen(event);
         })
         // Deletes too: a child deleted by hand brings its owner back at once.
@@ -446,7 +436,7 @@ where
         // The watcher retries by itself (its backoff); its errors, logged
         // above, are not passed on to the controller.
         .filter(|item| futures::future::ready(item.is_ok()));
-    (synced, stream.boxed())
+    (reader, synced, stream.boxed())
 }
 
 /// Kapsa's Projects and Environments, to check that an object claiming to be
@@ -1035,20 +1025,20 @@ async fn run_once(
         secrets_for_registries,
     ] = subscribers(secret_subscribers)?;
     // Held compact: every namespace has a ConfigMap or two.
-    let (config_map_metadata, config_map_metadata_synced, config_map_stream) = compact_cache(
-        CompactStore::default(),
+    let (config_map_metadata, config_map_metadata_synced, config_map_stream) = cache(
         Api::<Compact<PartialObjectMeta<ConfigMap>>>::all(client.clone()),
         listing(),
         ApiResource::erase::<ConfigMap>(&()),
+        CompactStore::default().writer(),
         |config_map| config_map.modify(metadata_only),
         applier.clone(),
         None,
     );
-    let (namespaces, namespaces_synced, namespace_stream) = compact_cache(
-        CompactStore::default(),
+    let (namespaces, namespaces_synced, namespace_stream) = cache(
         Api::<Compact<PartialObjectMeta<Namespace>>>::all(client.clone()),
         listing(),
         ApiResource::erase::<Namespace>(&()),
+        CompactStore::default().writer(),
         |namespace| namespace.modify(namespace_metadata),
         applier.clone(),
         None,
@@ -1065,11 +1055,11 @@ async fn run_once(
     // the cached objects, a few per Project.
     macro_rules! managed_cache {
         ($kind:ty, $config:expr, $store:expr) => {
-            compact_cache(
-                $store,
+            cache(
                 Api::<Compact<$kind>>::all(client.clone()),
                 $config,
                 ApiResource::erase::<$kind>(&()),
+                $store.writer(),
                 keep_all,
                 applier.clone(),
                 Some(owners.clone()),
@@ -1116,7 +1106,7 @@ async fn run_once(
             crate::resources::environment::DOCKERFILE_BUILD
         )),
         ApiResource::erase::<Job>(&()),
-        (),
+        reflector::store::Writer::new(()),
         keep_all,
         applier.clone(),
         Some(owners.clone()),
@@ -1129,7 +1119,7 @@ async fn run_once(
             crate::resources::environment::DOCKERFILE_BUILD
         )),
         ApiResource::erase::<Pod>(&()),
-        (),
+        reflector::store::Writer::new(()),
         trim_build_pod,
         applier.clone(),
         None,
@@ -1139,7 +1129,7 @@ async fn run_once(
         Api::<Ingress>::all(client.clone()),
         listing(),
         ApiResource::erase::<Ingress>(&()),
-        (),
+        reflector::store::Writer::new(()),
         ingress_hosts_only,
         applier.clone(),
         None,
@@ -1149,11 +1139,11 @@ async fn run_once(
     let cluster_builder_resource =
         kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::ClusterBuilder);
     let builder_resource = kapsa_api::external::kpack_builder(kapsa_api::BuilderKind::Builder);
-    let (images, images_synced, image_stream) = compact_cache(
-        CompactStore::default(),
+    let (images, images_synced, image_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &image_resource),
         managed(),
         image_resource.clone(),
+        CompactStore::default().writer(),
         keep_all,
         applier.clone(),
         Some(owners.clone()),
@@ -1165,7 +1155,7 @@ async fn run_once(
         ),
         listing(),
         cluster_builder_resource.clone(),
-        cluster_builder_resource.clone(),
+        reflector::store::Writer::new(cluster_builder_resource.clone()),
         metadata_only,
         applier.clone(),
         None,
@@ -1174,7 +1164,7 @@ async fn run_once(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &builder_resource),
         listing(),
         builder_resource.clone(),
-        builder_resource.clone(),
+        reflector::store::Writer::new(builder_resource.clone()),
         metadata_only,
         applier.clone(),
         None,
@@ -1184,7 +1174,7 @@ async fn run_once(
         Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &cluster_issuer_resource),
         listing(),
         cluster_issuer_resource.clone(),
-        cluster_issuer_resource.clone(),
+        reflector::store::Writer::new(cluster_issuer_resource.clone()),
         metadata_only,
         applier.clone(),
         None,
@@ -1196,40 +1186,40 @@ async fn run_once(
     };
     // Not label-filtered: cert-manager's ingress-shim makes the per-host
     // Certificates, and their readiness is what TLSReady reports.
-    let (certificates, certificates_synced, certificate_stream) = compact_cache(
-        CompactStore::default(),
+    let (certificates, certificates_synced, certificate_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &certificate_resource),
         listing(),
         certificate_resource.clone(),
+        CompactStore::default().writer(),
         trim_certificate,
         applier.clone(),
         None,
     );
-    let (service_monitors, service_monitors_synced, service_monitor_stream) = compact_cache(
-        CompactStore::default(),
+    let (service_monitors, service_monitors_synced, service_monitor_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &service_monitor_resource),
         managed(),
         service_monitor_resource.clone(),
+        CompactStore::default().writer(),
         keep_all,
         applier.clone(),
         Some(owners.clone()),
     );
     // Gateway API: the Environments' HTTPRoutes and the Projects'
     // ListenerSets, watched only where installed.
-    let (http_routes, http_routes_synced, http_route_stream) = compact_cache(
-        CompactStore::default(),
+    let (http_routes, http_routes_synced, http_route_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &http_route_resource),
         managed(),
         http_route_resource.clone(),
+        CompactStore::default().writer(),
         keep_all,
         applier.clone(),
         Some(owners.clone()),
     );
-    let (listener_sets, listener_sets_synced, listener_set_stream) = compact_cache(
-        CompactStore::default(),
+    let (listener_sets, listener_sets_synced, listener_set_stream) = cache(
         Api::<Compact<DynamicObject>>::all_with(client.clone(), &listener_set_resource),
         managed(),
         listener_set_resource.clone(),
+        CompactStore::default().writer(),
         keep_all,
         applier.clone(),
         Some(owners.clone()),
