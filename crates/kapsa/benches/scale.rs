@@ -65,8 +65,8 @@ use kapsa_operator::resources::environment::{
 use kapsa_operator::resources::project as children;
 use kapsa_operator::resources::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use kapsa_testenv::audit::{self, AuditEvent, AuditLog, AuditMark};
+use kapsa_testenv::find_assets;
 use kapsa_testenv::simulators::kpack::simulated_digest;
-use kapsa_testenv::{ControlPlane, find_assets};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -76,7 +76,8 @@ use serde_json::{Value, json};
 mod common;
 use common::{
     BASE_DOMAIN, MASTERS, OPERATOR_USER, OperatorBinary, OperatorProcess, PLATFORM_NAMESPACE, POOL,
-    REGISTRY, REGISTRY_SECRET, apply, apply_dynamic, median, mib, platform, pool_manifest,
+    REGISTRY, REGISTRY_SECRET, apply, apply_dynamic, cpu_by_process, cpu_delta, median, mib,
+    platform, pool_manifest,
 };
 
 const POLL: Duration = Duration::from_millis(250);
@@ -152,51 +153,6 @@ fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTree
         .collect()
 }
 
-/// CPU time (user + system) a process has used, in seconds.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) in parentheses;
-    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux).
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
-
-/// CPU seconds so far of the control plane's processes, this bench (the
-/// simulators, the git server and the client) and the operator, by name.
-fn cpu_by_process(plane: &ControlPlane, operator: Option<u32>) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let pids = plane
-        .pids()
-        .into_iter()
-        .map(|p| p.to_string())
-        .chain(operator.map(|p| p.to_string()))
-        .chain(["self".to_string()]);
-    for pid in pids {
-        let name = if pid == "self" {
-            "bench".to_string()
-        } else {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim().to_string())
-                .unwrap_or(pid.clone())
-        };
-        if let Some(seconds) = cpu_seconds(&pid) {
-            *out.entry(name).or_default() += seconds;
-        }
-    }
-    out
-}
-
-fn cpu_delta(
-    after: &BTreeMap<String, f64>,
-    before: &BTreeMap<String, f64>,
-) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .collect()
-}
-
 fn format_cpu(cpu: &BTreeMap<String, f64>) -> String {
     let total: f64 = cpu.values().sum();
     let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
@@ -225,6 +181,10 @@ struct AuditFigures {
     failed: BTreeMap<String, usize>,
     /// Bytes of audit log (all users) in the window.
     log_bytes: u64,
+    /// Every user's writes in the window, by user: what else the API server
+    /// was writing meanwhile (the control plane's controllers, kwok, the
+    /// simulators, the bench).
+    writes_by_user: BTreeMap<String, usize>,
 }
 
 impl AuditFigures {
@@ -233,6 +193,9 @@ impl AuditFigures {
             log_bytes,
             ..Self::default()
         };
+        for event in events.iter().filter(|e| audit::writes(e)) {
+            *out.writes_by_user.entry(event.user.clone()).or_default() += 1;
+        }
         for event in events.iter().filter(|e| audit::by_user(user)(e)) {
             let target = event.target();
             *out.verbs.entry(event.verb.clone()).or_default() += 1;
@@ -1507,9 +1470,14 @@ fn print_run(run: usize, args: &Args, f: &RunFigures) {
         format_counts(&i.failed)
     );
     println!(
-        "  raw phase, audit log, user {RAW_USER}: {} writes ({:.1}/Project)",
+        "    every user's writes in that time: {}",
+        format_counts(&a.writes_by_user)
+    );
+    println!(
+        "  raw phase, audit log, user {RAW_USER}: {} writes ({:.1}/Project); every user's writes: {}",
         f.raw.audit.total_writes(),
-        f.raw.audit.total_writes() as f64 / n
+        f.raw.audit.total_writes() as f64 / n,
+        format_counts(&f.raw.audit.writes_by_user)
     );
     let own: u64 = o.rollout_writes.values().sum();
     println!(

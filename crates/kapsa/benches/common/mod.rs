@@ -529,6 +529,52 @@ pub async fn apply_dynamic(
     .with_context(|| format!("applying {} {}", resource.kind, object.name_any()))
 }
 
+/// CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) in parentheses;
+    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU seconds so far of the control plane's processes, this bench (the
+/// simulators, the git server and the client) and the operator, by name.
+pub fn cpu_by_process(plane: &ControlPlane, operator: Option<u32>) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let pids = plane
+        .pids()
+        .into_iter()
+        .map(|p| p.to_string())
+        .chain(operator.map(|p| p.to_string()))
+        .chain(["self".to_string()]);
+    for pid in pids {
+        let name = if pid == "self" {
+            "bench".to_string()
+        } else {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or(pid.clone())
+        };
+        if let Some(seconds) = cpu_seconds(&pid) {
+            *out.entry(name).or_default() += seconds;
+        }
+    }
+    out
+}
+
+/// What each process used between two [`cpu_by_process`] readings.
+pub fn cpu_delta(
+    after: &BTreeMap<String, f64>,
+    before: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
+}
+
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
