@@ -181,9 +181,10 @@ struct AuditFigures {
     failed: BTreeMap<String, usize>,
     /// Bytes of audit log (all users) in the window.
     log_bytes: u64,
-    /// Every user's writes in the window, by user: what else the API server
-    /// was writing meanwhile (the control plane's controllers, kwok, the
-    /// simulators, the bench).
+    /// Every client's writes in the window, by user and program (the user
+    /// agent's first word, if any): what else the API server was writing
+    /// meanwhile (the control plane's controllers, kwok and the bench's
+    /// simulators share one admin user; kube-rs clients send no agent).
     writes_by_user: BTreeMap<String, usize>,
 }
 
@@ -194,7 +195,17 @@ impl AuditFigures {
             ..Self::default()
         };
         for event in events.iter().filter(|e| audit::writes(e)) {
-            *out.writes_by_user.entry(event.user.clone()).or_default() += 1;
+            let program = event
+                .user_agent
+                .split(['/', ' '])
+                .next()
+                .unwrap_or_default();
+            let client = if program.is_empty() {
+                event.user.clone()
+            } else {
+                format!("{} ({program})", event.user)
+            };
+            *out.writes_by_user.entry(client).or_default() += 1;
         }
         for event in events.iter().filter(|e| audit::by_user(user)(e)) {
             let target = event.target();
@@ -1470,11 +1481,11 @@ fn print_run(run: usize, args: &Args, f: &RunFigures) {
         format_counts(&i.failed)
     );
     println!(
-        "    every user's writes in that time: {}",
+        "    every client's writes in that time, by user (program): {}",
         format_counts(&a.writes_by_user)
     );
     println!(
-        "  raw phase, audit log, user {RAW_USER}: {} writes ({:.1}/Project); every user's writes: {}",
+        "  raw phase, audit log, user {RAW_USER}: {} writes ({:.1}/Project); every client's writes, by user (program): {}",
         f.raw.audit.total_writes(),
         f.raw.audit.total_writes() as f64 / n,
         format_counts(&f.raw.audit.writes_by_user)
