@@ -12,11 +12,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kapsa_api::project::{BuildStrategy, BuilderKind, DEFAULT_BUILDER_NAME};
 use kapsa_api::{DomainPool, Environment, Project};
 use kube::api::DynamicObject;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::children::Observed;
-use crate::context::{Context, cached};
+use crate::context::{Context, cached, cached_with};
 use crate::references::{Problem, RegistryRef, registry};
 use crate::resources::environment::{
     ENVIRONMENT_UID_LABEL, certificate_api_resource, http_route_api_resource,
@@ -328,12 +327,15 @@ pub fn dereference(env: Arc<Environment>, ctx: &Context) -> EnvironmentWorld {
             let (kind, builder) = builder_ref(p);
             let resource = kapsa_api::external::kpack_builder(kind);
             let found = match kind {
-                BuilderKind::ClusterBuilder => stores
-                    .cluster_builders
-                    .get(&ObjectRef::new_with(&builder, resource)),
-                BuilderKind::Builder => stores
-                    .builders
-                    .get(&ObjectRef::new_with(&builder, resource).within(&build_namespace_name(p))),
+                BuilderKind::ClusterBuilder => {
+                    cached_with(&stores.cluster_builders, &builder, None, resource)
+                }
+                BuilderKind::Builder => cached_with(
+                    &stores.builders,
+                    &builder,
+                    Some(&build_namespace_name(p)),
+                    resource,
+                ),
             };
             if found.is_some() {
                 BuilderState::Present

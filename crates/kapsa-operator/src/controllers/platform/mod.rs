@@ -16,10 +16,9 @@ use kapsa_api::registry::RegistryStatus;
 use kapsa_api::{ClusterRegistry, DomainPool, Registry, RegistrySpec};
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use crate::context::{Context, SecretVerdict, cached};
+use crate::context::{Context, SecretVerdict, cached, cached_with};
 use crate::error::{Error, Result};
 use crate::references::Problem;
 use plan::{CredentialsField, PoolWorld};
@@ -62,13 +61,13 @@ pub async fn reconcile_pool(pool: Arc<DomainPool>, ctx: Arc<Context>) -> Result<
         let projects = stores.projects.state();
         let pools = stores.pools.state();
         let issuer_exists = pool.spec.cluster_issuer_ref.as_ref().is_some_and(|r| {
-            stores
-                .cluster_issuers
-                .get(&ObjectRef::new_with(
-                    &r.name,
-                    kapsa_api::external::cert_manager_cluster_issuer(),
-                ))
-                .is_some()
+            cached_with(
+                &stores.cluster_issuers,
+                &r.name,
+                None,
+                kapsa_api::external::cert_manager_cluster_issuer(),
+            )
+            .is_some()
         });
         let name = pool.name_any();
         let world = PoolWorld {
